@@ -1,0 +1,3 @@
+from modrt.cli import main
+
+main()

@@ -1,0 +1,44 @@
+"""modrt's one exception tree.
+
+    ModrtError                 anything modrt reports to a user as one line
+    ├── DataError              a data set is missing, corrupt or unreadable
+    ├── CheckpointError        not a modrt checkpoint, wrong version, config cannot continue
+    ├── BundleError            a bundle that fails validation (file, checksum, schema, shape)
+    ├── ExportError            a checkpoint that cannot be exported, parity out of tolerance
+    ├── InputError             a request or argument the model cannot take
+    └── ProviderError          an execution provider that is unknown or unavailable
+
+Lower libraries' errors (torch, onnx, onnxruntime, OS) are converted at the boundary:
+``raise DataError(f"...: {exc}") from exc``. The CLI catches ``ModrtError`` and prints
+one line; the server maps each class to a status code.
+"""
+
+from __future__ import annotations
+
+
+class ModrtError(Exception):
+    """Base of every error modrt reports to its user."""
+
+
+class DataError(ModrtError):
+    """A data set is missing, corrupt or cannot be read."""
+
+
+class CheckpointError(ModrtError):
+    """A checkpoint is not modrt's, of another format version, or cannot continue."""
+
+
+class BundleError(ModrtError):
+    """A bundle directory fails validation."""
+
+
+class ExportError(ModrtError):
+    """A checkpoint cannot be exported faithfully."""
+
+
+class InputError(ModrtError):
+    """An input (request, tensor, argument) the model cannot take."""
+
+
+class ProviderError(ModrtError):
+    """An ONNX Runtime execution provider that is unknown or not available."""

@@ -1,0 +1,78 @@
+"""The ``modrt`` command line.
+
+Sub-commands live in their own packages and are imported only when invoked, so
+``modrt --help`` is fast and works without torch. Every ``ModrtError`` a command raises
+is printed as one red line (exit 1); click's usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from modrt._exceptions import ModrtError
+from modrt._version import __version__
+
+
+class UserError(click.ClickException):
+    """A ModrtError shown as one red line, no traceback."""
+
+    def show(self, file=None) -> None:  # noqa: D401 - click's signature
+        click.secho(f"error: {self.format_message()}", fg="red", err=True)
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands are ``"module:attribute"`` strings, imported on use."""
+
+    def __init__(self, *args, lazy: dict[str, tuple[str, str]] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        # name -> (import path, one-line help shown in the parent's --help)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            target, _ = self.lazy[name]
+            module, attr = target.split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing help must not import the sub-commands (torch): use the stored lines.
+        rows = [(name, self.lazy[name][1]) for name in sorted(self.lazy)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ModrtError as exc:
+            raise UserError(str(exc)) from exc
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "train": ("modrt.train.cli:train", "Train a modular network with EM (or a baseline)."),
+    },
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="modrt")
+def cli() -> None:
+    """modrt: modular networks (Kirsch, Kunze & Barber, NeurIPS 2018) from training to serving.
+
+    \b
+    modrt train ptb        learn modules with EM on Penn Treebank
+    """
+
+
+def main() -> None:
+    cli(prog_name="modrt")
+
+
+if __name__ == "__main__":
+    main()

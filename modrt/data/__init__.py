@@ -1,0 +1,1 @@
+"""Data sets, torch-free: reading, verifying and locating them (training and eval share it)."""

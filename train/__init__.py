@@ -1,0 +1,1 @@
+"""modrt.train: modular networks and their EM training (needs torch: the ``train`` extra)."""

@@ -1,0 +1,96 @@
+"""``ckpt.pt``: everything to resume a run exactly and to export it (DESIGN.md §4).
+
+One ``torch.save`` file readable with ``torch.load(path, weights_only=True)``: only
+tensors, numbers, strings, lists, tuples and dicts inside. Written atomically: a temp file
+in the same directory, fsync, then ``os.replace``, so an interrupted write never leaves a
+broken ``ckpt.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modrt._exceptions import CheckpointError
+from modrt._version import __version__
+
+FORMAT = "modrt-checkpoint"
+VERSION = 1
+
+
+def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    path = Path(path)
+    payload = {"format": FORMAT, "version": VERSION, "modrt_version": __version__, **state}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a modrt checkpoint; any fault is one ``CheckpointError`` line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a modrt checkpoint ({first[:120]})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a modrt checkpoint (no '{FORMAT}' format tag)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {ckpt.get('version')}, this modrt "
+            f"({__version__}) reads version {VERSION}"
+        )
+    for key in ("model_config", "train_config", "vocab", "model"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
+    return ckpt
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state({
+        "bit_generator": n["bit_generator"],
+        "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+        "has_gauss": n["has_gauss"],
+        "gauss": n["gauss"],
+    })
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

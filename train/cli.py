@@ -1,0 +1,173 @@
+"""``modrt train``: click options fill ModelConfig and TrainConfig, nothing else.
+
+Imports torch only when a command runs, so ``--help`` works without it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import click
+
+from modrt._exceptions import CheckpointError, ModrtError
+from modrt.train.config import METHODS, RESUMABLE_CHANGES, ModelConfig, TrainConfig
+
+_M = ModelConfig()
+_T = TrainConfig()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def train() -> None:
+    """Train a modular network with EM (or a baseline) on a task."""
+
+
+def _require_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise ModrtError("training needs PyTorch: pip install 'modrt[train]'") from exc
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ModrtError(f"--out {out}: not writable ({exc.strerror or exc})") from exc
+
+
+@train.command("ptb")
+@click.option("--method", type=click.Choice(METHODS), default=_M.method, show_default=True,
+              help="em: the paper's generalised EM. dense: the same network with every module used "
+                   "(M = K). reinforce / noisy-topk: the paper's baselines.")
+@click.option("--modules", "-M", type=click.IntRange(min=1), default=None,
+              help="M, modules in the modular layer.  [default: 15; dense: K]")
+@click.option("--k", "-K", type=click.IntRange(min=1), default=_M.k, show_default=True,
+              help="K, controller slots: modules picked per time step.")
+@click.option("--combine", type=click.Choice(["sum", "mean"]), default=_M.combine, show_default=True,
+              help="How selected modules' outputs combine (paper: sum; mean bounds the state for K>1).")
+@click.option("--samples", "-S", type=click.IntRange(min=1), default=_T.samples, show_default=True,
+              help="S, E-step candidates per example: the stored a* plus S-1 controller draws.")
+@click.option("--e-step-every", type=click.IntRange(min=1), default=_T.e_step_every, show_default=True,
+              help="Run the E-step on every n-th training step.")
+@click.option("--embedding", type=click.IntRange(min=1), default=_M.embedding, show_default=True,
+              help="E, word embedding width.")
+@click.option("--hidden", type=click.IntRange(min=1), default=_M.hidden, show_default=True,
+              help="H, recurrent state width (each module is a GRU cell E -> H).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=_M.dropout, show_default=True,
+              help="Dropout on embeddings and on the recurrent output.")
+@click.option("--bptt", type=click.IntRange(min=1), default=_T.bptt, show_default=True,
+              help="T, time steps per training window (one window of one stream = one example).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_T.batch_size, show_default=True,
+              help="B, parallel streams.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_T.lr, show_default=True,
+              help="Adam learning rate (modules and controller together).")
+@click.option("--clip", type=click.FloatRange(min=0), default=_T.clip, show_default=True,
+              help="Max global gradient norm (0: no clipping).")
+@click.option("--epochs", type=click.IntRange(min=1), default=_T.epochs, show_default=True,
+              help="Passes over the training set.")
+@click.option("--steps", type=click.IntRange(min=0), default=_T.steps, show_default=True,
+              help="Stop after this many steps in total (0: all epochs). For quick runs.")
+@click.option("--seed", type=int, default=_T.seed, show_default=True, help="Random seed.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_T.device, show_default=True,
+              help="auto: CUDA when torch sees a GPU, else CPU.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory with ptb.{train,valid,test}.txt (or a ptb/ folder). Default: "
+                   "$MODRT_DATA, the user cache, ../shared/data/ptb in a checkout, else download.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory for ckpt.pt and metrics.jsonl.  [default: runs/ptb-<method>-M<M>K<K>]")
+@click.option("--ckpt-every", type=click.IntRange(min=0), default=_T.ckpt_every, show_default=True,
+              help="Also write ckpt.pt every n steps (always at epoch ends, Ctrl-C and the end).")
+@click.option("--log-every", type=click.IntRange(min=1), default=_T.log_every, show_default=True,
+              help="One metrics.jsonl line per n steps.")
+@click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Continue from this ckpt.pt exactly where it stopped (its config is used).")
+@click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def ptb(ctx: click.Context, **opts) -> None:
+    """Learn a modular recurrent language model on Penn Treebank.
+
+    \b
+    Model: embedding -> modular GRU layer (a controller picks K of M GRU cells
+    per time step from [e_t; h_{t-1}]) -> linear head over 10,000 words.
+    Training (--method em): generalised EM. The E-step scores the stored
+    best selection a* of each window and S-1 draws from the controller by
+    log p(y|x,a) + log p(a|x) and keeps the best; the M-step trains the modules
+    on a* and the controller towards a*.
+
+    \b
+    The defaults (E=128, H=256, M=15, K=1, B=64, T=35, 10 epochs) take about an
+    hour on a 2-core CPU. Quick check:  modrt train ptb --steps 300
+    """
+    _require_torch()
+    from modrt.data import ptb as ptb_data
+    from modrt.train import checkpoint
+    from modrt.train.trainer import Trainer
+
+    explicit = {name for name in opts
+                if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    resume = None
+    if opts["resume"] is not None:
+        resume = checkpoint.load(opts["resume"])
+        mcfg, tcfg = _resumed_configs(resume, opts, explicit)
+        out = opts["out"] or opts["resume"].parent
+    else:
+        mcfg, tcfg = _configs(opts)
+        out = opts["out"] or Path("runs") / f"ptb-{mcfg.method}-M{mcfg.modules}K{mcfg.k}"
+        if (out / "ckpt.pt").exists() and not opts["force"]:
+            raise ModrtError(f"{out} already holds a run: continue it with --resume {out / 'ckpt.pt'}, "
+                             "or pass --force to overwrite, or --out elsewhere")
+    if mcfg.method not in ("em", "dense"):
+        raise ModrtError(f"--method {mcfg.method} is not implemented yet (available: em, dense)")
+    _check_writable(out)
+    corpus = ptb_data.load(opts["data"])
+    if resume is None:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    trainer = Trainer(mcfg, tcfg, corpus, out, resume=resume, progress=not opts["quiet"])
+    click.echo(f"modrt: training {mcfg.method} M={mcfg.modules} K={mcfg.k} on {trainer.device} "
+               f"({trainer.windows} windows/epoch, {trainer.total_steps()} steps) -> {out}", err=True)
+    result = trainer.fit()
+    if result.get("stopped"):
+        click.echo(f"modrt: stopped at step {result['step']}; checkpoint {result['checkpoint']} "
+                   f"(continue with --resume {result['checkpoint']})", err=True)
+        ctx.exit(130)
+    usage = (f", modules in use {result['modules_in_use']}/{mcfg.modules} "
+             f"(exp usage entropy {result['usage_exp_entropy']})") if mcfg.routed else ""
+    click.echo(f"done: {result['step']} steps in {result['minutes']} min; valid ppl {result['valid_ppl']}, "
+               f"test ppl {result['test_ppl']}{usage}; checkpoint {out / 'ckpt.pt'}")
+
+
+def _configs(opts: dict) -> tuple[ModelConfig, TrainConfig]:
+    modules = opts["modules"]
+    if modules is None:
+        modules = opts["k"] if opts["method"] == "dense" else 15
+    m = {f.name: opts[f.name] for f in fields(ModelConfig) if f.name in opts and f.name != "modules"}
+    t = {f.name: opts[f.name] for f in fields(TrainConfig) if f.name in opts}
+    try:
+        return ModelConfig(modules=modules, **m), TrainConfig(**t)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
+def _resumed_configs(ckpt: dict, opts: dict, explicit: set[str]) -> tuple[ModelConfig, TrainConfig]:
+    """The checkpoint's configs, with the few fields a resumed run may change."""
+    try:
+        mcfg = ModelConfig(**ckpt["model_config"])
+        tsaved = dict(ckpt["train_config"])
+        tcfg_saved = TrainConfig(**tsaved)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{opts['resume']}: its config is not valid for this modrt ({exc})") from exc
+    saved = {**asdict(mcfg), **asdict(tcfg_saved)}
+    for name in sorted(explicit - {"resume", "out", "data", "force", "quiet"}):
+        if name in saved and opts[name] != saved[name] and name not in RESUMABLE_CHANGES:
+            raise CheckpointError(
+                f"cannot continue {opts['resume']} with --{name.replace('_', '-')} {opts[name]}: "
+                f"it was trained with {saved[name]} (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    for name in RESUMABLE_CHANGES & explicit:
+        tsaved[name] = opts[name]
+    return mcfg, TrainConfig(**tsaved)

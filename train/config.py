@@ -1,0 +1,100 @@
+"""Configuration: one frozen dataclass per concern, validated on construction.
+
+Checkpoints store ``asdict(config)``; models and runs are rebuilt from that alone.
+Click options fill these dataclasses and nothing else configures a run. This module
+does not import torch, so ``modrt train --help`` works without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+METHODS = ("em", "dense", "reinforce", "noisy-topk")
+IMPLEMENTED_METHODS = ("em", "dense")
+COMBINE_RULES = ("sum", "mean")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The PTB modular language model: embedding -> modular GRU layer -> linear head."""
+
+    vocab_size: int = 10_000  # V: words in the vocabulary (PTB: 10,000 incl. <unk>, <eos>)
+    embedding: int = 128  # E: word embedding width
+    hidden: int = 256  # H: recurrent state width, every module's output width
+    modules: int = 15  # M: modules in the modular layer
+    k: int = 1  # K: controller slots per step (modules picked per step, at most K distinct)
+    combine: str = "sum"  # how selected modules' outputs combine: sum (paper) or mean
+    method: str = "em"  # em | dense | reinforce | noisy-topk
+    dropout: float = 0.2  # on embeddings and on the recurrent output before the head
+    task: str = "ptb"
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "embedding", "hidden", "modules", "k")
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} unknown; choose one of {', '.join(METHODS)}")
+        if self.combine not in COMBINE_RULES:
+            raise ValueError(f"combine {self.combine!r} unknown; choose one of {', '.join(COMBINE_RULES)}")
+        if self.k > self.modules:
+            raise ValueError(f"k ({self.k}) cannot exceed modules ({self.modules})")
+        if self.method == "dense" and self.modules != self.k:
+            raise ValueError(
+                f"dense baseline uses every module: modules ({self.modules}) must equal k ({self.k})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def routed(self) -> bool:
+        """Whether a controller picks modules (False: the dense baseline uses all M = K)."""
+        return self.method != "dense"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a run trains. Defaults: a ~1 hour run of the default model on a 2-core CPU."""
+
+    samples: int = 10  # S: E-step candidates (the stored a* plus S-1 controller draws)
+    e_step_every: int = 10  # run the E-step on every n-th step (official demos: 10)
+    bptt: int = 35  # T: time steps per training window
+    batch_size: int = 64  # B: parallel streams (batchify)
+    eval_batch_size: int = 10  # streams for validation / test perplexity
+    lr: float = 1e-3  # Adam, modules and controller together (official code)
+    clip: float = 0.5  # max global gradient norm
+    epochs: int = 10
+    steps: int = 0  # stop after this many steps in total (0: run all epochs)
+    seed: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    ckpt_every: int = 200  # also write ckpt.pt every n steps (0: only at epoch ends)
+    log_every: int = 50  # one metrics.jsonl line per n steps
+
+    def __post_init__(self) -> None:
+        _positive(self, "samples", "e_step_every", "bptt", "batch_size", "eval_batch_size", "lr", "epochs", "log_every")
+        if self.clip < 0 or self.steps < 0 or self.ckpt_every < 0:
+            raise ValueError("clip, steps and ckpt_every must not be negative")
+        if self.device not in DEVICES:
+            raise ValueError(f"device {self.device!r} unknown; choose one of {', '.join(DEVICES)}")
+
+
+# Fields a resumed run may change; every other field must match the checkpoint, since it
+# defines the model, the windows (the a* memory's keys) or the optimisation.
+RESUMABLE_CHANGES = frozenset({"epochs", "steps", "device", "ckpt_every", "log_every", "eval_batch_size"})
+
+
+def from_dict(cls, d: dict):
+    """Rebuild a config from ``asdict`` output, ignoring nothing silently."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
+    return cls(**d)
+
+
+__all__ = ["ModelConfig", "TrainConfig", "asdict", "from_dict", "METHODS", "RESUMABLE_CHANGES"]

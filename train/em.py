@@ -1,0 +1,89 @@
+"""Generalised EM with a partial (Viterbi) E-step (Kirsch et al. 2018, §3; DESIGN.md §3).
+
+For each example n (one BPTT window of one stream) a memory keeps a*_n, the best
+selection found so far (T, K per modular layer).
+
+E-step (no gradient, dropout off): S candidates per example, candidate 0 the stored a*_n
+and 1..S-1 whole-window selections drawn from the controller while the RNN runs forward,
+all in one batched pass over (S*B) rows; each is scored by
+log p(y|x,a) + log p(a|x) summed over the window, and the best is written back. Ties keep
+the stored a* (argmax takes the first maximum), so a* never gets worse under the current
+parameters.
+
+M-step: one gradient step on -mean log p(y|x,a*) - mean log p(a*|x): the first trains the
+modules (only the selected ones get gradient) and the rest of the network, the second
+trains the controller towards a*.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from modrt.train import model as lm
+from modrt.train import routing
+
+
+class EStep(NamedTuple):
+    best: torch.Tensor  # (T, B, K) the new a*
+    changed: torch.Tensor  # (B,) bool: a* replaced by a better candidate
+    scores: torch.Tensor  # (S, B) log p(y, a | x) of every candidate
+    candidates: torch.Tensor  # (S, T, B, K) candidate 0 is the stored a*
+
+
+class MStepLoss(NamedTuple):
+    loss: torch.Tensor  # scalar to minimise: nll + controller
+    nll: torch.Tensor  # scalar: -mean log p(y | x, a*) per token (nats)
+    controller: torch.Tensor  # scalar: -mean log p(a* | x) per token
+    out: lm.RecurrentOutput
+
+
+@torch.no_grad()
+def e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
+           a_star: torch.Tensor, samples: int, generator: torch.Generator | None = None) -> EStep:
+    """Score the stored a* and S-1 fresh draws per window; keep the best.
+
+    x, y: (T, B) inputs and targets; h: (B, H) state entering the window;
+    a_star: (T, B, K) stored selections.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        T, B = x.shape
+        S = samples
+        xs = x.repeat(1, S)  # (T, S*B): candidate s owns columns s*B .. s*B+B-1
+        hs0 = h.repeat(S, 1)  # (S*B, H)
+        out = model(xs, hs0, lm.sample_policy(keep=a_star, generator=generator))
+        ll = model.token_log_likelihood(out.hs, y.repeat(1, S))  # (T, S*B)
+        scores = (ll + out.log_pa).sum(0).view(S, B)  # (S, B)
+        pick = scores.argmax(0)  # (B,) first maximum: ties keep the stored a*
+        cands = out.a.view(T, S, B, -1).permute(1, 0, 2, 3)  # (S, T, B, K)
+        best = cands[pick, :, torch.arange(B, device=x.device)]  # (B, T, K)
+        best = best.permute(1, 0, 2).contiguous()  # (T, B, K)
+        changed = (best != a_star).any(2).any(0)  # (B,)
+        return EStep(best, changed, scores, cands)
+    finally:
+        model.train(was_training)
+
+
+def m_step_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
+                a_star: torch.Tensor | None) -> MStepLoss:
+    """The M-step objective for one window; ``a_star`` None for the dense baseline."""
+    policy = lm.given(a_star) if a_star is not None else None
+    out = model(x, h, policy)
+    logits = model.logits(out.hs)  # (T, B, V)
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    ctrl = -out.log_pa.mean()
+    return MStepLoss(nll + ctrl, nll, ctrl, out)
+
+
+def stats(out: lm.RecurrentOutput, modules: int) -> dict[str, torch.Tensor]:
+    """Controller entropies (nats) and module usage of one M-step's forward pass."""
+    counts = routing.one_hot_counts(out.a, modules)
+    if out.log_probs is None:
+        zero = torch.zeros(())
+        return {"entropy_example": zero, "entropy_batch": zero, "usage": counts}
+    ex, batch = routing.entropies(out.log_probs.detach())
+    return {"entropy_example": ex, "entropy_batch": batch, "usage": counts}

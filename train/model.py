@@ -1,0 +1,141 @@
+"""The PTB modular language model (DESIGN.md §3, "The PTB model").
+
+    tokens (T, B) -> embedding (T, B, E)
+    for t in 1..T:                                   one modular GRU step
+        scores  = controller([e_t; h_{t-1}])          (B, K, M) log-softmax per slot
+        a_t     = policy(scores)                      (B, K) stored a*, a draw, or argmax
+        h_t     = combine_{m in a_t} GRU_m(e_t, h_{t-1})
+    hidden states (T, B, H) -> dropout -> head -> logits (T, B, V)
+
+Selection is per time step; route -> run modules -> combine is ``ModularGRU.step``.
+With ``method="dense"`` there is no controller: all M = K modules run at every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modrt.train import routing
+from modrt.train.config import ModelConfig
+
+# policy(t, log_probs (B, K, M)) -> selection (B, K)
+Policy = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+class RecurrentOutput(NamedTuple):
+    hs: torch.Tensor  # (T, B, H) hidden state after each step
+    h_last: torch.Tensor  # (B, H)
+    a: torch.Tensor  # (T, B, K) selections used
+    log_pa: torch.Tensor  # (T, B) log p(a_t | x, h_{t-1}) summed over slots (0 when dense)
+    log_probs: torch.Tensor | None  # (T, B, K, M) controller log-softmax (None when dense)
+
+
+def given(a: torch.Tensor) -> Policy:
+    """Follow fixed selections a (T, B, K): the M-step's a*."""
+    return lambda t, lp: a[t]
+
+
+def greedy_policy() -> Policy:
+    """Deterministic inference: the most probable module per slot."""
+    return lambda t, lp: routing.greedy(lp)
+
+
+def sample_policy(keep: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Policy:
+    """Draw from the controller; the first rows follow ``keep`` (T, B0, K) if given (E-step)."""
+
+    def policy(t: int, lp: torch.Tensor) -> torch.Tensor:
+        a = routing.sample(lp, generator)
+        if keep is not None:
+            a[: keep.shape[1]] = keep[t]
+        return a
+
+    return policy
+
+
+class ModularGRU(nn.Module):
+    """M GRU cells and a controller choosing K of them per row and per step."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, H, M, K = cfg.embedding, cfg.hidden, cfg.modules, cfg.k
+        self.cells = nn.ModuleList(nn.GRUCell(E, H) for _ in range(M))
+        self.controller = nn.Linear(E + H, M * K) if cfg.routed else None
+
+    def scores(self, e_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Controller log-probabilities. (B, E), (B, H) -> (B, K, M)."""
+        B = e_t.shape[0]
+        logits = self.controller(torch.cat([e_t, h], dim=1))  # (B, M*K)
+        return F.log_softmax(logits.view(B, self.cfg.k, self.cfg.modules), dim=-1)
+
+    def step(self, e_t: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """One routed step: group rows by module, run each used module once, combine."""
+        B = e_t.shape[0]
+        d = routing.dispatch(a, self.cfg.modules)
+        outs = []
+        for m, cell in enumerate(self.cells):
+            lo, hi = d.offsets[m], d.offsets[m + 1]
+            if hi > lo:  # modules nobody selected cost nothing and get no gradient
+                rows = d.rows[lo:hi]
+                outs.append(cell(e_t[rows], h[rows]))  # (R_m, H)
+        return routing.combine(torch.cat(outs), d, B, self.cfg.combine)
+
+    def forward(self, e: torch.Tensor, h: torch.Tensor, policy: Policy | None = None) -> RecurrentOutput:
+        T, B, _ = e.shape
+        K = self.cfg.k
+        hs, sel, log_pa, lps = [], [], [], []
+        if not self.cfg.routed:
+            a = torch.arange(K, device=e.device).expand(B, K)
+        for t in range(T):
+            if self.cfg.routed:
+                lp = self.scores(e[t], h)  # (B, K, M)
+                a = policy(t, lp)  # (B, K)
+                log_pa.append(routing.log_prob(lp, a))
+                lps.append(lp)
+            h = self.step(e[t], h, a)
+            hs.append(h)
+            sel.append(a)
+        hs_t = torch.stack(hs)  # (T, B, H)
+        a_t = torch.stack(sel)  # (T, B, K)
+        if self.cfg.routed:
+            return RecurrentOutput(hs_t, h, a_t, torch.stack(log_pa), torch.stack(lps))
+        return RecurrentOutput(hs_t, h, a_t, e.new_zeros(T, B), None)
+
+
+class ModularLM(nn.Module):
+    """Embedding -> modular GRU layer -> linear head over the vocabulary."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embedding)
+        self.layer = ModularGRU(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+
+    def init_hidden(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.zeros(batch, self.cfg.hidden, device=device)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, policy: Policy | None = None) -> RecurrentOutput:
+        """Run the recurrence over tokens x (T, B) from state h (B, H); no head."""
+        e = self.drop(self.embed(x))  # (T, B, E)
+        return self.layer(e, h, policy)
+
+    def logits(self, hs: torch.Tensor) -> torch.Tensor:
+        """(T, B, H) -> (T, B, V)."""
+        return self.head(self.drop(hs))
+
+    def token_log_likelihood(self, hs: torch.Tensor, y: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+        """log p(y_t | ...) per token, the head applied ``chunk`` steps at a time to bound
+        memory (the E-step scores B*S rows). (T, B, H), (T, B) -> (T, B)."""
+        out = []
+        for lo in range(0, hs.shape[0], chunk):
+            lg = self.logits(hs[lo : lo + chunk])  # (t, B, V)
+            out.append(-F.cross_entropy(lg.transpose(1, 2), y[lo : lo + chunk], reduction="none"))
+        return torch.cat(out)

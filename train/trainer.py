@@ -1,0 +1,275 @@
+"""The training loop: EM (or the dense baseline) over PTB windows, with checkpoints.
+
+One step = one window of B streams: (every ``e_step_every``-th step) the E-step updates
+a* for those B examples, then one M-step updates all parameters. The hidden state carries
+across windows and restarts at each epoch. Validation perplexity (greedy routing) after
+every epoch, test perplexity at the end. ``metrics.jsonl`` gets one line per log interval
+and per evaluation; ``ckpt.pt`` is written at epoch ends, every ``ckpt_every`` steps, on
+Ctrl-C / SIGTERM and at the end, and holds everything to continue exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from modrt._exceptions import CheckpointError, ModrtError
+from modrt.data.ptb import Corpus
+from modrt.train import checkpoint, data, em
+from modrt.train import model as lm
+from modrt.train.config import RESUMABLE_CHANGES, ModelConfig, TrainConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModrtError("--device cuda: no CUDA device is available to torch (use --device cpu or auto)")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: lm.ModularLM, tokens: torch.Tensor, bptt: int,
+             device: torch.device) -> tuple[float, torch.Tensor]:
+    """Mean negative log-likelihood per token (nats) with greedy routing, and how often
+    each module was selected. tokens: (N, B) -> (nll, usage (M,))."""
+    was = model.training
+    model.eval()
+    h = model.init_hidden(tokens.shape[1], device)
+    total, count = 0.0, 0
+    usage = torch.zeros(model.cfg.modules, dtype=torch.long)
+    for w in range(data.num_windows(tokens, bptt)):
+        x, y = (t.to(device) for t in data.window(tokens, w, bptt))
+        out = model(x, h, lm.greedy_policy())
+        total -= model.token_log_likelihood(out.hs, y).sum().item()
+        count += y.numel()
+        usage += torch.bincount(out.a.flatten().cpu(), minlength=model.cfg.modules)
+        h = out.h_last
+    model.train(was)
+    return total / count, usage
+
+
+class _Interval:
+    """Accumulates one log interval's statistics (saved in checkpoints for exact resume)."""
+
+    def __init__(self, modules: int, state: dict[str, Any] | None = None):
+        s = state or {}
+        self.nll = s.get("nll", 0.0)
+        self.ctrl = s.get("ctrl", 0.0)
+        self.steps = s.get("steps", 0)
+        self.ent_ex = s.get("ent_ex", 0.0)
+        self.ent_b = s.get("ent_b", 0.0)
+        self.usage = s.get("usage", torch.zeros(modules, dtype=torch.long)).clone()
+        self.e_changed = s.get("e_changed", 0)
+        self.e_total = s.get("e_total", 0)
+        self.seconds = s.get("seconds", 0.0)
+
+    def state(self) -> dict[str, Any]:
+        return dict(nll=self.nll, ctrl=self.ctrl, steps=self.steps, ent_ex=self.ent_ex,
+                    ent_b=self.ent_b, usage=self.usage, e_changed=self.e_changed,
+                    e_total=self.e_total, seconds=self.seconds)
+
+    def record(self, step: int, epoch: int) -> dict[str, Any]:
+        n = max(self.steps, 1)
+        loss = self.nll / n
+        return {
+            "kind": "train",
+            "step": step,
+            "epoch": epoch,
+            "loss": round(loss, 5),
+            "ppl": round(math.exp(min(loss, 50.0)), 3),
+            "controller_loss": round(self.ctrl / n, 5),
+            "exp_entropy_example": round(math.exp(self.ent_ex / n), 4),
+            "exp_entropy_batch": round(math.exp(self.ent_b / n), 4),
+            "module_usage": self.usage.tolist(),
+            "e_step_improved": round(self.e_changed / self.e_total, 4) if self.e_total else None,
+            "steps_per_s": round(self.steps / self.seconds, 3) if self.seconds else None,
+        }
+
+
+class Trainer:
+    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus,
+                 out: Path, resume: dict[str, Any] | None = None, progress: bool = True):
+        self.mcfg, self.tcfg, self.out, self.progress = model_cfg, train_cfg, Path(out), progress
+        self.device = resolve_device(train_cfg.device)
+        self.vocab = list(corpus.vocab)
+        if model_cfg.vocab_size != len(self.vocab):
+            raise ModrtError(f"model vocab_size {model_cfg.vocab_size} != corpus vocabulary {len(self.vocab)}")
+        torch.manual_seed(train_cfg.seed)
+        random.seed(train_cfg.seed)
+        np.random.seed(train_cfg.seed)
+        self.train_data = data.batchify(corpus.train, train_cfg.batch_size)  # (N/B, B)
+        self.valid_data = data.batchify(corpus.valid, train_cfg.eval_batch_size)
+        self.test_data = data.batchify(corpus.test, train_cfg.eval_batch_size)
+        self.windows = data.num_windows(self.train_data, train_cfg.bptt)
+        self.model = lm.ModularLM(model_cfg).to(self.device)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
+        B, T, K, M = train_cfg.batch_size, train_cfg.bptt, model_cfg.k, model_cfg.modules
+        # a* memory: one (T, K) selection per example n = window * B + stream, uniform at random.
+        self.memory = (torch.randint(0, M, (self.windows * B, T, K), dtype=torch.int16)
+                       if model_cfg.routed else None)
+        self.step = self.epoch = self.window = 0
+        self.hidden = self.model.init_hidden(B, self.device)
+        self.metrics: list[dict[str, Any]] = []
+        self.interval = _Interval(M)
+        if resume is not None:
+            self._restore(resume)
+        self._stop_signal: int | None = None
+
+    # ---- checkpoints -------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model_config": asdict(self.mcfg),
+            "train_config": asdict(self.tcfg),
+            "vocab": self.vocab,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "memory": self.memory,
+            "step": self.step,
+            "epoch": self.epoch,
+            "window": self.window,
+            "hidden": self.hidden.detach().cpu(),
+            "interval": self.interval.state(),
+            "rng": checkpoint.rng_state(),
+            "metrics": self.metrics,
+        }
+
+    def save(self) -> Path:
+        path = self.out / "ckpt.pt"
+        checkpoint.save(path, self.state())
+        return path
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        if ckpt["vocab"] != self.vocab:
+            raise CheckpointError("checkpoint vocabulary differs from this data set's: cannot continue")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.memory = ckpt["memory"]
+        self.step, self.epoch, self.window = ckpt["step"], ckpt["epoch"], ckpt["window"]
+        self.hidden = ckpt["hidden"].to(self.device)
+        self.interval = _Interval(self.mcfg.modules, ckpt["interval"])
+        self.metrics = list(ckpt["metrics"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        # metrics.jsonl restarts from what the checkpoint knew: no duplicated lines.
+        with open(self.out / "metrics.jsonl", "w") as f:
+            for m in self.metrics:
+                f.write(json.dumps(m) + "\n")
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.append(record)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ---- one step ----------------------------------------------------------------
+    def train_step(self) -> float:
+        """One window: E-step (when due), then one M-step. Returns the M-step nll."""
+        tc, dev = self.tcfg, self.device
+        x, y = (t.to(dev) for t in data.window(self.train_data, self.window, tc.bptt))
+        T = x.shape[0]
+        t0 = time.perf_counter()
+        a_star = None
+        if self.memory is not None:
+            ids = data.example_ids(self.window, tc.batch_size)
+            a_star = self.memory[ids, :T].long().permute(1, 0, 2).to(dev)  # (T, B, K)
+            if self.step % tc.e_step_every == 0:
+                e = em.e_step(self.model, x, y, self.hidden, a_star, tc.samples)
+                a_star = e.best
+                self.memory[ids, :T] = a_star.permute(1, 0, 2).to(torch.int16).cpu()
+                self.interval.e_changed += int(e.changed.sum())
+                self.interval.e_total += e.changed.numel()
+        m = em.m_step_loss(self.model, x, y, self.hidden, a_star)
+        self.opt.zero_grad(set_to_none=True)
+        m.loss.backward()
+        if tc.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip)
+        self.opt.step()
+        self.hidden = m.out.h_last.detach()
+        st = em.stats(m.out, self.mcfg.modules)
+        iv = self.interval
+        iv.nll += m.nll.item()
+        iv.ctrl += m.controller.item()
+        iv.ent_ex += float(st["entropy_example"])
+        iv.ent_b += float(st["entropy_batch"])
+        iv.usage += st["usage"].cpu()
+        iv.steps += 1
+        iv.seconds += time.perf_counter() - t0
+        return m.nll.item()
+
+    # ---- the loop ----------------------------------------------------------------
+    def total_steps(self) -> int:
+        total = self.tcfg.epochs * self.windows
+        return min(total, self.tcfg.steps) if self.tcfg.steps else total
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        # A second Ctrl-C interrupts at once (the checkpoint on disk stays whole).
+        signal.signal(signum, signal.default_int_handler)
+
+    def fit(self) -> dict[str, Any]:
+        tc = self.tcfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        total = self.total_steps()
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        start = time.perf_counter()
+        self.losses: list[float] = []
+        bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step",
+                   desc=f"{self.mcfg.method} M={self.mcfg.modules} K={self.mcfg.k}", dynamic_ncols=True)
+        try:
+            while self.step < total and self.epoch < tc.epochs:
+                if self.window == 0:
+                    self.hidden = self.model.init_hidden(tc.batch_size, self.device)
+                self.losses.append(self.train_step())
+                self.step += 1
+                self.window += 1
+                bar.update(1)
+                if self.step % tc.log_every == 0:
+                    rec = self.interval.record(self.step, self.epoch)
+                    self._log(rec)
+                    self.interval = _Interval(self.mcfg.modules)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}",
+                                    expH_batch=f"{rec['exp_entropy_batch']:.2f}")
+                if self.window == self.windows:  # epoch end: validate, checkpoint
+                    vloss, _ = evaluate(self.model, self.valid_data, tc.bptt, self.device)
+                    self.epoch += 1
+                    self.window = 0
+                    self._log({"kind": "valid", "step": self.step, "epoch": self.epoch,
+                               "loss": round(vloss, 5), "ppl": round(math.exp(vloss), 3)})
+                    bar.write(f"epoch {self.epoch}: valid ppl {math.exp(vloss):.2f}")
+                    self.save()
+                elif tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                    self.save()
+                if self._stop_signal is not None:
+                    self.save()
+                    bar.close()
+                    return {"stopped": True, "step": self.step, "checkpoint": str(self.out / "ckpt.pt")}
+        finally:
+            bar.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        if self.interval.steps:
+            self._log(self.interval.record(self.step, self.epoch))
+            self.interval = _Interval(self.mcfg.modules)
+        vloss, _ = evaluate(self.model, self.valid_data, tc.bptt, self.device)
+        tloss, usage = evaluate(self.model, self.test_data, tc.bptt, self.device)
+        summary = {"kind": "test", "step": self.step, "epoch": self.epoch,
+                   "valid_ppl": round(math.exp(vloss), 3), "test_ppl": round(math.exp(tloss), 3),
+                   "minutes": round((time.perf_counter() - start) / 60, 2)}
+        # Module use on the test set under greedy routing: are all M modules in use?
+        p = usage.double() / usage.sum()
+        summary["test_module_usage"] = usage.tolist()
+        summary["modules_in_use"] = int((usage > 0).sum())
+        summary["usage_exp_entropy"] = round(float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum())), 3)
+        self._log(summary)
+        self.save()
+        return summary
