@@ -58,6 +58,9 @@ class LazyGroup(click.Group):
     cls=LazyGroup,
     lazy={
         "train": ("modrt.train.cli:train", "Train a modular network with EM (or a baseline)."),
+        "bench": ("modrt.bench:bench", "Measure routed vs dense vs peers on a bundle (or --synthetic)."),
+        "export": ("modrt.export.cli:export", "Export a checkpoint to a bundle of per-module ONNX graphs."),
+        "eval": ("modrt.evaluate:eval_command", "Perplexity of a bundle on a PTB split, without torch."),
     },
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
@@ -66,7 +69,10 @@ def cli() -> None:
     """modrt: modular networks (Kirsch, Kunze & Barber, NeurIPS 2018) from training to serving.
 
     \b
-    modrt train ptb        learn modules with EM on Penn Treebank
+    modrt train ptb              learn modules with EM on Penn Treebank
+    modrt export CKPT OUT/       per-module ONNX graphs + controller + manifest
+    modrt eval OUT/              perplexity from the bundle alone (no torch)
+    modrt bench OUT/             routed vs dense latency, one run
     """
 
 

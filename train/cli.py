@@ -64,6 +64,8 @@ def _check_writable(out: Path) -> None:
               help="T, time steps per training window (one window of one stream = one example).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=_T.batch_size, show_default=True,
               help="B, parallel streams.")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=_T.eval_batch_size, show_default=True,
+              help="Parallel streams for validation and test perplexity.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_T.lr, show_default=True,
               help="Adam learning rate (modules and controller together).")
 @click.option("--clip", type=click.FloatRange(min=0), default=_T.clip, show_default=True,

@@ -136,6 +136,9 @@ class ModularLM(nn.Module):
         memory (the E-step scores B*S rows). (T, B, H), (T, B) -> (T, B)."""
         out = []
         for lo in range(0, hs.shape[0], chunk):
+            yc = y[lo : lo + chunk]  # (t, B)
             lg = self.logits(hs[lo : lo + chunk])  # (t, B, V)
-            out.append(-F.cross_entropy(lg.transpose(1, 2), y[lo : lo + chunk], reduction="none"))
+            # Flattened (t*B, V) rows: several times faster than the (t, V, B) layout.
+            nll = F.cross_entropy(lg.flatten(0, 1), yc.flatten(), reduction="none")
+            out.append(-nll.view_as(yc))
         return torch.cat(out)

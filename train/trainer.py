@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import signal
 import time
@@ -28,7 +27,7 @@ from modrt._exceptions import CheckpointError, ModrtError
 from modrt.data.ptb import Corpus
 from modrt.train import checkpoint, data, em
 from modrt.train import model as lm
-from modrt.train.config import RESUMABLE_CHANGES, ModelConfig, TrainConfig
+from modrt.train.config import ModelConfig, TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,6 +161,7 @@ class Trainer:
         self.metrics = list(ckpt["metrics"])
         checkpoint.set_rng_state(ckpt["rng"])
         # metrics.jsonl restarts from what the checkpoint knew: no duplicated lines.
+        self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "w") as f:
             for m in self.metrics:
                 f.write(json.dumps(m) + "\n")

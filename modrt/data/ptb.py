@@ -178,5 +178,6 @@ def load(data: str | os.PathLike | None = None, download: bool = True, verify: b
         try:
             arrays[split] = np.fromiter((index[w] for w in words[split]), dtype=np.int64, count=len(words[split]))
         except KeyError as exc:
-            raise DataError(f"{directory / f'ptb.{split}.txt'}: word {exc.args[0]!r} not in the train vocabulary") from exc
+            path = directory / f"ptb.{split}.txt"
+            raise DataError(f"{path}: word {exc.args[0]!r} not in the train vocabulary") from exc
     return Corpus(vocab=tuple(index), directory=directory, **arrays)

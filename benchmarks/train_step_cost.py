@@ -1,0 +1,60 @@
+"""Cost of one EM training step (E-step amortised) vs one dense step of equal active width.
+
+Both trainers run on the same PTB windows in one process, interleaved in rounds of
+``e_step_every`` steps so machine noise hits both alike; the ratio is what to read.
+
+    python benchmarks/train_step_cost.py --modules 15 --k 1 --rounds 6
+"""
+
+from __future__ import annotations
+
+import time
+
+import click
+import torch
+
+from modrt.data import ptb
+from modrt.train.config import ModelConfig, TrainConfig
+from modrt.train.trainer import Trainer
+
+
+@click.command()
+@click.option("--modules", default=15, show_default=True)
+@click.option("--k", default=1, show_default=True)
+@click.option("--rounds", default=6, show_default=True, help="Rounds of e_step_every steps each.")
+@click.option("--data", default=None, help="PTB directory.")
+def main(modules: int, k: int, rounds: int, data: str | None) -> None:
+    corpus = ptb.load(data)
+    tcfg = TrainConfig(device="cpu")
+    em = Trainer(ModelConfig(modules=modules, k=k), tcfg, corpus, "/tmp/modrt-bench-em", progress=False)
+    dense = Trainer(ModelConfig(modules=k, k=k, method="dense"), tcfg, corpus, "/tmp/modrt-bench-dense",
+                    progress=False)
+    times = {"em": 0.0, "dense": 0.0}
+    steps = {"em": 0, "dense": 0}
+
+    def run(name: str, tr: Trainer, n: int, count: bool) -> None:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tr.train_step()
+            tr.step += 1
+            tr.window += 1
+        if count:
+            times[name] += time.perf_counter() - t0
+            steps[name] += n
+
+    n = tcfg.e_step_every
+    run("em", em, n, False)  # warm-up round
+    run("dense", dense, n, False)
+    for _ in range(rounds):
+        run("em", em, n, True)
+        run("dense", dense, n, True)
+    per = {k_: times[k_] / steps[k_] for k_ in times}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, B={tcfg.batch_size} T={tcfg.bptt} "
+          f"E={em.mcfg.embedding} H={em.mcfg.hidden} S={tcfg.samples} e_step_every={n}")
+    print(f"EM M={modules} K={k}: {per['em'] * 1e3:.1f} ms/step ({1 / per['em']:.2f} steps/s, E-step amortised)")
+    print(f"dense M=K={k}:    {per['dense'] * 1e3:.1f} ms/step ({1 / per['dense']:.2f} steps/s)")
+    print(f"ratio EM/dense: {per['em'] / per['dense']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

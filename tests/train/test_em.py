@@ -1,0 +1,111 @@
+"""modrt.train.em.e_step: candidate 0 is a*, scores are log p(y, a | x), the best is kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modrt.train import em
+from modrt.train import model as lm
+
+T, B, S, M, V = 4, 6, 5, 4, 12
+CERTAIN = 40.0  # controller bias: one module has probability 1 - 3e-18, the others e^-40
+
+
+@pytest.fixture
+def setup(tiny_model_config):
+    torch.manual_seed(0)
+    model = lm.ModularLM(tiny_model_config(vocab_size=V, modules=M, k=1))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, V, (T, B), generator=g)
+    y = torch.randint(0, V, (T, B), generator=g)
+    h = torch.randn(B, model.cfg.hidden, generator=g)
+    return model, x, y, h
+
+
+def _make_certain(model: lm.ModularLM, module: int) -> None:
+    """A controller that ignores its input and picks ``module`` with probability ~1."""
+    ctrl = model.layer.controller
+    with torch.no_grad():
+        ctrl.weight.zero_()
+        ctrl.bias.zero_()
+        ctrl.bias[module] = CERTAIN
+
+
+def _score(model, x, y, h, a):
+    """log p(y | x, a) + log p(a | x) per window, computed directly (eval mode). -> (B,)"""
+    model.eval()
+    with torch.no_grad():
+        out = model(x, h, lm.given(a))
+        s = (model.token_log_likelihood(out.hs, y) + out.log_pa).sum(0)
+    model.train()
+    return s
+
+
+def _check_best_is_argmax(e: em.EStep) -> None:
+    pick = e.scores.argmax(0)  # (B,)
+    for b in range(e.best.shape[1]):
+        assert torch.equal(e.best[:, b], e.candidates[pick[b], :, b])
+
+
+def test_stored_a_star_is_candidate_zero(setup):
+    model, x, y, h = setup
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        a_star = torch.randint(0, M, (T, B, 1), generator=g)
+        e = em.e_step(model, x, y, h, a_star, samples=S, generator=g)
+        assert e.candidates.shape == (S, T, B, 1)
+        assert e.scores.shape == (S, B)
+        assert e.best.shape == (T, B, 1) and e.changed.shape == (B,)
+        assert torch.equal(e.candidates[0], a_star)
+        torch.testing.assert_close(e.scores[0], _score(model, x, y, h, a_star))
+        for s in range(1, S):  # every candidate's score is its own log p(y, a | x)
+            torch.testing.assert_close(e.scores[s], _score(model, x, y, h, e.candidates[s]))
+        _check_best_is_argmax(e)
+        assert (e.scores.max(0).values >= e.scores[0]).all()
+        assert torch.equal(e.changed, (e.best != a_star).any(2).any(0))
+    assert model.training  # the E-step puts the model back in training mode
+
+
+def test_best_stored_a_star_is_kept(setup):
+    model, x, y, h = setup
+    _make_certain(model, 2)
+    a_star = torch.full((T, B, 1), 2)
+    e = em.e_step(model, x, y, h, a_star, samples=S, generator=torch.Generator().manual_seed(3))
+    assert (e.candidates == 2).all()  # the draws all pick the certain module
+    assert not e.changed.any()
+    assert torch.equal(e.best, a_star)
+    _check_best_is_argmax(e)
+
+
+def test_worse_stored_a_star_is_replaced(setup):
+    model, x, y, h = setup
+    _make_certain(model, 1)
+    a_star = torch.full((T, B, 1), 3)  # log p(a* | x) = -40 per step
+    e = em.e_step(model, x, y, h, a_star, samples=S, generator=torch.Generator().manual_seed(4))
+    assert (e.candidates[1:] == 1).all()
+    assert e.changed.all()
+    assert (e.best == 1).all()
+    assert (e.scores.max(0).values >= e.scores[0]).all()
+    assert (e.scores[0] < -T * CERTAIN / 2).all()
+    _check_best_is_argmax(e)
+    # The new best scores higher than the stored a* under an independent computation too.
+    assert (_score(model, x, y, h, e.best) > _score(model, x, y, h, a_star)).all()
+
+
+def test_m_step_trains_towards_a_star(setup):
+    model, x, y, h = setup
+    a_star = torch.randint(0, M, (T, B, 1), generator=torch.Generator().manual_seed(5))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.eval()  # no dropout: the objective is deterministic
+    first = em.m_step_loss(model, x, y, h, a_star)
+    assert torch.equal(first.out.a, a_star)
+    torch.testing.assert_close(first.loss, first.nll + first.controller)
+    for _ in range(20):
+        m = em.m_step_loss(model, x, y, h, a_star)
+        opt.zero_grad()
+        m.loss.backward()
+        opt.step()
+    last = em.m_step_loss(model, x, y, h, a_star)
+    assert last.nll < first.nll
+    assert last.controller < first.controller
