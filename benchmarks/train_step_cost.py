@@ -22,10 +22,12 @@ from modrt.train.trainer import Trainer
 @click.option("--modules", default=15, show_default=True)
 @click.option("--k", default=1, show_default=True)
 @click.option("--rounds", default=6, show_default=True, help="Rounds of e_step_every steps each.")
+@click.option("--e-step-every", default=TrainConfig.e_step_every, show_default=True)
+@click.option("--samples", default=TrainConfig.samples, show_default=True)
 @click.option("--data", default=None, help="PTB directory.")
-def main(modules: int, k: int, rounds: int, data: str | None) -> None:
+def main(modules: int, k: int, rounds: int, e_step_every: int, samples: int, data: str | None) -> None:
     corpus = ptb.load(data)
-    tcfg = TrainConfig(device="cpu")
+    tcfg = TrainConfig(device="cpu", e_step_every=e_step_every, samples=samples)
     em = Trainer(ModelConfig(modules=modules, k=k), tcfg, corpus, "/tmp/modrt-bench-em", progress=False)
     dense = Trainer(ModelConfig(modules=k, k=k, method="dense"), tcfg, corpus, "/tmp/modrt-bench-dense",
                     progress=False)
@@ -42,7 +44,7 @@ def main(modules: int, k: int, rounds: int, data: str | None) -> None:
             times[name] += time.perf_counter() - t0
             steps[name] += n
 
-    n = tcfg.e_step_every
+    n = tcfg.e_step_every * -(-5 // tcfg.e_step_every)  # steps per round: whole E-step periods
     run("em", em, n, False)  # warm-up round
     run("dense", dense, n, False)
     for _ in range(rounds):
@@ -50,7 +52,7 @@ def main(modules: int, k: int, rounds: int, data: str | None) -> None:
         run("dense", dense, n, True)
     per = {k_: times[k_] / steps[k_] for k_ in times}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, B={tcfg.batch_size} T={tcfg.bptt} "
-          f"E={em.mcfg.embedding} H={em.mcfg.hidden} S={tcfg.samples} e_step_every={n}")
+          f"E={em.mcfg.embedding} H={em.mcfg.hidden} S={tcfg.samples} e_step_every={tcfg.e_step_every}")
     print(f"EM M={modules} K={k}: {per['em'] * 1e3:.1f} ms/step ({1 / per['em']:.2f} steps/s, E-step amortised)")
     print(f"dense M=K={k}:    {per['dense'] * 1e3:.1f} ms/step ({1 / per['dense']:.2f} steps/s)")
     print(f"ratio EM/dense: {per['em'] / per['dense']:.2f}x")

@@ -49,7 +49,8 @@ def _check_writable(out: Path) -> None:
 @click.option("--k", "-K", type=click.IntRange(min=1), default=_M.k, show_default=True,
               help="K, controller slots: modules picked per time step.")
 @click.option("--combine", type=click.Choice(["sum", "mean"]), default=_M.combine, show_default=True,
-              help="How selected modules' outputs combine (paper: sum; mean bounds the state for K>1).")
+              help="How the selected modules' new states combine. Same for K=1; for K>1 the official "
+                   "code's sum lets the GRU state grow K-fold per step, mean keeps it bounded.")
 @click.option("--samples", "-S", type=click.IntRange(min=1), default=_T.samples, show_default=True,
               help="S, E-step candidates per example: the stored a* plus S-1 controller draws.")
 @click.option("--e-step-every", type=click.IntRange(min=1), default=_T.e_step_every, show_default=True,

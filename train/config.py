@@ -31,7 +31,10 @@ class ModelConfig:
     hidden: int = 256  # H: recurrent state width, every module's output width
     modules: int = 15  # M: modules in the modular layer
     k: int = 1  # K: controller slots per step (modules picked per step, at most K distinct)
-    combine: str = "sum"  # how selected modules' outputs combine: sum (paper) or mean
+    # How the distinct selected modules' new states combine: "sum" (the official code's
+    # rule) or "mean". Identical for K=1. For K>1 a sum of K GRU states can grow up to K-fold
+    # per step (a random (2,2) model overflowed within 35 steps), so PTB defaults to mean.
+    combine: str = "mean"
     method: str = "em"  # em | dense | reinforce | noisy-topk
     dropout: float = 0.2  # on embeddings and on the recurrent output before the head
     task: str = "ptb"

@@ -51,16 +51,17 @@ def test_one_module_equals_plain_gru(tiny_model_config, method, combine):
         assert torch.equal(out.log_pa, torch.zeros(T, B, dtype=torch.float64))
 
 
-def test_dense_three_modules_sum_their_cells(tiny_model_config):
+@pytest.mark.parametrize("combine,scale", [("sum", 1.0), ("mean", 1 / 3)])
+def test_dense_three_modules_combine_their_cells(tiny_model_config, combine, scale):
     torch.manual_seed(1)
-    cfg = tiny_model_config(modules=3, k=3, method="dense")
+    cfg = tiny_model_config(modules=3, k=3, method="dense", combine=combine)
     layer = lm.ModularGRU(cfg)
     assert layer.controller is None
     e, h = torch.randn(T, B, cfg.embedding), torch.randn(B, cfg.hidden)
     out = layer(e, h)
     ref = h
     for t in range(T):
-        ref = sum(cell(e[t], ref) for cell in layer.cells)
+        ref = scale * sum(cell(e[t], ref) for cell in layer.cells)
         torch.testing.assert_close(out.hs[t], ref)
     assert out.a.tolist() == [[[0, 1, 2]] * B] * T
 

@@ -1,0 +1,1 @@
+"""modrt.export: a training checkpoint -> a bundle of per-module ONNX graphs (torch + onnx)."""

@@ -1,0 +1,44 @@
+"""``modrt export CKPT OUT/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from modrt._exceptions import ModrtError
+
+
+@click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("ckpt", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace OUT if it already holds a bundle.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Penn Treebank directory for the parity check (default: as `modrt train`).")
+@click.option("--parity-tokens", type=click.IntRange(min=200), default=2000, show_default=True,
+              help="Validation tokens on which PyTorch and ONNX Runtime are compared.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def export(ckpt: Path, out: Path, force: bool, data: Path | None, parity_tokens: int, quiet: bool) -> None:
+    """Export a training checkpoint to a bundle: manifest.json + per-module ONNX graphs.
+
+    \b
+    Graphs: embedding, the controller, each of the M modules (a GRU cell that
+    takes only the rows routed to it), the dense step (every module on every
+    row, combined by masking: the baseline), and the head. Every graph is
+    checked against PyTorch under ONNX Runtime, then the whole model on real
+    validation text; the figures go into manifest.json ("parity").
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise ModrtError("export needs PyTorch: pip install 'modrt[train]'") from exc
+    from modrt.export.exporter import export as run_export
+
+    m = run_export(ckpt, out, force=force, progress=not quiet, data=data, parity_tokens=parity_tokens)
+    p = m.parity
+    layer = m.layers[0]
+    click.echo(
+        f"exported {len(m.graphs)} graphs (M={layer.modules}, K={layer.k}, {layer.combine}) to {out}; "
+        f"parity on {p['tokens']} validation tokens: ppl torch {p['ppl_torch']:.3f}, routed "
+        f"{p['ppl_routed']:.3f}, dense {p['ppl_dense']:.3f}; max |logit diff| routed "
+        f"{p['logits_max_abs_diff_routed']:.2e}, dense {p['logits_max_abs_diff_dense']:.2e}")

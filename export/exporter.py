@@ -1,0 +1,175 @@
+"""``modrt export CKPT OUT/``: checkpoint -> manifest.json + one ONNX file per graph.
+
+Steps: load and check the checkpoint, rebuild the model from its config alone, export
+every graph (progress bar), check each graph against its PyTorch module under ONNX
+Runtime, write the manifest, then measure model-level parity on real validation text
+(PyTorch vs the routed runtime vs the dense graphs) and record it in the manifest.
+Export fails with one line if parity is out of tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from modrt import bundle
+from modrt._exceptions import CheckpointError, ExportError
+from modrt.export import graphs as G
+from modrt.train import checkpoint
+from modrt.train.config import ModelConfig
+from modrt.train.model import ModularLM, greedy_policy
+
+GRAPH_ATOL = 1e-4  # per graph, on its sample input
+PPL_RTOL = 1e-3  # model level: perplexity, PyTorch vs ONNX Runtime (routed and dense)
+
+
+def load_model(ckpt_path: str | Path) -> tuple[ModularLM, dict[str, Any]]:
+    ckpt = checkpoint.load(ckpt_path)
+    try:
+        cfg = ModelConfig(**ckpt["model_config"])
+        model = ModularLM(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{ckpt_path}: model does not rebuild from its config ({str(exc)[:200]})") from exc
+    return model.eval(), ckpt
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ExportError(f"{out}: exists and is not empty (pass --force to replace it)")
+        if not (out / "manifest.json").is_file():
+            raise ExportError(f"{out}: not a modrt bundle; refusing to delete it even with --force")
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"{out}: cannot create ({exc.strerror or exc})") from exc
+
+
+def _graph_parity(g: G.GraphDef, data: bytes) -> float:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = g.module(*g.args)
+    want = want if isinstance(want, tuple) else (want,)
+    got = sess.run(None, {n: a.numpy() for n, a in zip(g.inputs, g.args, strict=True)})
+    diff = 0.0
+    for w, o in zip(want, got, strict=True):
+        if w.dtype.is_floating_point:
+            diff = max(diff, float(np.abs(w.numpy() - o).max()))
+        elif not np.array_equal(w.numpy(), o):
+            return math.inf
+    return diff
+
+
+def export(ckpt_path: str | Path, out: str | Path, force: bool = False, progress: bool = True,
+           data: str | Path | None = None, parity_tokens: int = 2000) -> bundle.Manifest:
+    out = Path(out)
+    model, ckpt = load_model(ckpt_path)
+    cfg = model.cfg
+    if cfg.task != "ptb":
+        raise ExportError(f"{ckpt_path}: task {cfg.task!r} has no exporter yet")
+    _prepare_out(out, force)
+    defs = list(G.graph_defs(model))
+    specs: dict[str, bundle.GraphSpec] = {}
+    graph_diff: dict[str, float] = {}
+    for g in tqdm(defs, desc="export", unit="graph", disable=not progress):
+        try:
+            raw = G.to_onnx(g)
+        except Exception as exc:  # torch.onnx raises many kinds; name the graph
+            raise ExportError(f"graph {g.name}: ONNX export failed ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        graph_diff[g.name] = _graph_parity(g, raw)
+        if not graph_diff[g.name] <= GRAPH_ATOL:
+            raise ExportError(f"graph {g.name}: ONNX Runtime differs from PyTorch by {graph_diff[g.name]:.3g} "
+                              f"(tolerance {GRAPH_ATOL})")
+        path = out / f"{g.name}.onnx"
+        path.write_bytes(raw)
+        specs[g.name] = bundle.graph_spec_from_onnx(path)
+    layer = bundle.LayerSpec(
+        name="layer0", modules=cfg.modules, k=cfg.k, combine=cfg.combine,
+        controller="layer0.controller",
+        module_graphs=tuple(f"layer0.module{m}" for m in range(cfg.modules)), state="h")
+    manifest = bundle.Manifest(
+        task={"name": "ptb", "kind": "language-model", "vocab": list(ckpt["vocab"]),
+              "eos": "<eos>", "unk": "<unk>", "hidden": cfg.hidden, "embedding": cfg.embedding},
+        topology="recurrent",
+        stages=("embedding", "layer0", "head"),
+        layers=(layer,),
+        dense={"layer0": "layer0.dense"},
+        graphs=specs,
+        opset=G.OPSET,
+        model={**ckpt["model_config"], "trained_steps": ckpt.get("step"), "trained_epochs": ckpt.get("epoch")},
+        parity={"graphs_max_abs_diff": graph_diff},
+    )
+    bundle.write(out, manifest)
+    parity = measure_parity(model, out, ckpt["vocab"], data=data, tokens=parity_tokens)
+    manifest = replace(manifest, parity={**manifest.parity, **parity})
+    bundle.write(out, manifest)
+    # "not <=" so that a NaN (a model that overflows) fails too.
+    if not (parity["ppl_rel_diff_routed"] <= PPL_RTOL and parity["ppl_rel_diff_dense"] <= PPL_RTOL):
+        raise ExportError(
+            f"{out}: parity out of tolerance: perplexity torch {parity['ppl_torch']:.4f}, "
+            f"routed {parity['ppl_routed']:.4f}, dense {parity['ppl_dense']:.4f} (rtol {PPL_RTOL})")
+    return manifest
+
+
+def measure_parity(model: ModularLM, out: Path, vocab: list[str], data: str | Path | None,
+                   tokens: int, batch: int = 4, bptt: int = 35) -> dict[str, Any]:
+    """PyTorch vs ONNX Runtime (routed and dense) on the first validation tokens."""
+    import modrt
+    from modrt.data import ptb
+    from modrt.evaluate import _nll
+
+    corpus = ptb.load(data)
+    if list(corpus.vocab) != list(vocab):
+        raise ExportError("the checkpoint's vocabulary differs from this Penn Treebank copy's")
+    text = corpus.valid[: tokens + 1]
+    n = (len(text) - 1) // batch
+    x = text[: n * batch].reshape(batch, n)  # (B, N) streams
+    y = text[1 : n * batch + 1].reshape(batch, n)
+    x, y = x[:, : (n // bptt) * bptt], y[:, : (n // bptt) * bptt]
+    rt = modrt.load(out, provider="cpu")
+    h_t = model.init_hidden(batch)
+    h_r = h_d = None
+    nll = {"torch": [], "routed": [], "dense": []}
+    max_diff = {"routed": 0.0, "dense": 0.0}
+    agree = total = 0
+    for lo in range(0, x.shape[1], bptt):
+        xb, yb = x[:, lo : lo + bptt], y[:, lo : lo + bptt]
+        with torch.no_grad():
+            o = model(torch.from_numpy(xb).T.contiguous(), h_t, greedy_policy())
+            lt = model.head(o.hs).transpose(0, 1).numpy()  # (B, T, V)
+            h_t = o.h_last
+        r = rt.run(tokens=xb, h=h_r)
+        d = rt.run_dense(tokens=xb, h=h_d)
+        h_r, h_d = r["h_last"], d["h_last"]
+        nll["torch"].append(_nll(lt, yb))
+        nll["routed"].append(_nll(r["logits"], yb))
+        nll["dense"].append(_nll(d["logits"], yb))
+        max_diff["routed"] = max(max_diff["routed"], float(np.abs(r["logits"] - lt).max()))
+        max_diff["dense"] = max(max_diff["dense"], float(np.abs(d["logits"] - lt).max()))
+        sel = o.a.permute(1, 0, 2).numpy()  # (B, T, K)
+        agree += int((r["modules"][:, :, 0, :] == sel).all(-1).sum())
+        total += sel.shape[0] * sel.shape[1]
+    ppl = {k: float(np.exp(np.concatenate(v, 1).mean())) for k, v in nll.items()}
+    return {
+        "data": "ptb.valid.txt", "tokens": int(x.size), "batch": batch, "bptt": bptt,
+        "ppl_torch": ppl["torch"], "ppl_routed": ppl["routed"], "ppl_dense": ppl["dense"],
+        "ppl_rel_diff_routed": abs(ppl["routed"] - ppl["torch"]) / ppl["torch"],
+        "ppl_rel_diff_dense": abs(ppl["dense"] - ppl["torch"]) / ppl["torch"],
+        "logits_max_abs_diff_routed": max_diff["routed"],
+        "logits_max_abs_diff_dense": max_diff["dense"],
+        "routing_agreement": agree / max(total, 1),
+    }
+

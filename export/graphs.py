@@ -1,0 +1,133 @@
+"""The PTB model cut into the bundle's graphs (contracts in ``modrt.bundle``).
+
+Each graph is a small ``nn.Module`` wrapper traced by ``torch.onnx.export`` from its own
+sample input, so no module can go missing because a sample did not route to it (the
+known failure of tracing a routed model whole).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modrt.train.model import ModularLM
+
+OPSET = 17
+SAMPLE_BATCH = 3  # odd, so no dimension is mistaken for another
+SAMPLE_T = 5
+
+
+class GraphDef(NamedTuple):
+    name: str
+    module: nn.Module
+    args: tuple[torch.Tensor, ...]
+    inputs: list[str]
+    outputs: list[str]
+    dynamic: dict[str, dict[int, str]]  # tensor name -> {axis: symbolic name}
+
+
+class Embedding(nn.Module):
+    def __init__(self, model: ModularLM):
+        super().__init__()
+        self.embed = model.embed
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, E)
+        return self.embed(tokens)
+
+
+class Head(nn.Module):
+    def __init__(self, model: ModularLM):
+        super().__init__()
+        self.head = model.head
+
+    def forward(self, hs: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, T, V)
+        return self.head(hs)
+
+
+class Controller(nn.Module):
+    """log-softmax per slot. For the dense method (no controller), slot k always picks
+    module k (M = K): every module runs, as in training."""
+
+    def __init__(self, model: ModularLM):
+        super().__init__()
+        self.layer = model.layer
+        K, M = model.cfg.k, model.cfg.modules
+        self.register_buffer("fixed", torch.full((K, M), -1e9).fill_diagonal_(0.0))
+
+    def forward(self, e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # -> (B, K, M)
+        if self.layer.controller is not None:
+            return self.layer.scores(e, h)
+        # Both inputs stay in the graph (the controller contract is (e, h)); x*0 is not
+        # folded away, and costs nothing next to the modules.
+        zero = (e[:, :1] * 0 + h[:, :1] * 0).unsqueeze(-1)  # (B, 1, 1)
+        return F.log_softmax(self.fixed.unsqueeze(0) + zero, dim=-1)
+
+
+class Module(nn.Module):
+    def __init__(self, cell: nn.GRUCell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, e: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # (R, E), (R, H) -> (R, H)
+        return self.cell(e, h)
+
+
+class DenseStep(nn.Module):
+    """One step as a plain export of the whole layer runs it: every module on every row,
+    the selected ones combined by masking. Same outputs as routing, M times the work."""
+
+    def __init__(self, model: ModularLM):
+        super().__init__()
+        self.controller = Controller(model)
+        self.cells = model.layer.cells
+        self.rule = model.cfg.combine
+        self.m = model.cfg.modules
+
+    def forward(self, e: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = self.controller(e, h).argmax(-1)  # (B, K)
+        mask = F.one_hot(a, self.m).amax(1).to(e.dtype)  # (B, M): distinct selected modules
+        outs = torch.stack([cell(e, h) for cell in self.cells], 1)  # (B, M, H)
+        h_new = (outs * mask.unsqueeze(-1)).sum(1)  # (B, H)
+        if self.rule == "mean":
+            h_new = h_new / mask.sum(1, keepdim=True)
+        return h_new, a
+
+
+def graph_defs(model: ModularLM, layer: str = "layer0") -> Iterator[GraphDef]:
+    cfg = model.cfg
+    B, T, E, H = SAMPLE_BATCH, SAMPLE_T, cfg.embedding, cfg.hidden
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=gen)
+    e, h = torch.randn(B, E, generator=gen), torch.randn(B, H, generator=gen)
+    batch = {0: "batch"}
+    yield GraphDef("embedding", Embedding(model), (tokens,), ["tokens"], ["emb"],
+                   {"tokens": {0: "batch", 1: "time"}, "emb": {0: "batch", 1: "time"}})
+    yield GraphDef(f"{layer}.controller", Controller(model), (e, h), ["e", "h"], ["log_probs"],
+                   {"e": batch, "h": batch, "log_probs": batch})
+    for m, cell in enumerate(model.layer.cells):
+        # Its own sample rows (R = 4 here), independent of any routing decision.
+        r = 4 + m % 3
+        yield GraphDef(f"{layer}.module{m}", Module(cell),
+                       (torch.randn(r, E, generator=gen), torch.randn(r, H, generator=gen)),
+                       ["e", "h"], ["h_new"], {"e": {0: "rows"}, "h": {0: "rows"}, "h_new": {0: "rows"}})
+    yield GraphDef(f"{layer}.dense", DenseStep(model), (e, h), ["e", "h"], ["h_new", "selection"],
+                   {"e": batch, "h": batch, "h_new": batch, "selection": batch})
+    yield GraphDef("head", Head(model), (torch.randn(B, T, H, generator=gen),), ["hs"], ["logits"],
+                   {"hs": {0: "batch", 1: "time"}, "logits": {0: "batch", 1: "time"}})
+
+
+def to_onnx(g: GraphDef) -> bytes:
+    """Export one graph (TorchScript-based exporter: fast, dynamic axes, opset 17)."""
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(g.module.eval(), g.args, buf, input_names=g.inputs, output_names=g.outputs,
+                          dynamic_axes=g.dynamic, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+    return buf.getvalue()

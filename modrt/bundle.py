@@ -1,0 +1,256 @@
+"""The bundle: ``manifest.json`` plus one ONNX file per graph (DESIGN.md §5).
+
+The manifest is the only thing the runtime reads first; this module is its schema and
+its validating loader. Everything is torch-free.
+
+    {
+      "format": "modrt-bundle", "schema_version": 1, "modrt_version": "0.1.0",
+      "opset": 17,
+      "task": {"name": "ptb", "kind": "language-model", "vocab": [...], "eos": "<eos>",
+               "unk": "<unk>"}                                      # or kind "synthetic"
+      "model": {...}                                                # asdict(ModelConfig)
+      "topology": "recurrent" | "feedforward",
+      "stages": ["embedding", "layer0", "head"],                    # graph or layer names
+      "layers": [{"name": "layer0", "modules": M, "k": K, "combine": "sum",
+                  "controller": "layer0.controller",
+                  "module_graphs": ["layer0.module0", ...],
+                  "state": "h" | null}],                            # recurrent state name
+      "dense": {"layer0": "layer0.dense"},                          # dense step per layer
+      "graphs": {"<name>": {"file": "<name>.onnx", "sha256": "...",
+                            "inputs":  [{"name": "e", "dtype": "float32", "shape": [-1, 128]}],
+                            "outputs": [...]}},
+      "parity": {...}                                               # measured at export
+    }
+
+Graph contracts (batch is -1, dynamic, everywhere; R = rows routed to a module):
+
+    recurrent (PTB)
+      embedding          tokens int64 [B, T]            -> emb float32 [B, T, E]
+      <layer>.controller e [B, E], h [B, H]             -> log_probs float32 [B, K, M]
+      <layer>.module<m>  e [R, E], h [R, H]             -> h_new float32 [R, H]
+      <layer>.dense      e [B, E], h [B, H]             -> h_new [B, H], selection int64 [B, K]
+      head               hs float32 [B, T, H]           -> logits float32 [B, T, V]
+    feedforward
+      <layer>.controller x [B, D]                       -> log_probs float32 [B, K, M]
+      <layer>.module<m>  x [R, D]                       -> y float32 [R, D_out]
+      <layer>.dense      x [B, D]                       -> y [B, D_out], selection int64 [B, K]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modrt._exceptions import BundleError
+from modrt._version import __version__
+
+FORMAT = "modrt-bundle"
+SCHEMA_VERSION = 1
+TOPOLOGIES = ("recurrent", "feedforward")
+COMBINE_RULES = ("sum", "mean")
+
+# ONNX TensorProto element types <-> manifest dtype names. Unknown keys raise KeyError.
+ONNX_DTYPES: dict[int, str] = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 9: "bool"}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, int64, ...
+    shape: tuple[int, ...]  # -1 for a dynamic dimension (batch always)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ONNX_DTYPES.values():
+            raise ValueError(f"dtype {self.dtype!r} unknown; allowed {sorted(ONNX_DTYPES.values())}")
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    file: str
+    sha256: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str
+    modules: int  # M
+    k: int  # K slots
+    combine: str  # sum | mean over the distinct selected modules
+    controller: str  # graph name
+    module_graphs: tuple[str, ...]  # M graph names
+    state: str | None = None  # recurrent state input/output name, None for feed-forward
+
+    def __post_init__(self) -> None:
+        if self.combine not in COMBINE_RULES:
+            raise ValueError(f"combine {self.combine!r} unknown; allowed {COMBINE_RULES}")
+        if not 1 <= self.k <= self.modules:
+            raise ValueError(f"layer {self.name}: need 1 <= k ({self.k}) <= modules ({self.modules})")
+        if len(self.module_graphs) != self.modules:
+            raise ValueError(f"layer {self.name}: {len(self.module_graphs)} module graphs for {self.modules} modules")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    task: dict[str, Any]
+    topology: str
+    stages: tuple[str, ...]
+    layers: tuple[LayerSpec, ...]
+    dense: dict[str, str]  # layer name -> dense graph name
+    graphs: dict[str, GraphSpec]
+    opset: int
+    model: dict[str, Any] = field(default_factory=dict)
+    parity: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    schema_version: int = SCHEMA_VERSION
+    modrt_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology {self.topology!r} unknown; allowed {TOPOLOGIES}")
+        names = set(self.graphs)
+        for layer in self.layers:
+            for g in (layer.controller, *layer.module_graphs, self.dense.get(layer.name, layer.controller)):
+                if g not in names:
+                    raise ValueError(f"layer {layer.name} names graph {g!r}, which the manifest lacks")
+        layer_names = {l.name for l in self.layers}
+        for s in self.stages:
+            if s not in names and s not in layer_names:
+                raise ValueError(f"stage {s!r} is neither a graph nor a layer")
+
+    def layer(self, name: str) -> LayerSpec:
+        for l in self.layers:
+            if l.name == name:
+                return l
+        raise KeyError(name)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        d = dict(d)
+        d["graphs"] = {
+            n: GraphSpec(
+                file=g["file"], sha256=g["sha256"],
+                inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["inputs"]),
+                outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["outputs"]),
+            )
+            for n, g in d["graphs"].items()
+        }
+        d["layers"] = tuple(LayerSpec(**{**l, "module_graphs": tuple(l["module_graphs"])}) for l in d["layers"])
+        d["stages"] = tuple(d["stages"])
+        return cls(**d)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def graph_spec_from_onnx(path: str | os.PathLike) -> GraphSpec:
+    """Describe an ONNX file as the manifest does (names, dtypes, shapes, sha256)."""
+    inputs, outputs = _read_io(Path(path))
+    return GraphSpec(file=Path(path).name, sha256=sha256_file(path), inputs=inputs, outputs=outputs)
+
+
+def _read_io(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The graph's inputs and outputs; parses the file once. BundleError if not ONNX."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure means "not ONNX"
+        raise BundleError(f"{path}: not an ONNX model ({type(exc).__name__})") from exc
+    return (tuple(_specs(model.graph.input, model.graph.initializer)),
+            tuple(_specs(model.graph.output, ())))
+
+
+def _specs(values, initializers) -> list[TensorSpec]:
+    init = {i.name for i in initializers}
+    out = []
+    for v in values:
+        if v.name in init:
+            continue
+        t = v.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim)
+        try:
+            dtype = ONNX_DTYPES[t.elem_type]
+        except KeyError as exc:
+            raise BundleError(f"tensor {v.name}: ONNX element type {t.elem_type} not supported") from exc
+        out.append(TensorSpec(v.name, dtype, shape))
+    return out
+
+
+def write(directory: str | os.PathLike, manifest: Manifest) -> Path:
+    path = Path(directory) / "manifest.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.to_json(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def load(directory: str | os.PathLike, verify: bool = True) -> Manifest:
+    """Read and validate a bundle; any fault is one ``BundleError`` naming the file.
+
+    Checks: manifest present and parseable, format and schema version, every graph file
+    inside the bundle directory, present, with the recorded sha256, and (``verify``) its
+    inputs/outputs matching the manifest's names, dtypes and shapes.
+    """
+    root = Path(directory)
+    mpath = root / "manifest.json"
+    if not root.is_dir():
+        raise BundleError(f"{root}: no such bundle directory")
+    if not mpath.is_file():
+        raise BundleError(f"{mpath}: missing (not a modrt bundle; make one with `modrt export`)")
+    try:
+        raw = json.loads(mpath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{mpath}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleError(f"{mpath}: not a modrt bundle manifest (format must be '{FORMAT}')")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"{mpath}: schema version {raw.get('schema_version')!r} unknown; this modrt "
+            f"({__version__}) reads version {SCHEMA_VERSION}"
+        )
+    try:
+        manifest = Manifest.from_json(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{mpath}: invalid manifest ({type(exc).__name__}: {exc})") from exc
+    resolved_root = root.resolve()
+    for name, g in manifest.graphs.items():
+        path = (root / g.file).resolve()
+        if resolved_root not in path.parents:
+            raise BundleError(f"{mpath}: graph {name!r} file {g.file!r} leaves the bundle directory")
+        if not path.is_file():
+            raise BundleError(f"{root / g.file}: missing (graph {name!r} of the manifest)")
+        got = sha256_file(path)
+        if got != g.sha256:
+            raise BundleError(
+                f"{root / g.file}: wrong checksum (sha256 {got[:12]}..., manifest says {g.sha256[:12]}...)")
+        if verify:
+            inputs, outputs = _read_io(path)
+            for kind, want, have in (("input", g.inputs, inputs), ("output", g.outputs, outputs)):
+                if [t.name for t in want] != [t.name for t in have]:
+                    raise BundleError(
+                        f"{root / g.file}: {kind}s {[t.name for t in have]}, "
+                        f"manifest says {[t.name for t in want]}")
+                for w, h in zip(want, have, strict=True):
+                    if w.dtype != h.dtype or not _shapes_agree(w.shape, h.shape):
+                        raise BundleError(
+                            f"{root / g.file}: {kind} {w.name!r} is {h.dtype}{list(h.shape)}, "
+                            f"manifest says {w.dtype}{list(w.shape)}")
+    return manifest
+
+
+def _shapes_agree(want: tuple[int, ...], have: tuple[int, ...]) -> bool:
+    return len(want) == len(have) and all(w == h or w == -1 or h == -1 for w, h in zip(want, have, strict=True))

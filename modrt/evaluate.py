@@ -1,0 +1,94 @@
+"""``modrt eval OUT/``: perplexity of a PTB bundle on a split, from the bundle alone.
+
+Torch-free. Streams and windows as in training's evaluation (batchify into B streams,
+BPTT windows, state carried across windows), so the figure equals the PyTorch one for
+the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from modrt._exceptions import BundleError
+
+
+def _nll(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-token negative log-likelihood. (..., V), (...) -> (...)."""
+    m = logits.max(-1, keepdims=True)
+    lse = np.log(np.exp(logits - m).sum(-1)) + m[..., 0]
+    return lse - np.take_along_axis(logits, y[..., None], -1)[..., 0]
+
+
+def perplexity(model, tokens: np.ndarray, batch: int = 10, bptt: int = 35, dense: bool = False,
+               progress: bool = False) -> dict[str, Any]:
+    """Mean nll and perplexity of token ids (N,) under a loaded recurrent bundle."""
+    from tqdm import tqdm
+
+    n = len(tokens) // batch
+    streams = tokens[: n * batch].reshape(batch, n)  # (B, n): row b is the b-th slice
+    run = model.run_dense if dense else model.run
+    total, count, h = 0.0, 0, None
+    layer = model.manifest.layers[0]
+    usage = np.zeros(layer.modules, dtype=np.int64)
+    start = time.perf_counter()
+    for i in tqdm(range(0, n - 1, bptt), desc="eval", unit="window", disable=not progress):
+        t = min(bptt, n - 1 - i)
+        x, y = streams[:, i : i + t], streams[:, i + 1 : i + 1 + t]
+        out = run(tokens=np.ascontiguousarray(x), h=h)
+        h = out["h_last"]
+        total += float(_nll(out["logits"], y).sum())
+        count += y.size
+        usage += np.bincount(out["modules"].reshape(-1), minlength=layer.modules)
+    nll = total / count
+    return {"nll": nll, "ppl": float(np.exp(nll)), "tokens": count, "seconds": time.perf_counter() - start,
+            "module_usage": usage.tolist(), "modules_in_use": int((usage > 0).sum())}
+
+
+def split_ids(manifest, split: str, data: str | Path | None) -> np.ndarray:
+    """A PTB split as ids of the bundle's vocabulary (unknown words -> <unk>)."""
+    from modrt.data import ptb
+
+    task = manifest.task
+    if task.get("name") != "ptb":
+        raise BundleError(f"bundle task {task.get('name')!r}: `modrt eval` knows Penn Treebank bundles")
+    corpus = ptb.load(data)
+    vocab = task["vocab"]
+    index = {w: i for i, w in enumerate(vocab)}
+    unk = index.get(task.get("unk", "<unk>"), 0)
+    lookup = np.array([index.get(w, unk) for w in corpus.vocab], dtype=np.int64)
+    return lookup[corpus.split(split)]
+
+
+@click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("bundle_dir", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test", show_default=True)
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Penn Treebank directory (default: as `modrt train`).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Parallel streams (10 is the standard for PTB evaluation).")
+@click.option("--bptt", type=click.IntRange(min=1), default=35, show_default=True, help="Window length.")
+@click.option("--dense", is_flag=True, help="Run the dense baseline graph instead of routing.")
+@click.option("--provider", default="auto", show_default=True, help="auto | tensorrt | cuda | cpu")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def eval_command(bundle_dir: Path, split: str, data: Path | None, batch_size: int, bptt: int,
+                 dense: bool, provider: str, as_json: bool, quiet: bool) -> None:
+    """Perplexity of the bundle in OUT on a Penn Treebank split, without torch."""
+    import modrt
+
+    model = modrt.load(bundle_dir, provider=provider)
+    ids = split_ids(model.manifest, split, data)
+    res = perplexity(model, ids, batch=batch_size, bptt=bptt, dense=dense, progress=not quiet and not as_json)
+    res.update(split=split, path="dense" if dense else "routed", provider=model.provider, bundle=str(bundle_dir))
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    layer = model.manifest.layers[0]
+    click.echo(f"{split} perplexity {res['ppl']:.3f} ({res['tokens']:,} tokens, {res['path']}, "
+               f"{model.provider}, {res['seconds']:.1f} s); modules in use {res['modules_in_use']}/{layer.modules}")

@@ -1,0 +1,191 @@
+"""What ``modrt bench`` measures the routed runtime against (DESIGN.md §8).
+
+Each ``make_*`` returns a callable ``f(batch_input) -> None`` that runs one inference,
+or ``None`` with a reason when the peer cannot run for this bundle:
+
+    bound    the equal-compute bound: K modules' work at that batch, no routing at all
+    torch    PyTorch eager, the same weights, routed as a PyTorch user writes it
+             (torch imported here only, lazily; the runtime never imports it)
+    ort_moe  ONNX Runtime's fused ``com.microsoft.MoE`` op fed the controller's logits
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from modrt.runtime.model import Model
+from modrt.runtime.sessions import SessionConfig, session_options
+from modrt.synthetic import Weights
+
+if TYPE_CHECKING:
+    import onnx
+
+Peer = Callable[[np.ndarray], object]
+
+
+def make_bound(model: Model) -> Peer:
+    """K module graphs on the whole batch (recurrent: per step, plus embedding and head).
+
+    Which K modules rotates from call to call (and step to step), so that their weights
+    come from memory as often as the routed run's do; always the same K would sit in
+    cache and make the bound look better than any routing could be.
+    """
+    m = model.manifest
+    layer = m.layers[0]
+    K = layer.k
+    graphs = [model.sessions[g] for g in layer.module_graphs]
+    turn = itertools.count()
+
+    def pick() -> list:
+        i = next(turn) * K
+        return [graphs[(i + j) % len(graphs)] for j in range(K)]
+
+    if m.topology == "feedforward":
+        name = graphs[0].input_names[0]
+
+        def bound_ff(x: np.ndarray) -> None:
+            for g in pick():
+                g({name: x})
+
+        return bound_ff
+    pre = [model.sessions[s] for s in m.stages[: m.stages.index(layer.name)]]
+    post = [model.sessions[s] for s in m.stages[m.stages.index(layer.name) + 1:]]
+    h_name = layer.state
+    e_name = next(n for n in graphs[0].input_names if n != h_name)
+    H = next(t.shape[-1] for t in graphs[0].spec.inputs if t.name == h_name)
+
+    def bound_rnn(tokens: np.ndarray) -> None:
+        cur = tokens
+        for g in pre:
+            cur = g({g.input_names[0]: cur})[0]
+        B, T = tokens.shape
+        x_tm = np.ascontiguousarray(np.swapaxes(cur, 0, 1))  # (T, B, E)
+        h = np.zeros((B, H), np.float32)
+        hs = np.empty((T, B, H), np.float32)
+        for t in range(T):
+            for g in pick():
+                hs[t] = g({e_name: x_tm[t], h_name: h})[0]
+            h = hs[t]
+        cur = np.ascontiguousarray(np.swapaxes(hs, 0, 1))  # (B, T, H)
+        for g in post:
+            g({g.input_names[0]: cur})
+
+    return bound_rnn
+
+
+def make_torch(w: Weights | None, k: int, combine: str, threads: int) -> tuple[Peer | None, str]:
+    """PyTorch eager from the bundle's own numpy weights; (None, reason) without torch."""
+    if w is None:
+        return None, "modules are not two-layer MLPs"
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not installed"
+    torch.set_num_threads(threads)
+    M, D, H = w.w1.shape
+    ctrl = torch.nn.Linear(D, k * M)
+    experts = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, w.w2.shape[2]))
+        for _ in range(M))
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
+
+    with torch.no_grad():  # nn.Linear stores (out, in): the transpose of x @ W
+        ctrl.weight.copy_(t(w.wc.T))
+        ctrl.bias.copy_(t(w.bc))
+        for m, e in enumerate(experts):
+            e[0].weight.copy_(t(w.w1[m].T))
+            e[0].bias.copy_(t(w.b1[m]))
+            e[2].weight.copy_(t(w.w2[m].T))
+            e[2].bias.copy_(t(w.b2[m]))
+
+    def run(x_np: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(x_np)
+            B = x.shape[0]
+            lp = torch.log_softmax(ctrl(x).view(B, k, M), dim=-1)  # (B, K, M)
+            a = lp.argmax(-1)  # (B, K)
+            mask = torch.zeros(B, M, dtype=torch.bool).scatter_(1, a, True)  # (B, M)
+            out = x.new_zeros(B, w.w2.shape[2])
+            for m in range(M):
+                rows = mask[:, m].nonzero().squeeze(1)
+                if rows.numel():
+                    out.index_add_(0, rows, experts[m](x[rows]))
+            if combine == "mean":
+                out /= mask.sum(1, keepdim=True)
+            return out.numpy()
+
+    return run, ""
+
+
+def moe_model(w: Weights, k: int) -> onnx.ModelProto:
+    """controller logits -> com.microsoft.MoE, experts packed from the module weights.
+
+    ORT's MoE (contrib op, ORT >= 1.22 layout): fc1 (E, inter, hidden), fc2 (E, hidden,
+    inter), i.e. nn.Linear's (out, in); it softmaxes router_probs, takes the top k and,
+    with normalize_routing_weights=1, renormalises their weights. For K=1 the one weight
+    is 1: exactly the sum rule. For K>1 the router input is the sum of the K slots'
+    log-probabilities and the experts are weighted: the same compute, not the same output.
+    """
+    from onnx import TensorProto, helper
+
+    from modrt.synthetic import OPSET, _io, _t
+
+    M, D, H = w.w1.shape
+    Do = w.w2.shape[2]
+    nodes = [helper.make_node("MatMul", ["x", "Wc"], ["zc"]),
+             helper.make_node("Add", ["zc", "bc"], ["logits"])]  # (B, K*M)
+    inits = [_t("Wc", w.wc), _t("bc", w.bc)]
+    router = "logits"
+    if k > 1:
+        nodes += [helper.make_node("Reshape", ["logits", "shape"], ["scores"]),  # (B, K, M)
+                  helper.make_node("LogSoftmax", ["scores"], ["lp"], axis=-1),
+                  helper.make_node("ReduceSum", ["lp", "ax1"], ["router"], keepdims=0)]  # (B, M)
+        inits += [_t("shape", np.array([-1, k, M], np.int64)), _t("ax1", np.array([1], np.int64))]
+        router = "router"
+    nodes.append(helper.make_node(
+        "MoE", ["x", router, "fc1", "b1", "fc2", "b2"], ["y"], domain="com.microsoft",
+        k=k, normalize_routing_weights=1, activation_type="relu"))
+    inits += [_t("fc1", w.w1.transpose(0, 2, 1)), _t("b1", w.b1),
+              _t("fc2", w.w2.transpose(0, 2, 1)), _t("b2", w.b2)]
+    graph = helper.make_graph(nodes, "ort_moe", [_io("x", TensorProto.FLOAT, ["B", D])],
+                              [_io("y", TensorProto.FLOAT, ["B", Do])], inits)
+    model = helper.make_model(graph, opset_imports=[
+        helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 8
+    return model
+
+
+def make_ort_moe(
+    w: Weights | None, k: int, config: SessionConfig, providers: list[str]
+) -> tuple[Peer | None, str]:
+    """A session on the fused MoE graph; (None, reason) where it cannot run."""
+    if w is None:
+        return None, "modules are not two-layer MLPs"
+    import onnxruntime as ort
+
+    try:
+        sess = ort.InferenceSession(moe_model(w, k).SerializeToString(), session_options(config),
+                                    providers=providers)
+        x = np.random.default_rng(0).standard_normal((4, w.w1.shape[1]), dtype=np.float32)
+        got = sess.run(None, {"x": x})[0]
+    except Exception as exc:  # op missing from this build or provider: report, don't fail
+        return None, f"com.microsoft.MoE unavailable: {' '.join(str(exc).split())[:200]}"
+    if k == 1:  # the weight layout changed across ORT versions: check before timing it
+        a = (x @ w.wc + w.bc).argmax(-1)  # (B,)
+        h = np.maximum(np.einsum("bd,bdh->bh", x, w.w1[a]) + w.b1[a], 0)
+        want = np.einsum("bh,bho->bo", h, w.w2[a]) + w.b2[a]
+        if not np.allclose(got, want, rtol=1e-3, atol=1e-3):
+            return None, "com.microsoft.MoE disagrees with the modules (weight layout of this ORT?)"
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return sess.run(None, {"x": x})[0]
+
+    return run, ""
+
+
+__all__ = ["Peer", "make_bound", "make_torch", "make_ort_moe", "moe_model"]

@@ -1,0 +1,199 @@
+"""The ``host`` strategy (DESIGN.md §6): a modular layer run in numpy over per-module
+sessions. Per layer and step:
+
+    1. route     controller on the batch, greedy top-K per slot           (B, K)
+    2. dispatch  rows grouped by module (argsort + offsets); each module
+                 with rows runs once, on just its rows (one gather)        (R, ...)
+    3. combine   module outputs back in batch order, sum/mean              (B, D)
+
+Modules nobody selected cost nothing. Buffers for the gathered inputs and the routed
+outputs are kept per thread and grown, never shrunk, so a steady batch size allocates
+nothing in numpy. ``DenseLayer`` runs the layer's dense baseline graph on the same
+feeds instead, for the row-for-row comparison.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+
+import numpy as np
+
+from modrt import routing
+from modrt._exceptions import BundleError
+from modrt.bundle import LayerSpec
+from modrt.runtime.sessions import Graph
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64,
+              "int32": np.int32, "bool": np.bool_}
+
+
+class _Workspace(threading.local):
+    """Per-thread grow-only buffers: name -> array with at least the rows asked for."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, rows: int, tail: tuple[int, ...], dtype) -> np.ndarray:
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape[0] < rows:
+            buf = np.empty((max(rows, 2 * (0 if buf is None else buf.shape[0])), *tail), dtype)
+            self.buffers[name] = buf
+        return buf[:rows]
+
+
+class HostLayer:
+    """One modular layer: ``layer(feeds) -> (out (B, D_out), a (B, K) int64)``."""
+
+    def __init__(self, spec: LayerSpec, graphs: Mapping[str, Graph]):
+        self.spec = spec
+        self.controller = graphs[spec.controller]
+        self.modules = [graphs[g] for g in spec.module_graphs]
+        self.inputs = list(self.controller.input_names)  # (x) or (e, h)
+        self.module_inputs = list(self.modules[0].input_names)
+        out = self.modules[0].spec.outputs[0]
+        self.out_dim = out.shape[-1]
+        self.out_dtype = _NP_DTYPES[out.dtype]
+        self._tails = {t.name: (tuple(t.shape[1:]), _NP_DTYPES[t.dtype])
+                       for t in self.modules[0].spec.inputs}
+        self._ws = _Workspace()
+
+    def __call__(
+        self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        lp = self.controller(feeds)[0]  # (B, K, M)
+        a = routing.greedy(lp)  # (B, K)
+        B = a.shape[0]
+        if B == 1:  # one row: every selected module takes the inputs as they are
+            return self._one_row(feeds, a, out), a
+        d = routing.dispatch(a, self.spec.modules)
+        R = d.rows.shape[0]
+        ws = self._ws
+        gathered = {}
+        for name in self.module_inputs:  # one gather per input for all modules: (R, ...)
+            tail, dtype = self._tails[name]
+            buf = ws.get(name, R, tail, dtype)
+            gathered[name] = np.take(feeds[name], d.rows, axis=0, out=buf, mode="clip")
+        y = ws.get("_y", R + 1, (self.out_dim,), self.out_dtype)  # +1: combine's zero pad row
+        off = d.offsets
+        single = self.module_inputs[0] if len(self.module_inputs) == 1 else None
+        for m, module in enumerate(self.modules):
+            lo, hi = off[m], off[m + 1]
+            if hi > lo:
+                if single is not None:
+                    res = module({single: gathered[single][lo:hi]})
+                else:
+                    res = module({n: g[lo:hi] for n, g in gathered.items()})
+                y[lo:hi] = res[0]
+        if out is None:
+            out = np.empty((B, self.out_dim), self.out_dtype)
+        routing.combine(y, d, B, self.spec.combine, out=out)
+        return out, a
+
+    def _one_row(self, feeds: dict[str, np.ndarray], a: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """Batch 1, the latency case: no dispatch, gather or scatter arrays at all."""
+        mods = sorted(set(a[0].tolist()))  # a module drawn in two slots counts once
+        feeds = {n: feeds[n] for n in self.module_inputs}
+        y = self.modules[mods[0]](feeds)[0]  # (1, D_out)
+        if out is None:
+            out = y
+        else:
+            out[...] = y
+        for m in mods[1:]:
+            out += self.modules[m](feeds)[0]
+        if self.spec.combine == "mean" and len(mods) > 1:
+            out /= np.float32(len(mods))
+        return out
+
+
+class DenseLayer:
+    """The layer's dense baseline graph: ``layer(feeds) -> (out (B, D_out), a (B, K))``."""
+
+    def __init__(self, spec: LayerSpec, graph: Graph):
+        self.spec = spec
+        self.graph = graph
+        self.inputs = list(graph.input_names)
+        dtypes = [t.dtype for t in graph.spec.outputs]
+        try:
+            self._sel = dtypes.index("int64")
+        except ValueError as exc:
+            raise BundleError(f"dense graph {graph.name!r} has no int64 selection output") from exc
+        self._out = 1 - self._sel if len(dtypes) == 2 else dtypes.index("float32")
+
+    def __call__(
+        self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        res = self.graph(feeds)
+        if out is not None:
+            out[...] = res[self._out]
+            return out, res[self._sel]
+        return res[self._out], res[self._sel]
+
+
+Layer = HostLayer | DenseLayer
+
+
+def feedforward(
+    stages: list[Graph | Layer], inputs: dict[str, np.ndarray], K: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run the stages in order; each takes the previous output as its one input.
+
+    Returns the last output and the routing decisions (B, L, K) int32.
+    """
+    layers = [s for s in stages if not isinstance(s, Graph)]
+    cur = next(iter(inputs.values()))
+    B = cur.shape[0]
+    modules = np.empty((B, len(layers), K), np.int32)
+    li = 0
+    for stage in stages:
+        if isinstance(stage, Graph):
+            cur = stage({stage.input_names[0]: cur})[0]
+        else:
+            cur, a = stage({stage.inputs[0]: cur})
+            modules[:, li] = a
+            li += 1
+    return cur, modules
+
+
+def recurrent(
+    pre: list[Graph],
+    layers: list[Layer],
+    post: list[Graph],
+    tokens: np.ndarray,
+    h0: list[np.ndarray],
+    K: int,
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Whole-sequence graphs before and after; the modular layers step through time.
+
+        tokens (B, T) -> pre (embedding) -> (B, T, E)
+        for t: layer l: (x_t (B, E), h_l (B, H)) -> h_l; x_t = h_l      (per step)
+        hs (B, T, H) -> post (head) -> (B, T, V)
+
+    Returns (last output, modules (B, T, L, K) int32, h_last per layer).
+    """
+    cur = tokens
+    for g in pre:
+        cur = g({g.input_names[0]: cur})[0]
+    B, T = tokens.shape
+    x_tm = np.ascontiguousarray(np.swapaxes(cur, 0, 1))  # (T, B, E): step t is contiguous
+    L = len(layers)
+    sel = np.empty((T, L, B, K), np.int32)  # filled per step, transposed once at the end
+    hs = [np.empty((T, B, h.shape[1]), h.dtype) for h in h0]  # (T, B, H) per layer
+    h = list(h0)
+    names = [(l.inputs, l.spec.state) for l in layers]
+    for t in range(T):
+        x_t = x_tm[t]
+        for li, layer in enumerate(layers):
+            inputs, state = names[li]
+            feeds = {n: (h[li] if n == state else x_t) for n in inputs}
+            h_new, a = layer(feeds, out=hs[li][t])
+            sel[t, li] = a
+            h[li] = h_new
+            x_t = h_new
+    cur = np.ascontiguousarray(np.swapaxes(hs[-1], 0, 1))  # (B, T, H)
+    for g in post:
+        cur = g({g.input_names[0]: cur})[0]
+    return cur, np.ascontiguousarray(sel.transpose(2, 0, 1, 3)), h
+
+
+__all__ = ["HostLayer", "DenseLayer", "Layer", "feedforward", "recurrent"]

@@ -1,0 +1,211 @@
+"""``modrt.load(bundle) -> Model``: the public face of the runtime.
+
+    model = modrt.load("out/", provider="auto")
+    out = model.run(tokens=tokens)           # recurrent: logits, next_token, modules, h_last
+    out = model.run(x=x)                     # feed-forward: y (or logits, label), modules
+    ref = model.run_dense(tokens=tokens)     # the dense baseline graph(s), same outputs
+
+``modules`` holds the routing decisions, int32 (B, T, L, K) for a recurrent bundle and
+(B, L, K) for a feed-forward one. Routed and dense outputs agree row for row (within
+float tolerance) and their ``modules`` are equal.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modrt import bundle
+from modrt._exceptions import BundleError, InputError
+from modrt.runtime import host
+from modrt.runtime.providers import PROVIDERS, ProviderConfig
+from modrt.runtime.sessions import SessionConfig, Sessions
+
+STRATEGIES = ("host",)
+
+
+class Model:
+    """A loaded bundle: one session per graph, and the layers run routed (or dense)."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        manifest: bundle.Manifest,
+        sessions: Sessions,
+        strategy: str = "host",
+    ):
+        self.directory = Path(directory)
+        self.manifest = manifest
+        self.sessions = sessions
+        self.strategy = strategy
+        m = manifest
+        self.K = max(l.k for l in m.layers)
+        layer_names = [l.name for l in m.layers]
+        self._routed: dict[str, host.HostLayer] = {
+            l.name: host.HostLayer(l, sessions) for l in m.layers}
+        self._dense: dict[str, host.DenseLayer] = {
+            l.name: host.DenseLayer(l, sessions[m.dense[l.name]])
+            for l in m.layers if l.name in m.dense}
+        if len({l.k for l in m.layers}) != 1:
+            raise BundleError(f"{self.directory}: layers with different K are not supported by the runtime yet")
+        first = next(i for i, s in enumerate(m.stages) if s in layer_names)
+        last = max(i for i, s in enumerate(m.stages) if s in layer_names)
+        self._pre = [sessions[s] for s in m.stages[:first]]
+        self._mid = list(m.stages[first:last + 1])
+        self._post = [sessions[s] for s in m.stages[last + 1:]]
+        entry = self._pre[0] if self._pre else self._routed[m.stages[first]].controller
+        self.input = entry.spec.inputs[0]  # the one tensor a user feeds (besides state)
+        exit_ = self._post[-1] if self._post else self._routed[m.stages[last]].modules[0]
+        self.output = exit_.spec.outputs[0]
+
+    # --- public --------------------------------------------------------------------
+
+    @property
+    def provider(self) -> str:
+        """The execution provider the sessions run on, e.g. ``CPUExecutionProvider``."""
+        return self.sessions.used
+
+    @property
+    def topology(self) -> str:
+        return self.manifest.topology
+
+    def run(self, tokens: Any = None, *, h: Any = None, **inputs: Any) -> dict[str, Any]:
+        """Routed inference: only the selected modules run. See the module docstring."""
+        return self._run(self._routed, tokens, h, inputs)
+
+    def run_dense(self, tokens: Any = None, *, h: Any = None, **inputs: Any) -> dict[str, Any]:
+        """The dense baseline graph(s) instead of the modules; same outputs."""
+        missing = [l.name for l in self.manifest.layers if l.name not in self._dense]
+        if missing:
+            raise InputError(f"the bundle has no dense graph for layer(s) {missing}")
+        return self._run(self._dense, tokens, h, inputs)
+
+    def zero_state(self, batch: int) -> np.ndarray | list[np.ndarray]:
+        """Initial recurrent state: zeros (B, H), a list of them for several layers."""
+        hs = [np.zeros((batch, self._state_dim(l)), np.float32) for l in self.manifest.layers]
+        return hs[0] if len(hs) == 1 else hs
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        layers = ", ".join(f"{l.name}: M={l.modules} K={l.k} {l.combine}" for l in m.layers)
+        return (f"Model({str(self.directory)!r}, {m.topology}, {layers}, "
+                f"provider={self.provider}, strategy={self.strategy})")
+
+    # --- internals -----------------------------------------------------------------
+
+    def _state_dim(self, layer: bundle.LayerSpec) -> int:
+        spec = self.sessions[layer.controller].spec
+        return next(t.shape[-1] for t in spec.inputs if t.name == layer.state)
+
+    def _run(self, layers: dict, tokens: Any, h: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+        stack = [layers[s] for s in self._mid if s in layers]
+        if self.manifest.topology == "recurrent":
+            if inputs:
+                raise InputError(f"unexpected inputs {sorted(inputs)}; a recurrent bundle takes tokens=")
+            tok = self._tokens(tokens)
+            self._check_profile(*tok.shape)
+            h0 = self._h0(h, tok.shape[0])
+            logits, modules, h_last = host.recurrent(self._pre, stack, self._post, tok, h0, self.K)
+            return {"logits": logits, "next_token": logits.argmax(-1), "modules": modules,
+                    "h_last": h_last[0] if len(h_last) == 1 else h_last}
+        if tokens is not None or h is not None:
+            raise InputError(f"a feed-forward bundle takes {self.input.name}=, not tokens= or h=")
+        x = self._features(inputs)
+        self._check_profile(x.shape[0], 1)
+        stages = self._pre + [layers[s] if s in layers else self.sessions[s] for s in self._mid]
+        stages += self._post
+        y, modules = host.feedforward(stages, {self.input.name: x}, self.K)
+        out = {self.output.name: y, "modules": modules}
+        if self.output.name == "logits":
+            out["label"] = y.argmax(-1)
+        return out
+
+    def _check_profile(self, batch: int, seq: int) -> None:
+        """TensorRT engines are built for a range of shapes; refuse what lies outside it."""
+        if self.sessions.provider != PROVIDERS["tensorrt"]:
+            return
+        cfg = self.sessions.provider_config
+        if batch > cfg.max_batch or seq > cfg.max_seq:
+            raise InputError(
+                f"batch {batch} x time {seq} is outside the TensorRT profile (max batch "
+                f"{cfg.max_batch}, max time {cfg.max_seq}); load with a larger ProviderConfig")
+
+    def _tokens(self, tokens: Any) -> np.ndarray:
+        if tokens is None:
+            raise InputError("tokens= is required: int64 (batch, time) token ids")
+        t = np.asarray(tokens)
+        if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+            raise InputError(f"tokens must be a non-empty 2-D array (batch, time), got shape {t.shape}")
+        if not np.issubdtype(t.dtype, np.integer):
+            raise InputError(f"tokens must be integers, got {t.dtype}")
+        V = self.output.shape[-1]
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or (V > 0 and hi >= V):
+            raise InputError(f"token ids must be in [0, {V}), got values in [{lo}, {hi}]")
+        return np.ascontiguousarray(t, dtype=np.int64)
+
+    def _h0(self, h: Any, batch: int) -> list[np.ndarray]:
+        layers = self.manifest.layers
+        if h is None:
+            return [np.zeros((batch, self._state_dim(l)), np.float32) for l in layers]
+        hs = [h] if len(layers) == 1 else list(h)
+        if len(hs) != len(layers):
+            raise InputError(f"h: {len(hs)} states for {len(layers)} layers")
+        out = []
+        for l, s in zip(layers, hs, strict=True):
+            s = np.asarray(s)
+            want = (batch, self._state_dim(l))
+            if s.shape != want:
+                raise InputError(f"h for layer {l.name} must have shape {want}, got {s.shape}")
+            out.append(np.ascontiguousarray(s, dtype=np.float32))
+        return out
+
+    def _features(self, inputs: dict[str, Any]) -> np.ndarray:
+        name = self.input.name
+        if set(inputs) != {name}:
+            raise InputError(f"this bundle takes exactly one input, {name}=; got {sorted(inputs) or 'none'}")
+        x = np.asarray(inputs[name])
+        want = self.input.shape
+        if x.ndim != len(want) or any(w not in (-1, g) for w, g in zip(want[1:], x.shape[1:], strict=True)):
+            raise InputError(f"{name} must have shape {list(want)} (-1: any), got {list(x.shape)}")
+        if x.shape[0] == 0:
+            raise InputError(f"{name} has an empty batch")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"{name} must be floating point, got {x.dtype}")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def load(
+    path: str | os.PathLike,
+    provider: str = "auto",
+    strategy: str = "host",
+    *,
+    threads: int = 0,
+    thread_pool: str = "session",
+    verify: bool = True,
+    provider_config: ProviderConfig | None = None,
+    session_config: SessionConfig | None = None,
+) -> Model:
+    """Validate a bundle and create its sessions, once.
+
+    ``provider``: auto | tensorrt | cuda | cpu (auto: TensorRT, then CUDA, then CPU).
+    ``strategy``: how modular layers run; ``host`` (numpy routing over per-module
+    sessions) is the one implemented. ``threads``: intra-op threads per session (0: all
+    cores). ``provider_config``/``session_config`` give full control and override the
+    plain arguments.
+    """
+    if strategy not in STRATEGIES:
+        raise InputError(f"strategy {strategy!r} unknown or not implemented; choose one of {STRATEGIES}")
+    manifest = bundle.load(path, verify=verify)
+    try:
+        pcfg = provider_config or ProviderConfig(name=provider)
+        scfg = session_config or SessionConfig(threads=threads, thread_pool=thread_pool)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    return Model(path, manifest, Sessions(path, manifest, pcfg, scfg), strategy)
+
+
+__all__ = ["Model", "load", "STRATEGIES"]

@@ -1,0 +1,78 @@
+"""Tiny bundles built without torch (random weights), one directory per parameter set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modrt import synthetic, synthetic_lm
+
+
+def _mlp_reference(w: synthetic.Weights, x: np.ndarray, a: np.ndarray, rule: str) -> np.ndarray:
+    """The layer's output computed row by row in plain numpy: the simplest reference."""
+    out = np.zeros((x.shape[0], w.w2.shape[2]), np.float64)
+    for b in range(x.shape[0]):
+        mods = sorted(set(a[b].tolist()))
+        for m in mods:
+            h = np.maximum(x[b] @ w.w1[m] + w.b1[m], 0)
+            out[b] += h @ w.w2[m] + w.b2[m]
+        if rule == "mean":
+            out[b] /= len(mods)
+    return out
+
+
+def _forced_weights(modules: int, k: int, dims: tuple[int, int, int], picks: list[int]) -> synthetic.Weights:
+    """Random module weights and a controller that ignores x: slot j always picks picks[j]."""
+    w = synthetic.random_weights(modules, k, dims, seed=3)
+    bc = np.full((k, modules), -20.0, np.float32)
+    bc[np.arange(k), picks] = 20.0
+    return synthetic.Weights(wc=np.zeros_like(w.wc), bc=bc.reshape(-1), w1=w.w1, b1=w.b1, w2=w.w2, b2=w.b2)
+
+
+@pytest.fixture(scope="session")
+def mlp_reference():
+    """reference(weights, x, a (B, K), rule) -> (B, D_out), a loop over rows in numpy."""
+    return _mlp_reference
+
+
+@pytest.fixture(scope="session")
+def forced_weights():
+    """forced(modules, k, dims, picks) -> Weights whose controller always picks ``picks``."""
+    return _forced_weights
+
+
+@pytest.fixture(scope="session")
+def ff_bundle(tmp_path_factory):
+    """factory(modules, k, dims, combine, seed, weights=None) -> bundle dir (cached)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(modules: int = 6, k: int = 1, dims=(8, 16, 8), combine: str = "sum", seed: int = 0,
+             weights: synthetic.Weights | None = None, name: str | None = None) -> Path:
+        key = (modules, k, tuple(dims), combine, seed, name)
+        if weights is not None and name is None:
+            raise ValueError("forced weights need a name to cache under")
+        if key not in cache:
+            d = tmp_path_factory.mktemp(name or f"ff-m{modules}-k{k}-{combine}")
+            cache[key] = synthetic.build(d, modules=modules, k=k, dims=tuple(dims), seed=seed,
+                                         combine=combine, weights=weights)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def lm_bundle(tmp_path_factory):
+    """factory(modules, k, combine) -> a random recurrent LM bundle dir (cached)."""
+    cache: dict[tuple, Path] = {}
+
+    def make(modules: int = 5, k: int = 1, combine: str = "sum") -> Path:
+        key = (modules, k, combine)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"lm-m{modules}-k{k}-{combine}")
+            cache[key] = synthetic_lm.build(d, vocab=40, modules=modules, k=k, embedding=8,
+                                            hidden=12, combine=combine, seed=1)
+        return cache[key]
+
+    return make

@@ -1,0 +1,89 @@
+"""modrt.routing (numpy) against a naive per-row loop, and against its torch twin."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from modrt import routing
+
+
+def naive(a: np.ndarray, y_of: dict[tuple[int, int], np.ndarray], modules: int, rule: str):
+    """Row by row: the distinct modules of each row, their outputs summed or averaged."""
+    B = a.shape[0]
+    rows_of = {m: [b for b in range(B) if m in set(a[b].tolist())] for m in range(modules)}
+    D = next(iter(y_of.values())).shape[0]
+    out = np.zeros((B, D))
+    for b in range(B):
+        mods = sorted(set(a[b].tolist()))
+        for m in mods:
+            out[b] += y_of[b, m]
+        if rule == "mean":
+            out[b] /= len(mods)
+    return rows_of, out
+
+
+CASES = [(1, 1, 4), (1, 3, 4), (7, 1, 5), (7, 2, 3), (16, 3, 15), (64, 1, 16), (33, 4, 4), (5, 3, 40)]
+
+
+@pytest.mark.parametrize("B,K,M", CASES)
+@pytest.mark.parametrize("rule", ["sum", "mean"])
+def test_dispatch_and_combine_equal_naive_loop(B, K, M, rule):
+    rng = np.random.default_rng(B * 100 + K * 10 + M)
+    a = rng.integers(0, M, (B, K))
+    if B > 2:
+        a[0] = a[0, 0]  # a row drawing one module in every slot
+    D = 3
+    y_of = {(b, m): rng.standard_normal(D) for b in range(B) for m in range(M)}
+    rows_of, want = naive(a, y_of, M, rule)
+
+    d = routing.dispatch(a, M)
+    assert d.offsets[0] == 0 and d.offsets[-1] == d.rows.shape[0]
+    for m in range(M):  # module m serves exactly its rows, in batch order
+        assert d.rows[d.offsets[m]:d.offsets[m + 1]].tolist() == rows_of[m]
+    assert d.distinct.tolist() == [len(set(r.tolist())) for r in a]
+    # The routed block as the runtime fills it: module m's outputs for its rows.
+    y = np.stack([y_of[int(b), m] for m in range(M) for b in d.rows[d.offsets[m]:d.offsets[m + 1]]])
+    got = routing.combine(y.astype(np.float64), d, B, rule)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    # With a pad row supplied (what the runtime passes) the answer is the same.
+    padded = np.concatenate([y, np.full((1, D), 7.0)])
+    np.testing.assert_allclose(routing.combine(padded, d, B, rule), want, rtol=1e-12, atol=1e-12)
+
+
+def test_combine_writes_into_out_and_rejects_unknown_rule():
+    a = np.array([[0], [1], [0]])
+    d = routing.dispatch(a, 2)
+    y = np.arange(6, dtype=np.float32).reshape(3, 2)
+    out = np.empty((3, 2), np.float32)
+    assert routing.combine(y, d, 3, "sum", out=out) is out
+    with pytest.raises(ValueError, match="combine rule 'max' unknown"):
+        routing.combine(y, d, 3, "max")
+
+
+def test_greedy_is_argmax_per_slot_first_on_ties():
+    lp = np.log(np.array([[[0.2, 0.5, 0.3], [0.4, 0.4, 0.2]]]))
+    assert routing.greedy(lp).tolist() == [[1, 0]]
+    assert routing.greedy(lp).dtype == np.int64
+
+
+def test_one_hot_counts():
+    assert routing.one_hot_counts(np.array([[0, 2], [2, 2]]), 4).tolist() == [1, 0, 3, 0]
+
+
+@pytest.mark.parametrize("B,K,M", CASES)
+def test_numpy_twin_equals_torch_routing(B, K, M):
+    torch = pytest.importorskip("torch")
+    troute = pytest.importorskip("modrt.train.routing")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, M, (B, K))
+    d, td = routing.dispatch(a, M), troute.dispatch(torch.from_numpy(a), M)
+    assert d.rows.tolist() == td.rows.tolist()
+    assert list(d.offsets) == list(td.offsets)
+    assert d.distinct.tolist() == td.distinct.tolist()
+    y = rng.standard_normal((d.rows.shape[0], 4)).astype(np.float32)
+    for rule in ("sum", "mean"):
+        want = troute.combine(torch.from_numpy(y), td, B, rule).numpy()
+        np.testing.assert_allclose(routing.combine(y, d, B, rule), want, rtol=1e-6, atol=1e-6)
+    lp = rng.standard_normal((B, K, M)).astype(np.float32)
+    assert routing.greedy(lp).tolist() == troute.greedy(torch.from_numpy(lp)).tolist()
