@@ -28,6 +28,7 @@ import numpy as np
 
 from modrt._exceptions import InputError
 from modrt._version import __version__
+from modrt.cli import PROVIDER
 
 VARIANTS = ("routed", "dense", "bound", "torch", "ort_moe")
 RATIOS = (("dense", "routed"), ("routed", "bound"), ("routed", "ort_moe"), ("routed", "torch"))
@@ -277,7 +278,8 @@ def _ints(text: str, what: str, count: int | None = None) -> tuple[int, ...]:
 @click.option("--seq", default=35, show_default=True, help="Recurrent bundles: tokens per window.")
 @click.option("--seconds", default=2.0, show_default=True, help="Measured time per variant and batch size.")
 @click.option("--warmup", default=3, show_default=True, help="Unmeasured calls per variant and batch size.")
-@click.option("--provider", default="auto", show_default=True, help="auto | tensorrt | cuda | cpu.")
+@click.option("--provider", type=PROVIDER, default="auto", show_default=True,
+              help="ONNX Runtime execution provider; auto: TensorRT, then CUDA, then CPU.")
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads per session (0: all cores).")
 @click.option("--thread-pool", type=click.Choice(["session", "global"]), default="session",
               show_default=True, help="A thread pool per session, or ORT's one per process.")

@@ -22,6 +22,33 @@ class UserError(click.ClickException):
         click.secho(f"error: {self.format_message()}", fg="red", err=True)
 
 
+class ProviderType(click.ParamType):
+    """``--provider auto|tensorrt|cuda|cpu``; anything else is a usage error (exit 2) that
+    lists what this onnxruntime build offers."""
+
+    name = "provider"
+    CHOICES = ("auto", "tensorrt", "cuda", "cpu")
+
+    def convert(self, value, param, ctx):
+        v = str(value).lower()
+        if v in self.CHOICES:
+            return v
+        try:
+            import onnxruntime
+
+            have = ", ".join(onnxruntime.get_available_providers())
+        except ImportError:
+            have = "none (onnxruntime is not installed)"
+        self.fail(f"{value!r} is not one of {', '.join(self.CHOICES)} (this onnxruntime offers: {have})",
+                  param, ctx)
+
+    def get_metavar(self, param, ctx=None):  # noqa: D102 - click API
+        return "[auto|tensorrt|cuda|cpu]"
+
+
+PROVIDER = ProviderType()
+
+
 class LazyGroup(click.Group):
     """A click group whose sub-commands are ``"module:attribute"`` strings, imported on use."""
 

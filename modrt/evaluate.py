@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from modrt._exceptions import BundleError
+from modrt.cli import PROVIDER
 
 
 def _nll(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -74,7 +75,8 @@ def split_ids(manifest, split: str, data: str | Path | None) -> np.ndarray:
               help="Parallel streams (10 is the standard for PTB evaluation).")
 @click.option("--bptt", type=click.IntRange(min=1), default=35, show_default=True, help="Window length.")
 @click.option("--dense", is_flag=True, help="Run the dense baseline graph instead of routing.")
-@click.option("--provider", default="auto", show_default=True, help="auto | tensorrt | cuda | cpu")
+@click.option("--provider", type=PROVIDER, default="auto", show_default=True,
+              help="ONNX Runtime execution provider; auto: TensorRT, then CUDA, then CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def eval_command(bundle_dir: Path, split: str, data: Path | None, batch_size: int, bptt: int,
