@@ -1,0 +1,99 @@
+"""``modrt serve OUT/``: the bundle behind a KServe v2 HTTP server (uvicorn).
+
+Order matters: the bundle is loaded and validated first (a bad bundle is one red line,
+exit 1, and no port is taken), then the port is bound by us (in use: one line, exit 1),
+then uvicorn serves on that socket. SIGTERM / Ctrl-C: readiness turns false, in-flight
+requests finish, the batcher drains, exit 0.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import click
+
+from modrt._exceptions import ModrtError
+from modrt.cli import PROVIDER
+from modrt.serve.config import LOG_LEVELS, ServeConfig
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on (host, port); raises ModrtError when it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket says TCP; without it Nagle + delayed ACK add ~40 ms per keep-alive request.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ModrtError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None:
+    """Load, bind, serve until a signal; the whole of ``modrt serve``."""
+    import uvicorn
+
+    import modrt
+    from modrt.serve.app import create_app
+    from modrt.serve.dataplane import DataPlane
+
+    model = modrt.load(directory, provider=config.provider, strategy=config.strategy)
+    plane = DataPlane(model, config.model_name, config.batch)
+    sock = bind(config.host, config.port)
+    host, port = sock.getsockname()[:2]
+    app = create_app(plane, config.max_request_bytes)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            plane.ready = False  # new requests get 503 while in-flight ones finish
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()  # a graceful stop is a normal exit, not a re-raised signal
+
+    uv = uvicorn.Config(app, log_level=config.log_level, access_log=config.log_level in ("info", "debug", "trace"),
+                        timeout_graceful_shutdown=30, server_header=False)
+    url_host = f"[{host}]" if ":" in host else host
+    announce(f"modrt serve: model {plane.name!r} ({model.topology}, {model.provider}, max batch "
+             f"{config.max_batch}, max queue delay {config.max_queue_delay_us} us) on http://{url_host}:{port}")
+    try:
+        Server(uv).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+@click.command("serve")
+@click.argument("bundle_dir", metavar="OUT/", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=9000, show_default=True, type=int, help="TCP port; 0 picks a free one.")
+@click.option("--model-name", default=None, help="Name clients use in /v2/models/NAME [default: the task name].")
+@click.option("--max-batch", default=32, show_default=True, type=int,
+              help="Rows merged into one runtime call (1: no dynamic batching).")
+@click.option("--max-queue-delay-us", default=1000, show_default=True, type=int,
+              help="How long a request may wait for others to join its batch.")
+@click.option("--provider", default="auto", show_default=True, type=PROVIDER,
+              help="ONNX Runtime execution provider.")
+@click.option("--strategy", default="host", show_default=True, help="How modular layers run (see modrt.load).")
+@click.option("--max-request-bytes", default=64 * 2**20, show_default=True, type=int,
+              help="Larger request bodies get 413.")
+@click.option("--log-level", default="warning", show_default=True, type=click.Choice(LOG_LEVELS))
+def serve(bundle_dir: str, host: str, port: int, model_name: str | None, max_batch: int,
+          max_queue_delay_us: int, provider: str, strategy: str, max_request_bytes: int, log_level: str) -> None:
+    """Serve a bundle over HTTP with the KServe v2 / Open Inference Protocol.
+
+    \b
+    curl localhost:9000/v2/health/ready
+    curl localhost:9000/v2/models/NAME
+    curl -d '{"inputs":[{"name":"tokens","datatype":"INT64","shape":[1,3],"data":[1,2,3]}]}' \\
+         localhost:9000/v2/models/NAME/infer
+    """
+    try:
+        config = ServeConfig(host=host, port=port, model_name=model_name, max_batch=max_batch,
+                             max_queue_delay_us=max_queue_delay_us, provider=provider, strategy=strategy,
+                             max_request_bytes=max_request_bytes, log_level=log_level)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    run_server(bundle_dir, config, announce=lambda line: click.echo(line, err=True))

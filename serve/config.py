@@ -1,0 +1,38 @@
+"""``ServeConfig``: everything ``modrt serve`` is told, one frozen dataclass (click fills it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modrt.serve.batcher import BatchConfig
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = "127.0.0.1"  # loopback by default: exposing a server is a decision
+    port: int = 9000  # 0: any free port (the chosen one is printed)
+    model_name: str | None = None  # None: the manifest's task name
+    max_batch: int = 32  # rows merged into one runtime call; 1 turns batching off
+    max_queue_delay_us: int = 1000  # how long a request may wait for others to join it
+    provider: str = "auto"
+    strategy: str = "host"
+    max_request_bytes: int = 64 * 2**20  # larger bodies get 413
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level {self.log_level!r} unknown; allowed {LOG_LEVELS}")
+        self.batch  # noqa: B018 - validates max_batch / max_queue_delay_us
+
+    @property
+    def batch(self) -> BatchConfig:
+        return BatchConfig(max_batch=self.max_batch, max_queue_delay_us=self.max_queue_delay_us)
+
+
+__all__ = ["LOG_LEVELS", "ServeConfig"]

@@ -1,0 +1,76 @@
+"""Dynamic batching without HTTP: merging, grouping by row shape, max batch, failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from modrt.serve.batcher import BatchConfig, Batcher
+
+
+def run_jobs(xs, config: BatchConfig, fn=None):
+    calls: list[tuple] = []
+
+    def run(x):
+        calls.append(x.shape)
+        if fn:
+            return fn(x)
+        return {"y": x * 2, "s": x.sum(axis=tuple(range(1, x.ndim)))}
+
+    async def main():
+        b = Batcher(run, config)
+        await b.start()
+        try:
+            return await asyncio.gather(*(b.submit(x) for x in xs), return_exceptions=True)
+        finally:
+            await b.stop()
+
+    return asyncio.run(main()), calls
+
+
+def test_concurrent_jobs_merge_into_one_run():
+    xs = [np.full((1, 3), i, np.float32) for i in range(8)]
+    results, calls = run_jobs(xs, BatchConfig(max_batch=32, max_queue_delay_us=50_000))
+    assert calls == [(8, 3)]
+    for x, r in zip(xs, results, strict=True):
+        np.testing.assert_array_equal(r.outputs["y"], x * 2)
+        assert r.timing.batch_size == 8 and r.timing.queue_ns > 0
+
+
+def test_rows_of_different_shape_never_share_a_run():
+    xs = [np.ones((1, 3)), np.ones((2, 5)), np.ones((1, 3)), np.ones((1, 5))]
+    results, calls = run_jobs(xs, BatchConfig(max_batch=32, max_queue_delay_us=50_000))
+    assert sorted(calls) == [(2, 3), (3, 5)]
+    assert [r.outputs["y"].shape for r in results] == [x.shape for x in xs]
+
+
+def test_max_batch_caps_rows_per_run():
+    xs = [np.ones((2, 4)) for _ in range(5)]
+    _, calls = run_jobs(xs, BatchConfig(max_batch=4, max_queue_delay_us=50_000))
+    assert all(c[0] <= 4 for c in calls) and sum(c[0] for c in calls) == 10
+
+
+def test_max_batch_one_runs_each_job_alone():
+    xs = [np.ones((1, 2)) for _ in range(4)]
+    _, calls = run_jobs(xs, BatchConfig(max_batch=1, max_queue_delay_us=0))
+    assert calls == [(1, 2)] * 4
+
+
+def test_a_failing_run_fails_its_jobs_and_the_batcher_goes_on():
+    def boom(x):
+        if x[0, 0] < 0:
+            raise RuntimeError("boom")
+        return {"y": x}
+
+    xs = [np.full((1, 1), -1.0), np.full((1, 2), 1.0)]
+    results, _ = run_jobs(xs, BatchConfig(max_batch=8, max_queue_delay_us=50_000), boom)
+    assert isinstance(results[0], RuntimeError)
+    np.testing.assert_array_equal(results[1].outputs["y"], xs[1])
+
+
+@pytest.mark.parametrize("kw", [{"max_batch": 0}, {"max_queue_delay_us": -1}])
+def test_config_is_validated(kw):
+    with pytest.raises(ValueError):
+        BatchConfig(**kw)

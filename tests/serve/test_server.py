@@ -1,0 +1,184 @@
+"""A real uvicorn server, real clients (tritonclient.http, httpx, a raw socket): outputs
+equal the in-process runtime's."""
+
+from __future__ import annotations
+
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.http as tc
+from tritonclient.utils import InferenceServerException
+
+from modrt.serve.binary import HEADER
+
+VOCAB = 40
+
+
+def tokens(b: int, t: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (b, t), dtype=np.int64)
+
+
+def triton(server) -> tc.InferenceServerClient:
+    return tc.InferenceServerClient(f"127.0.0.1:{server.port}", connection_timeout=20, network_timeout=20)
+
+
+def test_health_and_metadata_with_tritonclient(lm_server):
+    c = triton(lm_server)
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("lm")
+    assert not c.is_model_ready("nope")
+    meta = c.get_model_metadata("lm")
+    assert meta["inputs"] == [{"name": "tokens", "datatype": "INT64", "shape": [-1, -1]}]
+    assert meta["outputs"] == [
+        {"name": "logits", "datatype": "FP32", "shape": [-1, -1, VOCAB]},
+        {"name": "next_token", "datatype": "INT64", "shape": [-1, -1]},
+        {"name": "modules", "datatype": "INT32", "shape": [-1, -1, 1, 2]},
+    ]
+    assert "binary_tensor_data" in c.get_server_metadata()["extensions"]
+    assert c.get_model_config("lm")["max_batch_size"] == 16
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tritonclient_infer_equals_runtime(lm_server, lm_model, binary):
+    x = tokens(3, 7, seed=1)
+    inp = tc.InferInput("tokens", list(x.shape), "INT64")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    outs = [tc.InferRequestedOutput(n, binary_data=binary) for n in ("logits", "next_token", "modules")]
+    res = triton(lm_server).infer("lm", [inp], outputs=outs, request_id="req-7")
+    ref = lm_model.run(tokens=x)
+    assert res.get_response()["id"] == "req-7"
+    np.testing.assert_allclose(res.as_numpy("logits"), ref["logits"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(res.as_numpy("next_token"), ref["next_token"])
+    np.testing.assert_array_equal(res.as_numpy("modules"), ref["modules"])
+    assert res.as_numpy("modules").dtype == np.int32
+
+
+def test_tritonclient_all_outputs_binary_by_default(lm_server, lm_model):
+    x = tokens(1, 4, seed=2)
+    inp = tc.InferInput("tokens", [1, 4], "INT64")
+    inp.set_data_from_numpy(x)
+    res = triton(lm_server).infer("lm", [inp])  # no outputs named: binary_data_output=true
+    assert {o["name"] for o in res.get_response()["outputs"]} == {"logits", "next_token", "modules"}
+    np.testing.assert_array_equal(res.as_numpy("next_token"), lm_model.run(tokens=x)["next_token"])
+
+
+def test_tritonclient_sees_errors(lm_server):
+    inp = tc.InferInput("tokens", [1, 2], "INT64")
+    inp.set_data_from_numpy(np.array([[1, VOCAB]], np.int64))
+    with pytest.raises(InferenceServerException, match=r"token ids must be in \[0, 40\)") as e:
+        triton(lm_server).infer("lm", [inp])
+    assert e.value.status() == "400"
+
+
+def test_tritonclient_statistics(lm_server):
+    c = triton(lm_server)
+    inp = tc.InferInput("tokens", [2, 3], "INT64")
+    inp.set_data_from_numpy(tokens(2, 3))
+    c.infer("lm", [inp])
+    stats = c.get_inference_statistics("lm")["model_stats"][0]
+    assert stats["name"] == "lm" and stats["inference_count"] >= 2 and stats["execution_count"] >= 1
+    s = stats["inference_stats"]
+    assert s["success"]["count"] >= 1 and s["queue"]["ns"] > 0 and s["compute_infer"]["ns"] > 0
+    assert stats["batch_stats"] and all(b["batch_size"] >= 1 for b in stats["batch_stats"])
+
+
+def test_httpx_json_and_binary_response(client, lm_model):
+    x = tokens(2, 5, seed=3)
+    body = {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [2, 5], "data": x.tolist()}],
+            "outputs": [{"name": "next_token"}, {"name": "logits", "parameters": {"binary_data": True}}]}
+    r = client.post("/v2/models/lm/infer", json=body)
+    assert r.status_code == 200, r.text
+    n = int(r.headers[HEADER])
+    head = json.loads(r.content[:n])
+    ref = lm_model.run(tokens=x)
+    nt, lg = head["outputs"]
+    assert nt["data"] == ref["next_token"].ravel().tolist()
+    assert lg["parameters"]["binary_data_size"] == ref["logits"].nbytes
+    got = np.frombuffer(r.content[n:], "<f4").reshape(lg["shape"])
+    np.testing.assert_allclose(got, ref["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_binary_request_over_raw_socket(lm_server, lm_model):
+    x = tokens(1, 6, seed=4)
+    head = json.dumps({"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 6],
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "next_token"}]}).encode()
+    body = head + x.astype("<i8").tobytes()
+    req = (f"POST /v2/models/lm/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+           f"{HEADER}: {len(head)}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", lm_server.port), timeout=20) as s:
+        s.sendall(req)
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    status, _, payload = raw.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 200"), raw[:300]
+    out = json.loads(payload)["outputs"][0]
+    assert out["data"] == lm_model.run(tokens=x)["next_token"].ravel().tolist()
+
+
+def test_concurrent_mixed_lengths_equal_alone(lm_server, lm_model):
+    """Dynamic batching merges concurrent requests; each answer equals the request run alone."""
+    shapes = [(1, 3), (2, 5), (1, 3), (3, 5), (1, 8), (2, 3), (1, 5), (4, 8)] * 3
+    xs = [tokens(b, t, seed=i) for i, (b, t) in enumerate(shapes)]
+    c = triton(lm_server)
+    before = c.get_inference_statistics("lm")["model_stats"][0]["execution_count"]
+
+    def one(x):
+        inp = tc.InferInput("tokens", list(x.shape), "INT64")
+        inp.set_data_from_numpy(x)
+        with triton(lm_server) as cl:
+            return cl.infer("lm", [inp])
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, xs))
+    for x, res in zip(xs, results, strict=True):
+        ref = lm_model.run(tokens=x)
+        np.testing.assert_allclose(res.as_numpy("logits"), ref["logits"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(res.as_numpy("modules"), ref["modules"])
+    after = c.get_inference_statistics("lm")["model_stats"][0]["execution_count"]
+    assert after - before <= len(xs)
+
+
+def test_feedforward_server(ff_server, ff_model):
+    c = triton(ff_server)
+    meta = c.get_model_metadata("synthetic")
+    assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}]
+    assert [o["name"] for o in meta["outputs"]] == ["y", "modules"]
+    assert meta["outputs"][1]["shape"] == [-1, 1, 1]
+    x = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    for binary in (False, True):
+        inp = tc.InferInput("x", [5, 8], "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        res = c.infer("synthetic", [inp], outputs=[tc.InferRequestedOutput("y", binary_data=binary),
+                                                   tc.InferRequestedOutput("modules", binary_data=binary)])
+        ref = ff_model.run(x=x)
+        np.testing.assert_allclose(res.as_numpy("y"), ref["y"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(res.as_numpy("modules"), ref["modules"])
+
+
+def test_metrics_count_requests_batches_and_routing(client):
+    x = tokens(1, 4)
+    client.post("/v2/models/lm/infer", json={"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 4],
+                                                          "data": x.ravel().tolist()}]})
+    client.post("/v2/models/lm/infer", content=b"{")
+    text = client.get("/metrics").text
+    assert 'modrt_requests_total{model="lm"}' in text
+    assert 'modrt_request_failures_total{code="400",model="lm"}' in text
+    assert "modrt_batch_size_bucket" in text and "modrt_request_duration_seconds_bucket" in text
+    sel = [line for line in text.splitlines() if line.startswith("modrt_module_selections_total{")]
+    assert sel and all('layer="layer0"' in line for line in sel)
+
+
+def test_openapi_describes_the_routes(client):
+    doc = client.get("/openapi.json").json()
+    paths = doc["paths"]
+    for p in ("/v2/health/live", "/v2/health/ready", "/v2", "/v2/models/{name}", "/v2/models/{name}/ready",
+              "/v2/models/{name}/config", "/v2/models/{name}/infer", "/v2/models/{name}/stats", "/metrics"):
+        assert p in paths, p
+    infer = paths["/v2/models/{name}/infer"]["post"]
+    assert infer["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/InferenceRequest")
+    assert "InferenceRequest" in doc["components"]["schemas"] and "RequestInput" in doc["components"]["schemas"]
+    assert {"200", "400", "404", "413", "503"} <= set(infer["responses"])
