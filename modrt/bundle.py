@@ -190,6 +190,18 @@ def _specs(values, initializers) -> list[TensorSpec]:
     return out
 
 
+def save_graphs(directory: str | os.PathLike, graphs: dict[str, Any]) -> dict[str, GraphSpec]:
+    """Save ONNX ModelProtos as ``<name>.onnx`` and describe each as the manifest does."""
+    import onnx
+
+    specs = {}
+    for name, model in graphs.items():
+        path = Path(directory) / f"{name}.onnx"
+        onnx.save(model, str(path))
+        specs[name] = graph_spec_from_onnx(path)
+    return specs
+
+
 def write(directory: str | os.PathLike, manifest: Manifest) -> Path:
     path = Path(directory) / "manifest.json"
     tmp = path.with_suffix(".json.tmp")

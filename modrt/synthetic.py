@@ -80,7 +80,6 @@ def build(
 
     ``weights`` overrides the random ones (tests force routing through ``wc``/``bc``).
     """
-    import onnx
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,11 +93,7 @@ def build(
         **{f"{LAYER}.module{m}": module_graph(w, m) for m in range(M)},
         f"{LAYER}.dense": dense_graph(w, k, combine),
     }
-    specs = {}
-    for name, model in graphs.items():
-        path = out / f"{name}.onnx"
-        onnx.save(model, str(path))
-        specs[name] = bundle.graph_spec_from_onnx(path)
+    specs = bundle.save_graphs(out, graphs)
     manifest = bundle.Manifest(
         task={"name": "synthetic", "kind": "synthetic"},
         topology="feedforward",

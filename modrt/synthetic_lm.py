@@ -71,7 +71,6 @@ def build(
     combine: str = "sum",
 ) -> Path:
     """Write a valid random-weight recurrent bundle to ``out_dir``; returns the directory."""
-    import onnx
     from onnx import TensorProto, helper
 
     out = Path(out_dir)
@@ -106,11 +105,7 @@ def build(
         [helper.make_node("MatMul", ["hs", "Wo"], ["z"]), helper.make_node("Add", ["z", "bo"], ["logits"])],
         [_io("hs", F, ["B", "T", H])], [_io("logits", F, ["B", "T", V])],
         [_t("Wo", u(H, V, scale=s)), _t("bo", u(V, scale=s))], "head")
-    specs = {}
-    for name, model in graphs.items():
-        path = out / f"{name}.onnx"
-        onnx.save(model, str(path))
-        specs[name] = bundle.graph_spec_from_onnx(path)
+    specs = bundle.save_graphs(out, graphs)
     manifest = bundle.Manifest(
         task={"name": "synthetic-lm", "kind": "language-model", "vocab": [f"w{i}" for i in range(V)],
               "eos": "w0", "unk": "w1"},
