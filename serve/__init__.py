@@ -3,6 +3,7 @@
     modrt serve OUT/ --port 9000
 
     app.py        FastAPI routes, errors -> status codes
+    fastpath.py   the infer routes on bare ASGI (the hot path)
     dataplane.py  metadata, readiness, validated inference (no HTTP)
     batcher.py    dynamic batching
     binary.py     JSON header + binary tensor data bodies

@@ -1,6 +1,8 @@
 """FastAPI routes of the KServe v2 / Open Inference Protocol, over a ``DataPlane``.
 
-Handlers are thin: each calls the data plane and returns its pydantic answer. Errors
+Handlers are thin: each calls the data plane and returns its pydantic answer. The infer
+routes are answered before routing by ``fastpath.InferRoute`` (the hot path, on the bare
+ASGI interface); here they are declared for the OpenAPI document only. Errors
 are JSON ``{"error": "..."}`` (the field tritonclient reads) with the status a v2 client
 expects:
 
@@ -22,10 +24,11 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modrt._exceptions import InputError, ModrtError
+from modrt._exceptions import ModrtError
 from modrt._version import __version__
 from modrt.serve import binary
-from modrt.serve.dataplane import DataPlane, ModelNotFoundError, NotReadyError, PayloadTooLargeError
+from modrt.serve.dataplane import DataPlane, NotReadyError
+from modrt.serve.fastpath import InferRoute, status_of
 from modrt.serve.protocol import (
     ErrorResponse,
     InferenceRequest,
@@ -38,17 +41,7 @@ from modrt.serve.protocol import (
 
 log = logging.getLogger("modrt.serve")
 
-STATUS: dict[type[Exception], int] = {
-    InputError: 400, ModelNotFoundError: 404, PayloadTooLargeError: 413, NotReadyError: 503,
-}
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 503)}
-
-
-def status_of(exc: Exception) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -145,10 +138,7 @@ def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20) -> FastAPI
     # --- inference -------------------------------------------------------------------
 
     async def _infer(request: Request, name: str, version: str | None) -> Response:
-        plane.check_model(name, version)
-        body = await _read_body(request, max_request_bytes)
-        content, headers = await plane.infer(name, body, request.headers.get(binary.HEADER), version)
-        return Response(content, headers=headers)
+        raise AssertionError("the infer routes are answered by fastpath.InferRoute")  # for the OpenAPI doc
 
     infer_doc = dict(response_model=InferenceResponse, responses=ERRORS, openapi_extra=_infer_body(),
                      response_class=Response)
@@ -162,21 +152,8 @@ def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20) -> FastAPI
         return await _infer(request, name, version)
 
     app.openapi = lambda: _openapi(app)
+    app.add_middleware(InferRoute, plane=plane, max_request_bytes=max_request_bytes)
     return app
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _infer_body() -> dict:

@@ -1,9 +1,9 @@
 """Dynamic batching: concurrent requests merged into one run of the routed runtime.
 
-    submit(x) ──► queue ──► worker: take the first job, keep taking jobs until
-                             max_batch rows or max_queue_delay has passed,
-                             group by key (rows that can be concatenated),
-                             run each group once (in one worker thread), split back
+    submit(x) ──► pending ──► worker: wait until max_batch rows are pending or the
+                               oldest has waited max_queue_delay, take them,
+                               group by key (rows that can be concatenated),
+                               run each group once (in one worker thread), split back
 
 A job's ``key`` says which jobs may share a run: the shape of a row (``x.shape[1:]``).
 For the recurrent model that is the sequence length T, so sequences of different
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -65,65 +66,90 @@ class BatchConfig:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
 
 
+class BatcherClosedError(RuntimeError):
+    """``submit`` on a batcher that is stopping or stopped (the server answers 503)."""
+
+
 class Batcher:
-    """Queue + one worker task; ``run`` executes in a single dedicated thread."""
+    """Pending jobs + one worker task; ``run`` executes in a single dedicated thread.
+
+    The event loop only queues, groups and hands over: while the thread runs one batch,
+    the loop keeps accepting and parsing requests, which join the next batch. A batch
+    goes as soon as it holds ``max_batch`` rows, or when its oldest job has waited
+    ``max_queue_delay_us`` since it was submitted (time spent behind a running batch
+    counts, so at high load a batch leaves as soon as the previous one is done).
+    """
 
     def __init__(self, run: RunFn, config: BatchConfig | None = None,
                  on_batch: Callable[[int, list[Timing]], None] | None = None):
         self._run = run
         self.config = config or BatchConfig()
         self._on_batch = on_batch
-        self._queue: asyncio.Queue[_Job | None] | None = None
+        self._pending: deque[_Job] = deque()
+        self._rows = 0  # rows in _pending
+        self._wake: asyncio.Event | None = None
+        self._idle = False  # the worker waits for any job (else only for a full batch)
+        self._closing = False
         self._worker: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modrt-infer")
 
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._closing
+
     async def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._closing = False
         self._worker = asyncio.create_task(self._loop(), name="modrt-batcher")
 
     async def stop(self) -> None:
-        """Finish every queued job, then stop the worker."""
+        """Refuse new jobs, finish every pending one, then stop the worker."""
         if self._worker is None:
             return
-        await self._queue.put(None)
+        self._closing = True
+        self._wake.set()
         await self._worker
         self._worker = None
         self._pool.shutdown(wait=True)
 
     async def submit(self, x: np.ndarray) -> Result:
-        if self._worker is None:
-            raise RuntimeError("the batcher is not running")
-        fut = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Job(x, tuple(x.shape[1:]), fut))
-        return await fut
+        if not self.running:
+            raise BatcherClosedError("the batcher is not running (the server is stopping)")
+        job = _Job(x, tuple(x.shape[1:]), asyncio.get_running_loop().create_future())
+        self._pending.append(job)
+        self._rows += job.rows
+        if self._idle or self._rows >= self.config.max_batch:
+            self._wake.set()
+        return await job.future
 
     # --- worker ----------------------------------------------------------------------
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        stopping = False
-        while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            jobs, rows = [first], first.rows
-            deadline = loop.time() + self.config.max_queue_delay_us / 1e6
-            while rows < self.config.max_batch:
-                try:
-                    job = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    timeout = deadline - loop.time()
-                    if timeout <= 0:
-                        break
-                    try:
-                        job = await asyncio.wait_for(self._queue.get(), timeout)
-                    except TimeoutError:
-                        break
-                if job is None:
-                    stopping = True
+        delay_ns = self.config.max_queue_delay_us * 1000
+        while True:
+            if not self._pending:
+                if self._closing:
                     break
+                self._wake.clear()
+                self._idle = True
+                await self._wake.wait()
+                self._idle = False
+                continue
+            while self._rows < self.config.max_batch and not self._closing:
+                wait_s = (self._pending[0].enqueued_ns + delay_ns - time.perf_counter_ns()) / 1e9
+                if wait_s <= 0:
+                    break
+                self._wake.clear()
+                timer = loop.call_later(wait_s, self._wake.set)
+                await self._wake.wait()
+                timer.cancel()
+            jobs, rows = [], 0
+            while self._pending and (not jobs or rows + self._pending[0].rows <= self.config.max_batch):
+                job = self._pending.popleft()
                 jobs.append(job)
                 rows += job.rows
+            self._rows -= rows
             for batch in self._plan(jobs):
                 await self._execute(loop, batch)
 
@@ -167,4 +193,4 @@ class Batcher:
         return split, timings
 
 
-__all__ = ["BatchConfig", "Batcher", "Result", "Timing"]
+__all__ = ["BatchConfig", "Batcher", "BatcherClosedError", "Result", "Timing"]

@@ -12,10 +12,10 @@ more than the body already holds: shapes are checked against the byte counts fir
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
+import orjson
 
 from modrt._exceptions import InputError
 from modrt.serve.protocol import DTYPES, RequestInput
@@ -41,14 +41,15 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
 def parse_json(header: bytes) -> dict[str, Any]:
     """The JSON object of an inference request; depth above ``MAX_DEPTH`` is refused."""
     try:
-        obj = json.loads(header)
-    except RecursionError:
-        raise InputError(f"JSON is nested more than {MAX_DEPTH} levels deep") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+        obj = orjson.loads(header)  # refuses nesting over 1024 levels itself, without recursing in Python
+    except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc):
+            raise InputError(f"JSON is nested more than {MAX_DEPTH} levels deep") from None
         raise InputError(f"malformed JSON in request body: {exc}") from None
     if not isinstance(obj, dict):
         raise InputError(f"the request body must be a JSON object, got {type(obj).__name__}")
-    _check_depth(obj)
+    if header.count(b"[") + header.count(b"{") > MAX_DEPTH:  # fewer brackets cannot nest that deep
+        _check_depth(obj)
     return obj
 
 
@@ -122,7 +123,7 @@ def _from_json(data: Any, dtype: np.dtype, inp: RequestInput, count: int) -> np.
 
 def encode_response(response: dict[str, Any], binary: list[np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """Body and headers of an infer response: JSON, then the binary outputs in order."""
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = orjson.dumps(response)
     if not binary:
         return header, {"content-type": "application/json"}
     little = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for a in binary]

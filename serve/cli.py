@@ -54,7 +54,9 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # a graceful stop is a normal exit, not a re-raised signal
 
-    uv = uvicorn.Config(app, log_level=config.log_level, access_log=config.log_level in ("info", "debug", "trace"),
+    # http/loop "auto": httptools and uvloop when installed (the serve extra), else h11 + asyncio.
+    uv = uvicorn.Config(app, http="auto", loop="auto", log_level=config.log_level,
+                        access_log=config.log_level in ("info", "debug", "trace"),
                         timeout_graceful_shutdown=30, server_header=False)
     url_host = f"[{host}]" if ":" in host else host
     announce(f"modrt serve: model {plane.name!r} ({model.topology}, {model.provider}, max batch "

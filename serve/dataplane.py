@@ -26,7 +26,7 @@ from modrt._exceptions import InputError, ModrtError
 from modrt._version import __version__
 from modrt.runtime.model import Model
 from modrt.serve import binary
-from modrt.serve.batcher import BatchConfig, Batcher
+from modrt.serve.batcher import BatchConfig, Batcher, BatcherClosedError
 from modrt.serve.metrics import Metrics
 from modrt.serve.protocol import (
     DTYPES,
@@ -153,11 +153,13 @@ class DataPlane:
             req, x = self.parse(body, header_length)
             wanted = self._requested(req)
             result = await self.batcher.submit(x)
+        except BatcherClosedError:  # it stopped between the readiness check and now (shutdown)
+            self.stats.request_failed(time.perf_counter_ns() - t0)
+            raise NotReadyError(f"model {self.name!r} is not ready (the server is stopping)") from None
         except ModrtError:
             self.stats.request_failed(time.perf_counter_ns() - t0)
             raise
         outs = result.outputs
-        self.metrics.observe_routing(outs["modules"])
         payload: list[np.ndarray] = []
         outputs: list[dict[str, Any]] = []
         for out_name, as_binary in wanted:
@@ -242,6 +244,7 @@ class DataPlane:
             out = self.model.run(tokens=x)
         else:
             out = self.model.run(**{self.inputs[0].name: x})
+        self.metrics.observe_routing(out["modules"])  # once per batch, off the event loop
         return {k: v for k, v in out.items() if k in self._outputs}
 
     def _on_batch(self, rows: int, timings: list) -> None:

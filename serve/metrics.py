@@ -39,25 +39,32 @@ class Metrics:
                                ["model"], buckets=BATCH_BUCKETS, registry=r)
         self.selections = Counter("modrt_module_selections", "Routing decisions: times a module was selected.",
                                   ["model", "layer", "module"], registry=r)
+        # Children with their labels bound once (labels() is a dict lookup under a lock per call).
+        self._requests, self._latency = self.requests.labels(model), self.latency.labels(model)
+        self._queue, self._batch = self.queue.labels(model), self.batch.labels(model)
+        self._selections: dict[tuple[int, int], Counter] = {}
 
     def observe_request(self, seconds: float, queue_seconds: float) -> None:
-        self.requests.labels(self.model).inc()
-        self.latency.labels(self.model).observe(seconds)
-        self.queue.labels(self.model).observe(queue_seconds)
+        self._requests.inc()
+        self._latency.observe(seconds)
+        self._queue.observe(queue_seconds)
 
     def observe_failure(self, code: int) -> None:
         self.failures.labels(self.model, str(code)).inc()
 
     def observe_batch(self, rows: int) -> None:
-        self.batch.labels(self.model).observe(rows)
+        self._batch.observe(rows)
 
     def observe_routing(self, modules: np.ndarray) -> None:
-        """``modules``: int (..., L, K) routing decisions of one request."""
+        """``modules``: int (..., L, K) routing decisions of one request or batch."""
         per_layer = modules.reshape(-1, modules.shape[-2], modules.shape[-1])  # (N, L, K)
-        for l, name in enumerate(self.layers):
+        for l in range(len(self.layers)):
             counts = np.bincount(per_layer[:, l, :].ravel())
-            for m in np.flatnonzero(counts):
-                self.selections.labels(self.model, name, str(m)).inc(int(counts[m]))
+            for m in np.flatnonzero(counts).tolist():
+                child = self._selections.get((l, m))
+                if child is None:
+                    child = self._selections[l, m] = self.selections.labels(self.model, self.layers[l], str(m))
+                child.inc(int(counts[m]))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

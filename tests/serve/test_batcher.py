@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from modrt.serve.batcher import BatchConfig, Batcher
+from modrt.serve.batcher import BatchConfig, Batcher, BatcherClosedError
 
 
 def run_jobs(xs, config: BatchConfig, fn=None):
@@ -74,3 +74,29 @@ def test_a_failing_run_fails_its_jobs_and_the_batcher_goes_on():
 def test_config_is_validated(kw):
     with pytest.raises(ValueError):
         BatchConfig(**kw)
+
+
+def test_submit_after_stop_is_refused_and_pending_jobs_finish():
+    async def main():
+        b = Batcher(lambda x: {"y": x}, BatchConfig(max_batch=64, max_queue_delay_us=10_000_000))
+        await b.start()
+        pending = [asyncio.ensure_future(b.submit(np.ones((1, 2)))) for _ in range(3)]
+        await asyncio.sleep(0)  # queued, waiting for company (a 10 s delay)
+        await b.stop()  # does not wait for the delay: drains at once
+        assert all(p.done() and p.result().outputs["y"].shape == (1, 2) for p in pending)
+        with pytest.raises(BatcherClosedError):
+            await b.submit(np.ones((1, 2)))
+
+    asyncio.run(main())
+
+
+def test_a_batch_leaves_when_full_without_waiting_for_the_delay():
+    async def main():
+        b = Batcher(lambda x: {"y": x}, BatchConfig(max_batch=4, max_queue_delay_us=10_000_000))
+        await b.start()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(b.submit(np.ones((1, 2))) for _ in range(4))), 5)
+        finally:
+            await b.stop()
+
+    assert [r.timing.batch_size for r in asyncio.run(main())] == [4] * 4

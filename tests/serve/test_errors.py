@@ -132,3 +132,23 @@ def test_not_ready_is_503(lm_model):
         assert c.get("/v2/health/live").status_code == 200
         plane.ready = True
         assert c.post("/v2/models/lm/infer", json=GOOD).status_code == 200
+
+
+def test_request_after_the_batcher_stopped_is_503_not_500(lm_model):
+    """The shutdown race: a request that passed the readiness check while the batcher stops."""
+    import asyncio
+
+    from modrt.serve.app import status_of
+    from modrt.serve.dataplane import NotReadyError
+
+    plane = DataPlane(lm_model, "lm", BatchConfig())
+
+    async def main():
+        await plane.start()
+        await plane.batcher.stop()  # readiness still says True: the window of the race
+        assert plane.ready
+        with pytest.raises(NotReadyError) as e:
+            await plane.infer("lm", js(GOOD))
+        return e.value
+
+    assert status_of(asyncio.run(main())) == 503
