@@ -122,6 +122,8 @@ class Trainer:
         self.hidden = self.model.init_hidden(B, self.device)
         self.metrics: list[dict[str, Any]] = []
         self.interval = _Interval(M)
+        self.seconds_before = 0.0  # wall time of earlier sessions of this run (resume)
+        self._session_start = time.perf_counter()
         if resume is not None:
             self._restore(resume)
         self._stop_signal: int | None = None
@@ -142,7 +144,12 @@ class Trainer:
             "interval": self.interval.state(),
             "rng": checkpoint.rng_state(),
             "metrics": self.metrics,
+            "seconds": self.elapsed(),
         }
+
+    def elapsed(self) -> float:
+        """Wall seconds this run has trained, over all its sessions."""
+        return self.seconds_before + time.perf_counter() - self._session_start
 
     def save(self) -> Path:
         path = self.out / "ckpt.pt"
@@ -159,6 +166,7 @@ class Trainer:
         self.hidden = ckpt["hidden"].to(self.device)
         self.interval = _Interval(self.mcfg.modules, ckpt["interval"])
         self.metrics = list(ckpt["metrics"])
+        self.seconds_before = float(ckpt.get("seconds", 0.0))
         checkpoint.set_rng_state(ckpt["rng"])
         # metrics.jsonl restarts from what the checkpoint knew: no duplicated lines.
         self.out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +229,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         total = self.total_steps()
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        start = time.perf_counter()
+        self._session_start = time.perf_counter()
         self.losses: list[float] = []
         bar = tqdm(total=total, initial=self.step, disable=not self.progress, unit="step",
                    desc=f"{self.mcfg.method} M={self.mcfg.modules} K={self.mcfg.k}", dynamic_ncols=True)
@@ -264,7 +272,7 @@ class Trainer:
         tloss, usage = evaluate(self.model, self.test_data, tc.bptt, self.device)
         summary = {"kind": "test", "step": self.step, "epoch": self.epoch,
                    "valid_ppl": round(math.exp(vloss), 3), "test_ppl": round(math.exp(tloss), 3),
-                   "minutes": round((time.perf_counter() - start) / 60, 2)}
+                   "minutes": round(self.elapsed() / 60, 2), "seconds": round(self.elapsed(), 3)}
         # Module use on the test set under greedy routing: are all M modules in use?
         p = usage.double() / usage.sum()
         summary["test_module_usage"] = usage.tolist()

@@ -74,6 +74,11 @@ def test_stop_and_resume_is_exact(tmp_path, tiny_corpus, tiny_model_config, tiny
     for name, p in whole.model.state_dict().items():
         assert torch.equal(p, second.model.state_dict()[name]), name
     assert torch.equal(whole.memory, second.memory)
+    # Wall time adds up over both sessions of the resumed run.
+    final = checkpoint.load(tmp_path / "resumed" / "ckpt.pt")
+    assert ckpt["seconds"] > 0 and final["seconds"] > ckpt["seconds"]
+    test_line = [json.loads(l) for l in open(tmp_path / "resumed" / "metrics.jsonl")][-1]
+    assert test_line["kind"] == "test" and test_line["seconds"] >= round(ckpt["seconds"], 3)
 
 
 def test_checkpoint_is_weights_only(tmp_path, tiny_corpus, tiny_model_config, tiny_train_config):
