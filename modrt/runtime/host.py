@@ -24,9 +24,6 @@ from modrt._exceptions import BundleError
 from modrt.bundle import LayerSpec
 from modrt.runtime.sessions import Graph
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64,
-              "int32": np.int32, "bool": np.bool_}
-
 
 class _Workspace(threading.local):
     """Per-thread grow-only buffers: name -> array with at least the rows asked for."""
@@ -53,8 +50,8 @@ class HostLayer:
         self.module_inputs = list(self.modules[0].input_names)
         out = self.modules[0].spec.outputs[0]
         self.out_dim = out.shape[-1]
-        self.out_dtype = _NP_DTYPES[out.dtype]
-        self._tails = {t.name: (tuple(t.shape[1:]), _NP_DTYPES[t.dtype])
+        self.out_dtype = np.dtype(out.dtype)  # manifest dtypes are numpy names
+        self._tails = {t.name: (tuple(t.shape[1:]), np.dtype(t.dtype))
                        for t in self.modules[0].spec.inputs}
         self._ws = _Workspace()
 
