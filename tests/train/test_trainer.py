@@ -96,3 +96,21 @@ def test_checkpoint_is_weights_only(tmp_path, tiny_corpus, tiny_model_config, ti
     assert set(ckpt["model"]) == set(trainer.model.state_dict())
     assert [m["kind"] for m in ckpt["metrics"]] == ["train", "train", "test"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.pt.tmp")]  # atomic write
+
+
+def test_checkpoint_load_refuses_any_garbage(tmp_path):
+    """Random bytes make torch's unpickler raise all kinds of errors; each must become one CheckpointError."""
+    import numpy as np
+
+    from modrt._exceptions import CheckpointError
+
+    rng = np.random.default_rng(0)
+    bad = tmp_path / "ckpt.pt"
+    for size in [0, 1, 2, 8, 64, 4096] * 40:
+        bad.write_bytes(rng.bytes(size))
+        try:
+            checkpoint.load(bad)
+        except CheckpointError as exc:
+            assert "not a modrt checkpoint" in str(exc)
+        else:
+            raise AssertionError(f"{size} random bytes loaded as a checkpoint")
