@@ -1,0 +1,209 @@
+"""``modrt reproduce ptb``: the paper's Penn Treebank table under one fixed protocol.
+
+Every configuration of Kirsch et al. (2018), Table 1 (DESIGN.md §3) is trained with
+``modrt train ptb`` in its own run directory, one after another, with the same sizes,
+epochs, seed and data. Each run is a subprocess, so an interruption loses at most the
+steps since that run's last checkpoint: running the command again skips finished
+configurations and resumes the unfinished one from its ``ckpt.pt``. After every
+configuration the table is rewritten:
+
+    results/ptb_table.json   one object per finished configuration
+    results/ptb_table.md     our test perplexity beside the paper's
+
+Noisy top-k is trained with k=4, as in the paper's table ("noisy top-k (k=4)"), and its
+figures sit in the columns of its M (the paper's (15,1) and (5,1) columns).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from modrt._exceptions import ModrtError
+
+
+@dataclass(frozen=True)
+class Config:
+    method: str
+    modules: int
+    k: int
+    column: str  # the paper's (M,K) column this figure belongs to
+    paper: float  # the paper's test perplexity
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-M{self.modules}K{self.k}"
+
+
+# Kirsch, Kunze & Barber (NeurIPS 2018), Table 1: PTB test perplexity.
+TABLE = (
+    Config("em", 15, 1, "15,1", 229.651),
+    Config("em", 5, 1, "5,1", 236.809),
+    Config("em", 15, 3, "15,3", 246.493),
+    Config("em", 5, 3, "5,3", 236.314),
+    Config("dense", 1, 1, "15,1", 247.408),
+    Config("dense", 3, 3, "15,3", 241.294),
+    Config("reinforce", 15, 1, "15,1", 240.760),
+    Config("reinforce", 5, 1, "5,1", 240.450),
+    Config("reinforce", 15, 3, "15,3", 274.060),
+    Config("reinforce", 5, 3, "5,3", 267.585),
+    Config("noisy-topk", 15, 4, "15,1", 422.636),
+    Config("noisy-topk", 5, 4, "5,1", 338.275),
+)
+COLUMNS = ("15,1", "5,1", "15,3", "5,3")
+METHOD_ORDER = ("em", "reinforce", "noisy-topk", "dense")
+METHOD_LABEL = {"em": "EM modular", "reinforce": "REINFORCE", "noisy-topk": "noisy top-k (k=4)",
+                "dense": "dense baseline"}
+
+# The protocol: every configuration trains with these (and the ModelConfig/TrainConfig
+# defaults for everything else: E=128, H=256, T=35, B=64, Adam 1e-3, S=10, E-step every 10).
+EPOCHS = 6
+SEED = 1
+
+
+def finished(run: Path) -> dict | None:
+    """The run's final test record, or None if it has not finished."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    last = None
+    for line in metrics.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            if rec.get("kind") == "test":
+                last = rec
+    return last
+
+
+def row(cfg: Config, rec: dict, epochs: int, seed: int) -> dict:
+    return {
+        "method": cfg.method, "modules": cfg.modules, "k": cfg.k, "column": cfg.column,
+        "valid_ppl": rec["valid_ppl"], "test_ppl": rec["test_ppl"], "minutes": rec["minutes"],
+        "usage_exp_entropy": rec.get("usage_exp_entropy"), "modules_in_use": rec.get("modules_in_use"),
+        "steps": rec["step"], "epochs": epochs, "seed": seed, "paper_test_ppl": cfg.paper,
+    }
+
+
+def markdown(rows: list[dict], epochs: int, seed: int) -> str:
+    by = {(r["method"], r["column"]): r for r in rows}
+    paper = {(c.method, c.column): c for c in TABLE}
+    lines = [
+        "# Penn Treebank test perplexity: ours (paper)",
+        "",
+        f"Protocol: every configuration trained {epochs} epochs, seed {seed}, E=128, H=256, T=35, B=64, "
+        "Adam 1e-3, on the same data; written by `modrt reproduce ptb`. Lower is better. "
+        "A dash: not run yet. Paper: Kirsch, Kunze & Barber (NeurIPS 2018), Table 1.",
+        "",
+        "| method | (M,K)=(15,1) | (5,1) | (15,3) | (5,3) |",
+        "|---|---|---|---|---|",
+    ]
+    for method in METHOD_ORDER:
+        cells = []
+        for col in COLUMNS:
+            c = paper.get((method, col))
+            if c is None:
+                cells.append("")
+                continue
+            r = by.get((method, col))
+            ours = f"**{r['test_ppl']:.1f}**" if r else "–"
+            label = f"({c.modules},{c.k}) " if method in ("dense", "noisy-topk") else ""
+            cells.append(f"{label}{ours} ({c.paper:.1f})")
+        lines.append(f"| {METHOD_LABEL[method]} | " + " | ".join(cells) + " |")
+    lines += ["", "| run | valid ppl | test ppl | minutes | modules in use | exp usage entropy |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} M={r['modules']} K={r['k']} | {r['valid_ppl']:.2f} | {r['test_ppl']:.2f} | "
+                     f"{r['minutes']:.1f} | {r['modules_in_use']}/{r['modules']} | {r['usage_exp_entropy']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(results: Path, rows: list[dict], epochs: int, seed: int) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "ptb_table.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (results / "ptb_table.md").write_text(markdown(rows, epochs, seed))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def reproduce() -> None:
+    """Reproduce a table of the paper under one fixed protocol."""
+
+
+@reproduce.command("ptb")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/reproduce"),
+              show_default=True, help="Parent directory of the per-configuration runs.")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True, help="Where ptb_table.json and ptb_table.md are written.")
+@click.option("--only", "only", multiple=True, type=click.Choice(METHOD_ORDER),
+              help="Train only these methods (repeatable). The table keeps every finished run.")
+@click.option("--epochs", type=click.IntRange(min=1), default=EPOCHS, show_default=True,
+              help="Epochs per configuration (the protocol; change it only for a separate table).")
+@click.option("--seed", type=int, default=SEED, show_default=True, help="Seed of every configuration.")
+@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="PTB directory (default: as for modrt train ptb).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dry-run", is_flag=True, help="List the configurations and their state, train nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No per-run progress bars.")
+def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int, data: Path | None,
+        device: str, dry_run: bool, quiet: bool) -> None:
+    """Train every configuration of the paper's PTB table and write the table.
+
+    \b
+    EM and REINFORCE at (M,K) = (15,1), (5,1), (15,3), (5,3); noisy top-k (k=4) at
+    M = 15 and 5; dense baselines (1,1) and (3,3): 12 runs of `modrt train ptb`
+    with the same sizes, epochs and seed. Interrupt at any time (Ctrl-C): running
+    the same command again skips finished runs and resumes the current one from
+    its checkpoint. Budget: about 20-40 minutes per run on a 2-core CPU.
+    """
+    from tqdm import tqdm
+
+    todo = [c for c in TABLE if not only or c.method in only]
+    state = {c.name: finished(out / c.name) for c in TABLE}
+    if dry_run:
+        for c in TABLE:
+            rec = state[c.name]
+            s = (f"done: test {rec['test_ppl']}" if rec else
+                 "partial (will resume)" if (out / c.name / "ckpt.pt").exists() else "not started")
+            click.echo(f"{c.name:<22} paper {c.paper:>8.3f}   {s}")
+        return
+    rows = [row(c, state[c.name], epochs, seed) for c in TABLE if state[c.name]]
+    write_table(results, rows, epochs, seed)
+    bar = tqdm(todo, desc="reproduce ptb", unit="run", dynamic_ncols=True, position=0)
+    for c in bar:
+        bar.set_postfix_str(c.name)
+        run = out / c.name
+        if state[c.name] is not None:
+            continue
+        cmd = [sys.executable, "-m", "modrt", "train", "ptb"]
+        if (run / "ckpt.pt").exists():
+            cmd += ["--resume", str(run / "ckpt.pt"), "--device", device]
+        else:
+            cmd += ["--method", c.method, "--modules", str(c.modules), "--k", str(c.k),
+                    "--epochs", str(epochs), "--seed", str(seed), "--device", device,
+                    "--out", str(run), "--force"]
+        if data is not None:
+            cmd += ["--data", str(data)]
+        if quiet:
+            cmd.append("--quiet")
+        try:
+            rc = subprocess.run(cmd).returncode
+        except KeyboardInterrupt:
+            rc = 130
+        if rc == 130:
+            bar.close()
+            click.echo(f"modrt: interrupted during {c.name}; run the same command again to resume", err=True)
+            raise SystemExit(130)
+        rec = finished(run)
+        if rc != 0 or rec is None:
+            raise ModrtError(f"{c.name} failed (exit {rc}); its run directory is {run}")
+        state[c.name] = rec
+        rows = [row(x, state[x.name], epochs, seed) for x in TABLE if state[x.name]]
+        write_table(results, rows, epochs, seed)
+        bar.write(f"{c.name}: valid {rec['valid_ppl']}, test {rec['test_ppl']} (paper {c.paper}), "
+                  f"{rec['minutes']} min")
+    bar.close()
+    click.echo(f"table: {results / 'ptb_table.md'}")
