@@ -99,7 +99,8 @@ def export(ckpt_path: str | Path, out: str | Path, force: bool = False, progress
     layer = bundle.LayerSpec(
         name="layer0", modules=cfg.modules, k=cfg.k, combine=cfg.combine,
         controller="layer0.controller",
-        module_graphs=tuple(f"layer0.module{m}" for m in range(cfg.modules)), state="h")
+        module_graphs=tuple(f"layer0.module{m}" for m in range(cfg.modules)), state="h",
+        selection=cfg.selection)
     manifest = bundle.Manifest(
         task={"name": "ptb", "kind": "language-model", "vocab": list(ckpt["vocab"]),
               "eos": "<eos>", "unk": "<unk>", "hidden": cfg.hidden, "embedding": cfg.embedding},

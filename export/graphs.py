@@ -88,11 +88,18 @@ class DenseStep(nn.Module):
         self.cells = model.layer.cells
         self.rule = model.cfg.combine
         self.m = model.cfg.modules
+        self.k = model.cfg.k
+        self.topk = model.cfg.selection == "topk"
 
     def forward(self, e: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = self.controller(e, h).argmax(-1)  # (B, K)
-        mask = F.one_hot(a, self.m).amax(1).to(e.dtype)  # (B, M): distinct selected modules
+        lp = self.controller(e, h)  # (B, K, M), or (B, 1, M) for "topk"
         outs = torch.stack([cell(e, h) for cell in self.cells], 1)  # (B, M, H)
+        if self.topk:  # noisy top-k at inference: the k most probable, weighted by their softmax
+            top, a = lp[:, 0].topk(self.k, dim=-1)  # (B, k)
+            w = torch.zeros_like(lp[:, 0]).scatter(1, a, F.softmax(top, dim=-1))  # (B, M)
+            return (outs * w.unsqueeze(-1)).sum(1), a
+        a = lp.argmax(-1)  # (B, K)
+        mask = F.one_hot(a, self.m).amax(1).to(e.dtype)  # (B, M): distinct selected modules
         h_new = (outs * mask.unsqueeze(-1)).sum(1)  # (B, H)
         if self.rule == "mean":
             h_new = h_new / mask.sum(1, keepdim=True)

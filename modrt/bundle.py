@@ -12,6 +12,7 @@ its validating loader. Everything is torch-free.
       "topology": "recurrent" | "feedforward",
       "stages": ["embedding", "layer0", "head"],                    # graph or layer names
       "layers": [{"name": "layer0", "modules": M, "k": K, "combine": "sum",
+                  "selection": "slots",                             # or "topk"
                   "controller": "layer0.controller",
                   "module_graphs": ["layer0.module0", ...],
                   "state": "h" | null}],                            # recurrent state name
@@ -27,6 +28,7 @@ Graph contracts (batch is -1, dynamic, everywhere; R = rows routed to a module):
     recurrent (PTB)
       embedding          tokens int64 [B, T]            -> emb float32 [B, T, E]
       <layer>.controller e [B, E], h [B, H]             -> log_probs float32 [B, K, M]
+                                                           ([B, 1, M] for selection "topk")
       <layer>.module<m>  e [R, E], h [R, H]             -> h_new float32 [R, H]
       <layer>.dense      e [B, E], h [B, H]             -> h_new [B, H], selection int64 [B, K]
       head               hs float32 [B, T, H]           -> logits float32 [B, T, V]
@@ -51,7 +53,8 @@ from modrt._version import __version__
 FORMAT = "modrt-bundle"
 SCHEMA_VERSION = 1
 TOPOLOGIES = ("recurrent", "feedforward")
-COMBINE_RULES = ("sum", "mean")
+COMBINE_RULES = ("sum", "mean", "gate")
+SELECTIONS = ("slots", "topk")
 
 # ONNX TensorProto element types <-> manifest dtype names. Unknown keys raise KeyError.
 ONNX_DTYPES: dict[int, str] = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 9: "bool"}
@@ -80,15 +83,24 @@ class GraphSpec:
 class LayerSpec:
     name: str
     modules: int  # M
-    k: int  # K slots
-    combine: str  # sum | mean over the distinct selected modules
+    k: int  # K slots ("slots") or modules kept ("topk")
+    # sum | mean over the distinct selected modules; gate: weighted by the controller's
+    # probabilities of the selected modules, renormalised over them (noisy top-k)
+    combine: str
     controller: str  # graph name
     module_graphs: tuple[str, ...]  # M graph names
     state: str | None = None  # recurrent state input/output name, None for feed-forward
+    # slots: the controller gives K softmaxes, the argmax of each is picked (EM, REINFORCE);
+    # topk: it gives one softmax [B, 1, M] and its k most probable modules are picked.
+    selection: str = "slots"
 
     def __post_init__(self) -> None:
         if self.combine not in COMBINE_RULES:
             raise ValueError(f"combine {self.combine!r} unknown; allowed {COMBINE_RULES}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection {self.selection!r} unknown; allowed {SELECTIONS}")
+        if self.combine == "gate" and self.selection != "topk":
+            raise ValueError(f"layer {self.name}: combine 'gate' needs selection 'topk'")
         if not 1 <= self.k <= self.modules:
             raise ValueError(f"layer {self.name}: need 1 <= k ({self.k}) <= modules ({self.modules})")
         if len(self.module_graphs) != self.modules:

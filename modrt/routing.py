@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-COMBINE_RULES = ("sum", "mean")
+COMBINE_RULES = ("sum", "mean", "gate")
 
 
 class Dispatch(NamedTuple):
@@ -41,6 +41,31 @@ class Dispatch(NamedTuple):
 def greedy(log_probs: np.ndarray) -> np.ndarray:
     """The most probable selection: the argmax of each slot. (B, K, M) -> (B, K) int64."""
     return log_probs.argmax(axis=-1)
+
+
+def top_k(log_probs: np.ndarray, k: int) -> np.ndarray:
+    """The k most probable modules of one distribution, most probable first (ties: the
+    lower module id first, as ONNX TopK). (B, 1, M) -> (B, k) int64."""
+    lp = log_probs[:, 0]
+    if k == 1:
+        return lp.argmax(axis=-1)[:, None]
+    return np.argsort(-lp, axis=-1, kind="stable")[:, :k]
+
+
+def select(log_probs: np.ndarray, k: int, selection: str) -> np.ndarray:
+    """The manifest's selection rule: "slots" (argmax per slot) or "topk". -> (B, K) int64."""
+    return greedy(log_probs) if selection == "slots" else top_k(log_probs, k)
+
+
+def gates(log_probs: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """Combine weights of rule "gate": the selected modules' probabilities renormalised
+    over them, i.e. the softmax of their logits. (B, 1, M), (B, K) -> (B, K) float, in
+    ascending module id per row (the order of ``Dispatch.slots``)."""
+    ids = np.sort(a, axis=1) if a.shape[1] > 1 else a
+    sel = np.take_along_axis(log_probs[:, 0], ids, axis=1)  # (B, K)
+    w = np.exp(sel - sel.max(axis=1, keepdims=True))
+    w /= w.sum(axis=1, keepdims=True)
+    return w
 
 
 def dispatch(a: np.ndarray, modules: int) -> Dispatch:
@@ -87,13 +112,16 @@ def _offsets(counts: np.ndarray) -> list[int]:
 
 
 def combine(
-    y: np.ndarray, d: Dispatch, batch: int, rule: str, out: np.ndarray | None = None
+    y: np.ndarray, d: Dispatch, batch: int, rule: str, out: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> np.ndarray:
     """Put module outputs back in batch order and combine. (R, D) or (R+1, D) -> (B, D).
 
     ``y`` holds the routed block (module m's rows at ``offsets[m]:offsets[m+1]``). With
     K > 1 and a row that drew one module twice, a zero row at index R is needed: pass
     ``y`` with R+1 rows (its last row is overwritten with zeros) to avoid a copy.
+    Rule "gate" needs ``weights`` (B, K) from ``gates`` (ascending module id, like
+    ``Dispatch.slots``; its selections are distinct, ``top_k``).
     """
     if rule not in COMBINE_RULES:
         raise ValueError(f"combine rule {rule!r} unknown; choose one of {COMBINE_RULES}")
@@ -102,6 +130,13 @@ def combine(
     R = d.rows.shape[0]
     if out is None:
         out = np.empty((batch, y.shape[-1]), dtype=y.dtype)
+    if rule == "gate":
+        w = weights.astype(out.dtype, copy=False)
+        np.take(y, d.slots[:, 0], axis=0, out=out, mode="clip")
+        out *= w[:, :1]
+        for j in range(1, K):
+            out += np.take(y, d.slots[:, j], axis=0, mode="clip") * w[:, j : j + 1]
+        return out
     if K == 1:
         # Each row has one module: a gather. mode="clip" skips numpy's bounds-check buffer.
         np.take(y, d.slots[:, 0], axis=0, out=out, mode="clip")
@@ -127,4 +162,5 @@ def one_hot_counts(a: np.ndarray, modules: int) -> np.ndarray:
     return np.bincount(a.reshape(-1), minlength=modules)
 
 
-__all__ = ["COMBINE_RULES", "Dispatch", "greedy", "dispatch", "combine", "one_hot_counts"]
+__all__ = ["COMBINE_RULES", "Dispatch", "greedy", "top_k", "select", "gates", "dispatch", "combine",
+           "one_hot_counts"]

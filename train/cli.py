@@ -50,11 +50,18 @@ def _check_writable(out: Path) -> None:
               help="K, controller slots: modules picked per time step.")
 @click.option("--combine", type=click.Choice(["sum", "mean"]), default=_M.combine, show_default=True,
               help="How the selected modules' new states combine. Same for K=1; for K>1 the official "
-                   "code's sum lets the GRU state grow K-fold per step, mean keeps it bounded.")
+                   "code's sum lets the GRU state grow K-fold per step, mean keeps it bounded. "
+                   "noisy-topk always weights by its gates.")
 @click.option("--samples", "-S", type=click.IntRange(min=1), default=_T.samples, show_default=True,
               help="S, E-step candidates per example: the stored a* plus S-1 controller draws.")
 @click.option("--e-step-every", type=click.IntRange(min=1), default=_T.e_step_every, show_default=True,
               help="Run the E-step on every n-th training step.")
+@click.option("--baseline-decay", type=click.FloatRange(0, 1, max_open=True), default=_T.baseline_decay,
+              show_default=True, help="REINFORCE: decay of the reward's moving-average baseline.")
+@click.option("--importance-weight", type=click.FloatRange(min=0), default=_T.importance_weight,
+              show_default=True, help="noisy-topk: weight of the importance (gate mass balance) loss.")
+@click.option("--load-weight", type=click.FloatRange(min=0), default=_T.load_weight, show_default=True,
+              help="noisy-topk: weight of the load (top-k count balance) loss.")
 @click.option("--embedding", type=click.IntRange(min=1), default=_M.embedding, show_default=True,
               help="E, word embedding width.")
 @click.option("--hidden", type=click.IntRange(min=1), default=_M.hidden, show_default=True,
@@ -102,6 +109,10 @@ def ptb(ctx: click.Context, **opts) -> None:
     best selection a* of each window and S-1 draws from the controller by
     log p(y|x,a) + log p(a|x) and keeps the best; the M-step trains the modules
     on a* and the controller towards a*.
+    Baselines: reinforce (sampled selections; the controller by the score-function
+    gradient, reward log p(y|x,a), moving-average baseline), noisy-topk (Shazeer
+    et al. 2017 gating with importance and load losses; the paper used k=4) and
+    dense (M = K, every module always used).
 
     \b
     The defaults (E=128, H=256, M=15, K=1, B=64, T=35, 10 epochs) take about an
@@ -125,8 +136,6 @@ def ptb(ctx: click.Context, **opts) -> None:
         if (out / "ckpt.pt").exists() and not opts["force"]:
             raise ModrtError(f"{out} already holds a run: continue it with --resume {out / 'ckpt.pt'}, "
                              "or pass --force to overwrite, or --out elsewhere")
-    if mcfg.method not in ("em", "dense"):
-        raise ModrtError(f"--method {mcfg.method} is not implemented yet (available: em, dense)")
     _check_writable(out)
     corpus = ptb_data.load(opts["data"])
     if resume is None:
@@ -150,6 +159,10 @@ def _configs(opts: dict) -> tuple[ModelConfig, TrainConfig]:
     if modules is None:
         modules = opts["k"] if opts["method"] == "dense" else 15
     m = {f.name: opts[f.name] for f in fields(ModelConfig) if f.name in opts and f.name != "modules"}
+    if opts["method"] == "noisy-topk":
+        if opts["combine"] != _M.combine:
+            raise click.UsageError("--combine does not apply to noisy-topk: its gates weight the modules")
+        m["combine"] = "gate"
     t = {f.name: opts[f.name] for f in fields(TrainConfig) if f.name in opts}
     try:
         return ModelConfig(modules=modules, **m), TrainConfig(**t)

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 METHODS = ("em", "dense", "reinforce", "noisy-topk")
-IMPLEMENTED_METHODS = ("em", "dense")
-COMBINE_RULES = ("sum", "mean")
+COMBINE_RULES = ("sum", "mean", "gate")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -34,6 +33,7 @@ class ModelConfig:
     # How the distinct selected modules' new states combine: "sum" (the official code's
     # rule) or "mean". Identical for K=1. For K>1 a sum of K GRU states can grow up to K-fold
     # per step (a random (2,2) model overflowed within 35 steps), so PTB defaults to mean.
+    # "gate" (noisy top-k only): weighted by the softmax of the selected gate logits.
     combine: str = "mean"
     method: str = "em"  # em | dense | reinforce | noisy-topk
     dropout: float = 0.2  # on embeddings and on the recurrent output before the head
@@ -47,12 +47,21 @@ class ModelConfig:
             raise ValueError(f"combine {self.combine!r} unknown; choose one of {', '.join(COMBINE_RULES)}")
         if self.k > self.modules:
             raise ValueError(f"k ({self.k}) cannot exceed modules ({self.modules})")
+        if (self.combine == "gate") != (self.method == "noisy-topk"):
+            raise ValueError("combine 'gate' is noisy top-k's rule, and noisy top-k combines only by 'gate'")
         if self.method == "dense" and self.modules != self.k:
             raise ValueError(
                 f"dense baseline uses every module: modules ({self.modules}) must equal k ({self.k})"
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def selection(self) -> str:
+        """How the controller's scores become a selection (the manifest's ``selection``):
+        "slots" - K independent softmaxes, the argmax of each (EM, REINFORCE, dense);
+        "topk"  - one distribution over the M modules, its k largest (noisy top-k)."""
+        return "topk" if self.method == "noisy-topk" else "slots"
 
     @property
     def routed(self) -> bool:
@@ -77,11 +86,20 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     ckpt_every: int = 200  # also write ckpt.pt every n steps (0: only at epoch ends)
     log_every: int = 50  # one metrics.jsonl line per n steps
+    # REINFORCE: the reward's moving-average baseline, b <- decay * b + (1 - decay) * mean reward.
+    baseline_decay: float = 0.9
+    # Noisy top-k: Shazeer et al. (2017)'s importance and load losses, weight 0.1 each.
+    importance_weight: float = 0.1
+    load_weight: float = 0.1
 
     def __post_init__(self) -> None:
         _positive(self, "samples", "e_step_every", "bptt", "batch_size", "eval_batch_size", "lr", "epochs", "log_every")
         if self.clip < 0 or self.steps < 0 or self.ckpt_every < 0:
             raise ValueError("clip, steps and ckpt_every must not be negative")
+        if not 0.0 <= self.baseline_decay < 1.0:
+            raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
+        if self.importance_weight < 0 or self.load_weight < 0:
+            raise ValueError("importance_weight and load_weight must not be negative")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} unknown; choose one of {', '.join(DEVICES)}")
 

@@ -9,6 +9,9 @@
 
 Selection is per time step; route -> run modules -> combine is ``ModularGRU.step``.
 With ``method="dense"`` there is no controller: all M = K modules run at every step.
+With ``method="noisy-topk"`` (Shazeer et al. 2017) the controller is a gating network: one
+distribution over the M modules, Gaussian noise on its logits while training, the k
+largest kept and their softmax weighting the module outputs (``combine="gate"``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class RecurrentOutput(NamedTuple):
     a: torch.Tensor  # (T, B, K) selections used
     log_pa: torch.Tensor  # (T, B) log p(a_t | x, h_{t-1}) summed over slots (0 when dense)
     log_probs: torch.Tensor | None  # (T, B, K, M) controller log-softmax (None when dense)
+    # Noisy top-k only, summed over the window's steps: (M,) gate mass per module
+    # (Importance) and (M,) probability of being in the top k (Load), for the balance losses.
+    importance: torch.Tensor | None = None
+    load: torch.Tensor | None = None
 
 
 def given(a: torch.Tensor) -> Policy:
@@ -65,16 +72,43 @@ class ModularGRU(nn.Module):
         self.cfg = cfg
         E, H, M, K = cfg.embedding, cfg.hidden, cfg.modules, cfg.k
         self.cells = nn.ModuleList(nn.GRUCell(E, H) for _ in range(M))
-        self.controller = nn.Linear(E + H, M * K) if cfg.routed else None
+        self.controller = self.noise = None
+        if cfg.selection == "topk":
+            # Shazeer et al.: W_g and W_noise start at zero (balanced gates, unit-ish noise).
+            self.controller, self.noise = nn.Linear(E + H, M), nn.Linear(E + H, M)
+            for lin in (self.controller, self.noise):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        elif cfg.routed:
+            self.controller = nn.Linear(E + H, M * K)
 
     def scores(self, e_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """Controller log-probabilities. (B, E), (B, H) -> (B, K, M)."""
+        """Controller log-probabilities. (B, E), (B, H) -> (B, K, M), or (B, 1, M) for the
+        one gate distribution of noisy top-k."""
         B = e_t.shape[0]
-        logits = self.controller(torch.cat([e_t, h], dim=1))  # (B, M*K)
-        return F.log_softmax(logits.view(B, self.cfg.k, self.cfg.modules), dim=-1)
+        logits = self.controller(torch.cat([e_t, h], dim=1))  # (B, M*K) or (B, M)
+        slots = 1 if self.cfg.selection == "topk" else self.cfg.k
+        return F.log_softmax(logits.view(B, slots, self.cfg.modules), dim=-1)
 
-    def step(self, e_t: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """One routed step: group rows by module, run each used module once, combine."""
+    def gate(self, e_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Noisy top-k gating. Returns a (B, K), gate weights (B, M) (zero off the top k),
+        clean log-softmax (B, 1, M) and P(module in top k) (B, M) (None in eval mode)."""
+        k, M = self.cfg.k, self.cfg.modules
+        xh = torch.cat([e_t, h], dim=1)
+        clean = self.controller(xh)  # (B, M)
+        noisy, std = clean, None
+        if self.training:
+            std = F.softplus(self.noise(xh)) + 1e-2
+            noisy = clean + torch.randn_like(clean) * std
+        top, a = noisy.topk(min(k + 1, M), dim=1)  # (B, k+1): the (k+1)-th is Load's threshold
+        weights = torch.zeros_like(clean).scatter(1, a[:, :k], F.softmax(top[:, :k], dim=1))
+        p_in = prob_in_top_k(clean, noisy, std, top, k) if std is not None and k < M else None
+        return a[:, :k], weights, F.log_softmax(clean, dim=1).unsqueeze(1), p_in
+
+    def step(self, e_t: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """One routed step: group rows by module, run each used module once, combine.
+        ``weights`` (B, M): scale module m's output for row b by weights[b, m] (gate)."""
         B = e_t.shape[0]
         d = routing.dispatch(a, self.cfg.modules)
         outs = []
@@ -82,13 +116,28 @@ class ModularGRU(nn.Module):
             lo, hi = d.offsets[m], d.offsets[m + 1]
             if hi > lo:  # modules nobody selected cost nothing and get no gradient
                 rows = d.rows[lo:hi]
-                outs.append(cell(e_t[rows], h[rows]))  # (R_m, H)
+                y = cell(e_t[rows], h[rows])  # (R_m, H)
+                outs.append(y if weights is None else y * weights[rows, m].unsqueeze(1))
         return routing.combine(torch.cat(outs), d, B, self.cfg.combine)
 
     def forward(self, e: torch.Tensor, h: torch.Tensor, policy: Policy | None = None) -> RecurrentOutput:
         T, B, _ = e.shape
         K = self.cfg.k
         hs, sel, log_pa, lps = [], [], [], []
+        if self.cfg.selection == "topk":  # noisy top-k: the gate decides; no policy
+            importance = e.new_zeros(self.cfg.modules)
+            load = e.new_zeros(self.cfg.modules)
+            for t in range(T):
+                a, w, lp, p_in = self.gate(e[t], h)
+                h = self.step(e[t], h, a, w)
+                importance = importance + w.sum(0)
+                if p_in is not None:
+                    load = load + p_in.sum(0)
+                hs.append(h)
+                sel.append(a)
+                lps.append(lp)
+            return RecurrentOutput(torch.stack(hs), h, torch.stack(sel), e.new_zeros(T, B),
+                                   torch.stack(lps), importance, load)
         if not self.cfg.routed:
             a = torch.arange(K, device=e.device).expand(B, K)
         for t in range(T):
@@ -105,6 +154,20 @@ class ModularGRU(nn.Module):
         if self.cfg.routed:
             return RecurrentOutput(hs_t, h, a_t, torch.stack(log_pa), torch.stack(lps))
         return RecurrentOutput(hs_t, h, a_t, e.new_zeros(T, B), None)
+
+
+def prob_in_top_k(clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, top: torch.Tensor,
+                  k: int) -> torch.Tensor:
+    """P(module m is in the top k when only its own noise is redrawn) (Shazeer et al. 2017,
+    the smooth estimator behind the load loss). A module inside the top k must beat the
+    (k+1)-th largest noisy logit, one outside the k-th. (B, M) each, top (B, >k+1) -> (B, M)."""
+    normal = torch.distributions.Normal(clean.new_zeros(()), clean.new_ones(()))
+    thr_in = top[:, k : k + 1]  # (B, 1)
+    thr_out = top[:, k - 1 : k]
+    is_in = noisy > thr_in
+    p_if_in = normal.cdf((clean - thr_in) / std)
+    p_if_out = normal.cdf((clean - thr_out) / std)
+    return torch.where(is_in, p_if_in, p_if_out)
 
 
 class ModularLM(nn.Module):

@@ -1,7 +1,8 @@
-"""The training loop: EM (or the dense baseline) over PTB windows, with checkpoints.
+"""The training loop: EM (or a baseline) over PTB windows, with checkpoints.
 
-One step = one window of B streams: (every ``e_step_every``-th step) the E-step updates
-a* for those B examples, then one M-step updates all parameters. The hidden state carries
+One step = one window of B streams. EM: (every ``e_step_every``-th step) the E-step
+updates a* for those B examples, then one M-step updates all parameters. REINFORCE,
+noisy top-k and dense: one gradient step on their objective (``baselines``). The hidden state carries
 across windows and restarts at each epoch. Validation perplexity (greedy routing) after
 every epoch, test perplexity at the end. ``metrics.jsonl`` gets one line per log interval
 and per evaluation; ``ckpt.pt`` is written at epoch ends, every ``ckpt_every`` steps, on
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from modrt._exceptions import CheckpointError, ModrtError
 from modrt.data.ptb import Corpus
-from modrt.train import checkpoint, data, em
+from modrt.train import baselines, checkpoint, data, em
 from modrt.train import model as lm
 from modrt.train.config import ModelConfig, TrainConfig
 
@@ -117,7 +118,8 @@ class Trainer:
         B, T, K, M = train_cfg.batch_size, train_cfg.bptt, model_cfg.k, model_cfg.modules
         # a* memory: one (T, K) selection per example n = window * B + stream, uniform at random.
         self.memory = (torch.randint(0, M, (self.windows * B, T, K), dtype=torch.int16)
-                       if model_cfg.routed else None)
+                       if model_cfg.method == "em" else None)
+        self.baseline = baselines.MovingAverage(train_cfg.baseline_decay)  # REINFORCE
         self.step = self.epoch = self.window = 0
         self.hidden = self.model.init_hidden(B, self.device)
         self.metrics: list[dict[str, Any]] = []
@@ -137,6 +139,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "memory": self.memory,
+            "baseline": baselines.baseline_state(self.baseline),
             "step": self.step,
             "epoch": self.epoch,
             "window": self.window,
@@ -162,6 +165,8 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.memory = ckpt["memory"]
+        b = ckpt.get("baseline") or {}
+        self.baseline = baselines.MovingAverage(self.tcfg.baseline_decay, b.get("value"))
         self.step, self.epoch, self.window = ckpt["step"], ckpt["epoch"], ckpt["window"]
         self.hidden = ckpt["hidden"].to(self.device)
         self.interval = _Interval(self.mcfg.modules, ckpt["interval"])
@@ -196,12 +201,20 @@ class Trainer:
                 self.memory[ids, :T] = a_star.permute(1, 0, 2).to(torch.int16).cpu()
                 self.interval.e_changed += int(e.changed.sum())
                 self.interval.e_total += e.changed.numel()
-        m = em.m_step_loss(self.model, x, y, self.hidden, a_star)
+        method = self.mcfg.method
+        if method == "reinforce":
+            m = baselines.reinforce_loss(self.model, x, y, self.hidden, self.baseline)
+        elif method == "noisy-topk":
+            m = baselines.noisy_topk_loss(self.model, x, y, self.hidden, tc.importance_weight, tc.load_weight)
+        else:  # em (on a*) or dense
+            m = em.m_step_loss(self.model, x, y, self.hidden, a_star)
         self.opt.zero_grad(set_to_none=True)
         m.loss.backward()
         if tc.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip)
         self.opt.step()
+        if method == "reinforce":
+            self.baseline.update(float(m.reward.mean()))
         self.hidden = m.out.h_last.detach()
         st = em.stats(m.out, self.mcfg.modules)
         iv = self.interval

@@ -1,10 +1,11 @@
 """The ``host`` strategy (DESIGN.md §6): a modular layer run in numpy over per-module
 sessions. Per layer and step:
 
-    1. route     controller on the batch, greedy top-K per slot           (B, K)
+    1. route     controller on the batch, greedy top-K per slot (or the
+                 k most probable of one distribution, selection "topk")   (B, K)
     2. dispatch  rows grouped by module (argsort + offsets); each module
                  with rows runs once, on just its rows (one gather)        (R, ...)
-    3. combine   module outputs back in batch order, sum/mean              (B, D)
+    3. combine   module outputs back in batch order, sum/mean/gate         (B, D)
 
 Modules nobody selected cost nothing. Buffers for the gathered inputs and the routed
 outputs are kept per thread and grown, never shrunk, so a steady batch size allocates
@@ -58,11 +59,13 @@ class HostLayer:
     def __call__(
         self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        lp = self.controller(feeds)[0]  # (B, K, M)
-        a = routing.greedy(lp)  # (B, K)
+        lp = self.controller(feeds)[0]  # (B, K, M), or (B, 1, M) for "topk"
+        spec = self.spec
+        a = routing.greedy(lp) if spec.selection == "slots" else routing.top_k(lp, spec.k)  # (B, K)
+        w = routing.gates(lp, a) if spec.combine == "gate" else None  # (B, K)
         B = a.shape[0]
         if B == 1:  # one row: every selected module takes the inputs as they are
-            return self._one_row(feeds, a, out), a
+            return self._one_row(feeds, a, w, out), a
         d = routing.dispatch(a, self.spec.modules)
         R = d.rows.shape[0]
         ws = self._ws
@@ -84,10 +87,11 @@ class HostLayer:
                 y[lo:hi] = res[0]
         if out is None:
             out = np.empty((B, self.out_dim), self.out_dtype)
-        routing.combine(y, d, B, self.spec.combine, out=out)
+        routing.combine(y, d, B, self.spec.combine, out=out, weights=w)
         return out, a
 
-    def _one_row(self, feeds: dict[str, np.ndarray], a: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    def _one_row(self, feeds: dict[str, np.ndarray], a: np.ndarray, w: np.ndarray | None,
+                 out: np.ndarray | None) -> np.ndarray:
         """Batch 1, the latency case: no dispatch, gather or scatter arrays at all."""
         mods = sorted(set(a[0].tolist()))  # a module drawn in two slots counts once
         feeds = {n: feeds[n] for n in self.module_inputs}
@@ -96,8 +100,13 @@ class HostLayer:
             out = y
         else:
             out[...] = y
-        for m in mods[1:]:
-            out += self.modules[m](feeds)[0]
+        if w is not None:  # gate: weights in ascending module id, like mods
+            out *= w[0, 0]
+        for j, m in enumerate(mods[1:], 1):
+            if w is None:
+                out += self.modules[m](feeds)[0]
+            else:
+                out += self.modules[m](feeds)[0] * w[0, j]
         if self.spec.combine == "mean" and len(mods) > 1:
             out /= np.float32(len(mods))
         return out

@@ -208,9 +208,12 @@ def test_existing_run_needs_resume_or_force(tmp_path, tiny_ckpt, ptb_dir):
     assert (run / "ckpt.pt").read_bytes() == tiny_ckpt.read_bytes()
 
 
-def test_unimplemented_method(tmp_path):
-    p = modrt("train", "ptb", "--method", "reinforce", "--out", tmp_path / "run", cwd=tmp_path)
-    assert "not implemented" in one_error_line(p)
+def test_noisy_topk_refuses_combine(tmp_path):
+    p = modrt("train", "ptb", "--method", "noisy-topk", "--k", "2", "--combine", "sum",
+              "--out", tmp_path / "run", cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert "--combine does not apply to noisy-topk" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "run").exists()
 
 
 # ---- real runs ----------------------------------------------------------------------------
