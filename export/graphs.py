@@ -95,7 +95,11 @@ class DenseStep(nn.Module):
         lp = self.controller(e, h)  # (B, K, M), or (B, 1, M) for "topk"
         outs = torch.stack([cell(e, h) for cell in self.cells], 1)  # (B, M, H)
         if self.topk:  # noisy top-k at inference: the k most probable, weighted by their softmax
-            top, a = lp[:, 0].topk(self.k, dim=-1)  # (B, k)
+            if torch.onnx.is_in_onnx_export():  # ONNX TopK: ties go to the lower index
+                top, a = lp[:, 0].topk(self.k, dim=-1)  # (B, k)
+            else:  # eager (parity checks): the same order; torch.topk breaks ties otherwise
+                top, a = torch.sort(lp[:, 0], dim=-1, descending=True, stable=True)
+                top, a = top[:, : self.k], a[:, : self.k]
             w = torch.zeros_like(lp[:, 0]).scatter(1, a, F.softmax(top, dim=-1))  # (B, M)
             return (outs * w.unsqueeze(-1)).sum(1), a
         a = lp.argmax(-1)  # (B, K)

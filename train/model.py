@@ -100,7 +100,10 @@ class ModularGRU(nn.Module):
         if self.training:
             std = F.softplus(self.noise(xh)) + 1e-2
             noisy = clean + torch.randn_like(clean) * std
-        top, a = noisy.topk(min(k + 1, M), dim=1)  # (B, k+1): the (k+1)-th is Load's threshold
+        # Stable descending sort, not topk: ties go to the lower module id, as ONNX TopK and
+        # the runtime break them (a zero-initialised gate ties every module).
+        top, a = torch.sort(noisy, dim=1, descending=True, stable=True)
+        top, a = top[:, : k + 1], a[:, : k + 1]  # (B, k+1): the (k+1)-th is Load's threshold
         weights = torch.zeros_like(clean).scatter(1, a[:, :k], F.softmax(top[:, :k], dim=1))
         p_in = prob_in_top_k(clean, noisy, std, top, k) if std is not None and k < M else None
         return a[:, :k], weights, F.log_softmax(clean, dim=1).unsqueeze(1), p_in

@@ -87,3 +87,37 @@ def test_numpy_twin_equals_torch_routing(B, K, M):
         np.testing.assert_allclose(routing.combine(y, d, B, rule), want, rtol=1e-6, atol=1e-6)
     lp = rng.standard_normal((B, K, M)).astype(np.float32)
     assert routing.greedy(lp).tolist() == troute.greedy(torch.from_numpy(lp)).tolist()
+
+
+TOPK_CASES = [(1, 1, 4), (7, 2, 5), (16, 4, 15), (64, 1, 16), (33, 4, 4)]
+
+
+@pytest.mark.parametrize("B,K,M", TOPK_CASES)
+def test_top_k_and_gate_combine_equal_naive_loop(B, K, M):
+    rng = np.random.default_rng(B + K + M)
+    logits = rng.standard_normal((B, 1, M))
+    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # log-softmax
+    a = routing.top_k(lp, K)
+    assert a.shape == (B, K) and a.dtype == np.int64
+    for b in range(B):  # the K most probable, most probable first, all distinct
+        assert a[b].tolist() == sorted(range(M), key=lambda m: -lp[b, 0, m])[:K]
+    w = routing.gates(lp, a)
+    np.testing.assert_allclose(w.sum(1), 1.0)
+    D = 3
+    y_of = {(b, m): rng.standard_normal(D) for b in range(B) for m in range(M)}
+    want = np.zeros((B, D))
+    for b in range(B):  # renormalised probabilities of the selected modules
+        p = np.exp(lp[b, 0, a[b]])
+        for j, m in enumerate(a[b]):
+            want[b] += p[j] / p.sum() * y_of[b, int(m)]
+    d = routing.dispatch(a, M)
+    y = np.stack([y_of[int(b), m] for m in range(M) for b in d.rows[d.offsets[m]:d.offsets[m + 1]]])
+    np.testing.assert_allclose(routing.combine(y, d, B, "gate", weights=w), want, rtol=1e-12, atol=1e-12)
+
+
+def test_top_k_breaks_ties_towards_the_lower_id_like_onnx_topk():
+    lp = np.log(np.full((2, 1, 4), 0.25))
+    lp[1, 0, 2] = np.log(0.4)
+    assert routing.top_k(lp, 2).tolist() == [[0, 1], [2, 0]]
+    assert routing.select(lp, 1, "topk").tolist() == [[0], [2]]
+    assert routing.select(np.repeat(lp, 2, axis=1), 2, "slots").tolist() == [[0, 0], [2, 2]]

@@ -28,18 +28,24 @@ def make_ckpt(corpus: ptb.Corpus, out: Path, **model) -> Path:
     cfg = ModelConfig(**{"embedding": 8, "hidden": 16, **model})
     torch.manual_seed(0)
     tr = Trainer(cfg, TrainConfig(device="cpu", batch_size=4, bptt=5), corpus, out, progress=False)
+    if cfg.selection == "topk":  # noisy top-k's gate starts at zero: give it distinct logits
+        with torch.no_grad():
+            torch.nn.init.normal_(tr.model.layer.controller.weight, std=0.5)
     out.mkdir(parents=True, exist_ok=True)
     return tr.save()
 
 
 @pytest.fixture(scope="session")
 def bundles(tmp_path_factory, corpus) -> dict[str, tuple[Path, Path]]:
-    """name -> (ckpt, bundle dir) for K=1, K=3 (mean) and a dense (2, 2) model."""
+    """name -> (ckpt, bundle dir) for EM K=1, K=3 (mean), a dense (2, 2) model, REINFORCE
+    (5, 2) and noisy top-k (6, k=2, gate)."""
     from modrt.export.exporter import export
 
     out = {}
     for name, cfg in {"k1": dict(modules=5, k=1), "k3": dict(modules=6, k=3, combine="mean"),
-                      "dense": dict(modules=2, k=2, method="dense")}.items():
+                      "dense": dict(modules=2, k=2, method="dense"),
+                      "reinforce": dict(modules=5, k=2, method="reinforce"),
+                      "noisy": dict(modules=6, k=2, method="noisy-topk", combine="gate")}.items():
         d = tmp_path_factory.mktemp(name)
         ckpt = make_ckpt(corpus, d / "run", **cfg)
         export(ckpt, d / "bundle", progress=False, data=PTB, parity_tokens=400)

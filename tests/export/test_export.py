@@ -24,7 +24,11 @@ def _session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("name", ["k1", "k3", "dense"])
+METHODS = ["k1", "k3", "dense", "reinforce", "noisy"]
+ROUTED = ["k1", "k3", "reinforce", "noisy"]
+
+
+@pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("batch", [1, 7])
 def test_every_graph_equals_its_pytorch_module(bundles, name, batch):
     ckpt, out = bundles[name]
@@ -47,7 +51,7 @@ def test_every_graph_equals_its_pytorch_module(bundles, name, batch):
             np.testing.assert_allclose(o, w.numpy(), rtol=1e-5, atol=1e-5, err_msg=g.name)
 
 
-@pytest.mark.parametrize("name", ["k1", "k3", "dense"])
+@pytest.mark.parametrize("name", METHODS)
 def test_manifest_records_parity_and_checksums(bundles, name):
     _, out = bundles[name]
     raw = json.loads((out / "manifest.json").read_text())
@@ -61,7 +65,7 @@ def test_manifest_records_parity_and_checksums(bundles, name):
         assert all(t["shape"][0] == -1 for t in g["inputs"] + g["outputs"]), g["file"]
 
 
-@pytest.mark.parametrize("name", ["k1", "k3"])
+@pytest.mark.parametrize("name", ROUTED)
 def test_routed_equals_dense_on_real_and_random_input(bundles, corpus, name):
     _, out = bundles[name]
     rt = modrt.load(out, provider="cpu")
@@ -86,8 +90,8 @@ def _controller_biased_to(ckpt, module: int | None, tmp_path, ptb_dir):
     state = checkpoint.load(ckpt)
     w = state["model"]["layer.controller.weight"]
     b = state["model"]["layer.controller.bias"]
-    K = state["model_config"]["k"]
     M = state["model_config"]["modules"]
+    K = 1 if state["model_config"]["method"] == "noisy-topk" else state["model_config"]["k"]  # softmaxes
     if module is not None:
         w.zero_()
         b.copy_(torch.full((K, M), -10.0).index_fill_(1, torch.tensor([module]), 10.0).flatten())
@@ -99,7 +103,7 @@ def _controller_biased_to(ckpt, module: int | None, tmp_path, ptb_dir):
     return tmp_path / "bundle"
 
 
-@pytest.mark.parametrize("name", ["k1", "k3"])
+@pytest.mark.parametrize("name", ROUTED)
 @pytest.mark.parametrize("module", [3, None])
 def test_routed_equals_dense_when_modules_get_no_rows_or_all_rows(bundles, corpus, name, module, tmp_path,
                                                                   ptb_dir):
@@ -109,7 +113,9 @@ def test_routed_equals_dense_when_modules_get_no_rows_or_all_rows(bundles, corpu
     tokens = corpus.test[: 6 * 10].reshape(6, 10)
     r, d = rt.run(tokens=tokens), rt.run_dense(tokens=tokens)
     used = np.unique(r["modules"])
-    if module is not None:
+    if module is not None and name == "noisy":  # top-2 of one distribution: 3, then the tie's lowest id
+        assert (r["modules"][..., 0] == module).all() and used.tolist() == [0, module]
+    elif module is not None:
         assert used.tolist() == [module]  # one module gets every row
     else:
         assert set(used.tolist()) <= {0, 1}  # the other modules get none
@@ -117,7 +123,7 @@ def test_routed_equals_dense_when_modules_get_no_rows_or_all_rows(bundles, corpu
     np.testing.assert_allclose(r["logits"], d["logits"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["k1", "k3", "dense"])
+@pytest.mark.parametrize("name", METHODS)
 def test_bundle_eval_perplexity_equals_pytorch(bundles, corpus, name, ptb_dir):
     ckpt, out = bundles[name]
     model, _ = load_model(ckpt)
@@ -147,3 +153,12 @@ def test_export_cli_errors_are_one_line(bundles, tmp_path):
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
         assert "Traceback" not in p.stderr
+
+
+def test_noisy_topk_manifest_records_its_rules(bundles):
+    _, out = bundles["noisy"]
+    layer = bundle.load(out).layers[0]
+    assert (layer.selection, layer.combine, layer.k) == ("topk", "gate", 2)
+    assert bundle.load(bundles["reinforce"][1]).layers[0].selection == "slots"
+    ctrl = bundle.load(out).graphs[layer.controller].outputs[0]
+    assert list(ctrl.shape) == [-1, 1, 6]  # one distribution over the 6 modules
