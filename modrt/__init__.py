@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def load(
-    path: str | os.PathLike, provider: str = "auto", strategy: str = "host", **kwargs: Any
+    path: str | os.PathLike, provider: str = "auto", strategy: str = "auto", **kwargs: Any
 ) -> Model:
     """Load a bundle for routed inference; see ``modrt.runtime.model.load``.
 

@@ -29,8 +29,10 @@ import numpy as np
 from modrt._exceptions import InputError
 from modrt._version import __version__
 from modrt.cli import PROVIDER
+from modrt.runtime.auto import STRATEGIES
 
 VARIANTS = ("routed", "dense", "bound", "torch", "ort_moe")
+STRATEGY_CHOICES = STRATEGIES  # auto | host | graph | fused
 RATIOS = (("dense", "routed"), ("routed", "bound"), ("routed", "ort_moe"), ("routed", "torch"))
 
 
@@ -51,9 +53,13 @@ class BenchConfig:
     thread_pool: str = "session"
     torch: bool = True
     ort_moe: bool = True
+    bound: bool = True
+    strategy: str = "auto"  # how the routed bundle runs its modular layers (modrt.load)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.strategy not in STRATEGY_CHOICES:
+            raise ValueError(f"strategy {self.strategy!r} unknown; choose one of {', '.join(STRATEGY_CHOICES)}")
         if not self.batches or min(self.batches) < 1:
             raise ValueError(f"batch sizes must be >= 1, got {list(self.batches)}")
         if self.seq < 1 or self.seconds <= 0 or self.warmup < 0 or self.min_iters < 1:
@@ -138,7 +144,7 @@ def run(
     from modrt.runtime.sessions import SessionConfig
 
     scfg = SessionConfig(threads=cfg.threads, thread_pool=cfg.thread_pool)
-    model = load(bundle_dir, provider=cfg.provider, session_config=scfg)
+    model = load(bundle_dir, provider=cfg.provider, strategy=cfg.strategy, session_config=scfg)
     m = model.manifest
     layer = m.layers[0]
     recurrent = m.topology == "recurrent"
@@ -147,8 +153,11 @@ def run(
     makers: dict[str, Callable[[np.ndarray], object]] = {
         "routed": (lambda v: model.run(tokens=v)) if recurrent else (lambda v: model.run(x=v)),
         "dense": (lambda v: model.run_dense(tokens=v)) if recurrent else (lambda v: model.run_dense(x=v)),
-        "bound": peers.make_bound(model),
     }
+    if cfg.bound:
+        makers["bound"] = peers.make_bound(model)
+    else:
+        skipped["bound"] = "disabled"
     for name, enabled, make in (
         ("torch", cfg.torch, lambda: peers.make_torch(weights, layer.k, layer.combine, scfg.intra_threads)),
         ("ort_moe", cfg.ort_moe, lambda: peers.make_ort_moe(
@@ -196,7 +205,7 @@ def run(
             row: dict[str, Any] = {"batch": B}
             for v in VARIANTS:
                 row[v] = stats(samples[v], B, cfg.seq if recurrent else None) if v in samples else None
-            row["strategy"] = model.strategy
+            row["strategy"] = model.strategy_for(B)
             results.append(row)
     return {
         "modrt_version": __version__,
@@ -209,6 +218,7 @@ def run(
             "combine": layer.combine, **({"seq": cfg.seq} if recurrent else {}),
             "batches": list(cfg.batches), "seconds": cfg.seconds,
             "thread_pool": cfg.thread_pool, "skipped": skipped,
+            "strategy": cfg.strategy, "strategy_choice": model.choice,
             "ort_moe_exact": layer.k == 1 and layer.combine == "sum",
             "parity_max_abs_diff": {str(b): d for b, d in parity.items()},
             # Other processes' load, before and after: read the numbers in its light.
@@ -227,15 +237,15 @@ def format_table(report: dict[str, Any]) -> str:
             + (f"  seq={c['seq']}" if "seq" in c else "")
             + f"\nprovider={report['provider']}  threads={report['threads']}  "
             f"onnxruntime={report['onnxruntime']}  modrt={report['modrt_version']}  "
-            f"strategy={report['results'][0]['strategy'] if report['results'] else '-'}"
+            f"strategy={c.get('strategy', '-')}"
             + (f"  load average {c['load_average'][0]} -> {c['load_average'][1]}"
                if c.get("load_average") and None not in c["load_average"] else ""))
     lines = [head, "", "latency µs: p50 (p99)"]
     cols = [v for v in VARIANTS if any(r[v] for r in report["results"])]
-    lines.append(f"{'batch':>6}" + "".join(f"{v:>22}" for v in cols))
+    lines.append(f"{'batch':>6}" + "".join(f"{v:>22}" for v in cols) + "  routed strategy")
     for r in report["results"]:
         lines.append(f"{r['batch']:>6}" + "".join(
-            f"{r[v]['p50_us']:>12,.0f} ({r[v]['p99_us']:>7,.0f})" for v in cols))
+            f"{r[v]['p50_us']:>12,.0f} ({r[v]['p99_us']:>7,.0f})" for v in cols) + f"  {r['strategy']}")
     ratios = [(a, b) for a, b in RATIOS if a in cols and b in cols]
     lines += ["", "ratios of p50 (dense/routed: the speed-up; routed/x below 1: routed is faster)",
               f"{'batch':>6}" + "".join(f"{a + '/' + b:>17}" for a, b in ratios)]
@@ -253,6 +263,34 @@ def format_table(report: dict[str, Any]) -> str:
     if bad:
         lines.append(f"WARNING: routed differs from dense at batch(es) {bad}")
     return "\n".join(lines)
+
+
+class OneLineUsageError(click.UsageError):
+    """A usage error (exit 2) shown as one red line, without click's usage banner."""
+
+    def show(self, file=None) -> None:  # noqa: D401 - click's signature
+        click.secho(f"error: {self.format_message()}", fg="red", err=True)
+
+
+class StrategyType(click.ParamType):
+    """``--strategy auto|host|graph|fused``; anything else: one line, exit 2."""
+
+    name = "strategy"
+
+    def convert(self, value, param, ctx):
+        v = str(value).lower()
+        if v in STRATEGY_CHOICES:
+            return v
+        raise OneLineUsageError(f"--strategy {value!r} unknown; choose one of {', '.join(STRATEGY_CHOICES)}", ctx)
+
+    def get_metavar(self, param, ctx=None):  # noqa: D102 - click API
+        return "[" + "|".join(STRATEGY_CHOICES) + "]"
+
+
+STRATEGY = StrategyType()
+STRATEGY_HELP = ("How modular layers run: auto (measure at load, keep the fastest per batch range, cached), "
+                 "host (numpy over per-module sessions), graph (one composed ONNX graph per layer), "
+                 "fused (ORT's MoE op, MLP modules).")
 
 
 def _ints(text: str, what: str, count: int | None = None) -> tuple[int, ...]:
@@ -276,37 +314,55 @@ def _ints(text: str, what: str, count: int | None = None) -> tuple[int, ...]:
               help="Synthetic: combination rule.")
 @click.option("--batch", "batches", default="1,8,64", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--seq", default=35, show_default=True, help="Recurrent bundles: tokens per window.")
-@click.option("--seconds", default=2.0, show_default=True, help="Measured time per variant and batch size.")
+@click.option("--seconds", type=float, default=None,
+              help="Measured time per variant and batch size [default: 2.0; 0.3 with --sweep].")
 @click.option("--warmup", default=3, show_default=True, help="Unmeasured calls per variant and batch size.")
 @click.option("--provider", type=PROVIDER, default="auto", show_default=True,
               help="ONNX Runtime execution provider; auto: TensorRT, then CUDA, then CPU.")
 @click.option("--threads", default=0, show_default=True, help="Intra-op threads per session (0: all cores).")
 @click.option("--thread-pool", type=click.Choice(["session", "global"]), default="session",
               show_default=True, help="A thread pool per session, or ORT's one per process.")
+@click.option("--strategy", type=STRATEGY, default="auto", show_default=True, help=STRATEGY_HELP)
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch eager peer.")
 @click.option("--no-ort-moe", is_flag=True, help="Skip ONNX Runtime's fused MoE peer.")
 @click.option("--seed", default=0, show_default=True, help="Weights (synthetic) and inputs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@click.option("--sweep", is_flag=True,
+              help="Vary the module width of synthetic bundles (M=16 K=1 and M=15 K=3); write CSV and PNG.")
+@click.option("--widths", default="64,128,256,512,1024,2048,4096", show_default=True,
+              help="--sweep: module widths (hidden units); inputs/outputs are min(width, --d-max) wide.")
+@click.option("--d-max", default=1024, show_default=True, help="--sweep: largest input/output width.")
+@click.option("--sweep-configs", default="16:1,15:3", show_default=True, help="--sweep: M:K pairs.")
+@click.option("--out", "out_prefix", default="sweep", show_default=True, type=click.Path(dir_okay=False),
+              help="--sweep: write OUT.csv and OUT.png.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def bench(bundle_dir: str | None, synthetic: bool, modules: int, k: int, dims: str, combine: str,
           batches: str, seq: int, seconds: float, warmup: int, provider: str, threads: int,
-          thread_pool: str, no_torch: bool, no_ort_moe: bool, seed: int, json_path: str | None,
-          quiet: bool) -> None:
-    """Measure routed vs dense vs peers on BUNDLE_DIR, or on a --synthetic bundle.
+          thread_pool: str, strategy: str, no_torch: bool, no_ort_moe: bool, seed: int,
+          json_path: str | None, sweep: bool, widths: str, d_max: int, sweep_configs: str,
+          out_prefix: str, quiet: bool) -> None:
+    """Measure routed vs dense vs peers on BUNDLE_DIR, on a --synthetic bundle, or --sweep widths.
 
     \b
     modrt bench out/ --batch 1,8,64
     modrt bench --synthetic --modules 16 --k 1 --dims 1024,4096,1024 --json bench.json
+    modrt bench --sweep --widths 64,256,1024,4096 --out results/sweep
     """
-    if bool(bundle_dir) == bool(synthetic):
+    if sweep and (bundle_dir or synthetic):
+        raise InputError("--sweep builds its own bundles: give neither a bundle directory nor --synthetic")
+    if not sweep and bool(bundle_dir) == bool(synthetic):
         raise InputError("give a bundle directory or --synthetic (not both)")
     try:
-        cfg = BenchConfig(batches=_ints(batches, "--batch"), seq=seq, seconds=seconds,
+        cfg = BenchConfig(batches=_ints(batches, "--batch"), seq=seq,
+                          seconds=seconds if seconds is not None else (0.3 if sweep else 2.0),
                           warmup=warmup, provider=provider, threads=threads,
                           thread_pool=thread_pool, torch=not no_torch, ort_moe=not no_ort_moe,
-                          seed=seed)
+                          strategy=strategy, seed=seed)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
+    if sweep:
+        _sweep(cfg, widths, d_max, sweep_configs, out_prefix, seed, quiet)
+        return
     if synthetic:
         from modrt import synthetic as synth
 
@@ -326,4 +382,44 @@ def bench(bundle_dir: str | None, synthetic: bool, modules: int, k: int, dims: s
         click.echo(f"wrote {json_path}", err=True)
 
 
-__all__ = ["BenchConfig", "bench", "format_table", "measure", "run", "stats"]
+def _sweep(cfg: BenchConfig, widths: str, d_max: int, configs: str, out_prefix: str, seed: int,
+           quiet: bool) -> None:
+    from modrt import sweep as sw
+
+    pairs = []
+    for item in configs.split(","):
+        try:
+            M, K = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise InputError(f"--sweep-configs must be M:K pairs like 16:1,15:3, got {configs!r}") from None
+        pairs.append((M, K))
+    try:
+        scfg = sw.SweepConfig(widths=_ints(widths, "--widths"), configs=tuple(pairs), d_max=d_max, seed=seed)
+    except ValueError as exc:
+        raise InputError(str(exc)) from exc
+    out = Path(out_prefix)
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out_prefix}: directory {out.parent} does not exist")
+    rows = sw.run(scfg, cfg, log=(lambda line: None) if quiet else (lambda line: click.echo(line, err=True)))
+    click.echo(sw.summary(rows))
+    csv_path = sw.write_csv(rows, out.with_name(out.name + ".csv"))
+    click.echo(f"wrote {csv_path}", err=True)
+    title = (f"modrt bench --sweep: p50 latency ratios, {cfg.strategy} strategy, "
+             f"{_cpu_count()} CPU threads, onnxruntime")
+    png = sw.plot(rows, out.with_name(out.name + ".png"), title=_title(title))
+    click.echo(f"wrote {png}", err=True)
+
+
+def _cpu_count() -> int:
+    from modrt.runtime.sessions import cores
+
+    return cores()
+
+
+def _title(text: str) -> str:
+    import onnxruntime
+
+    return f"{text} {onnxruntime.__version__}"
+
+
+__all__ = ["BenchConfig", "STRATEGY", "bench", "format_table", "measure", "run", "stats"]

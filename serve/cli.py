@@ -13,6 +13,7 @@ import socket
 import click
 
 from modrt._exceptions import ModrtError
+from modrt.bench import STRATEGY, STRATEGY_HELP
 from modrt.cli import PROVIDER
 from modrt.serve.config import LOG_LEVELS, ServeConfig
 
@@ -78,7 +79,7 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
               help="How long a request may wait for others to join its batch.")
 @click.option("--provider", default="auto", show_default=True, type=PROVIDER,
               help="ONNX Runtime execution provider.")
-@click.option("--strategy", default="host", show_default=True, help="How modular layers run (see modrt.load).")
+@click.option("--strategy", type=STRATEGY, default="auto", show_default=True, help=STRATEGY_HELP)
 @click.option("--max-request-bytes", default=64 * 2**20, show_default=True, type=int,
               help="Larger request bodies get 413.")
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(LOG_LEVELS))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modrt.runtime.auto import STRATEGIES
 from modrt.serve.batcher import BatchConfig
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -17,7 +18,7 @@ class ServeConfig:
     max_batch: int = 32  # rows merged into one runtime call; 1 turns batching off
     max_queue_delay_us: int = 1000  # how long a request may wait for others to join it
     provider: str = "auto"
-    strategy: str = "host"
+    strategy: str = "auto"  # auto | host | graph | fused (modrt.load)
     max_request_bytes: int = 64 * 2**20  # larger bodies get 413
     log_level: str = "warning"
 
@@ -26,6 +27,8 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} unknown; allowed {STRATEGIES}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level {self.log_level!r} unknown; allowed {LOG_LEVELS}")
         self.batch  # noqa: B018 - validates max_batch / max_queue_delay_us

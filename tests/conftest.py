@@ -6,6 +6,7 @@ Torch-free on purpose: ``tests/core`` must run without PyTorch. Torch-only setup
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,19 @@ from modrt.data.ptb import Corpus
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repository with shared/ beside it, as in the development checkout.
 PTB_DIR = REPO.parent / "shared" / "data" / "ptb"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _strategy_cache(tmp_path_factory):
+    """``modrt.load``'s auto strategy caches its choice under $MODRT_CACHE: keep every test
+    (and the subprocesses they start) out of the user's cache directory."""
+    old = os.environ.get("MODRT_CACHE")
+    os.environ["MODRT_CACHE"] = str(tmp_path_factory.mktemp("modrt-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MODRT_CACHE", None)
+    else:
+        os.environ["MODRT_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

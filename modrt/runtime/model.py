@@ -20,11 +20,10 @@ import numpy as np
 
 from modrt import bundle
 from modrt._exceptions import BundleError, InputError
-from modrt.runtime import host
+from modrt.runtime import auto, host
+from modrt.runtime.auto import STRATEGIES, AutoConfig
 from modrt.runtime.providers import PROVIDERS, ProviderConfig
 from modrt.runtime.sessions import SessionConfig, Sessions
-
-STRATEGIES = ("host",)
 
 
 class Model:
@@ -35,17 +34,19 @@ class Model:
         directory: str | os.PathLike,
         manifest: bundle.Manifest,
         sessions: Sessions,
-        strategy: str = "host",
+        strategy: str = "auto",
+        layers: dict[str, auto.ByBatch] | None = None,
     ):
         self.directory = Path(directory)
         self.manifest = manifest
         self.sessions = sessions
-        self.strategy = strategy
+        self.strategy = strategy  # as asked: auto | host | graph | fused
         m = manifest
         self.K = max(l.k for l in m.layers)
         layer_names = [l.name for l in m.layers]
-        self._routed: dict[str, host.HostLayer] = {
-            l.name: host.HostLayer(l, sessions) for l in m.layers}
+        # Per layer, the strategy (and built layer) for each batch range; see auto.py.
+        self._routed: dict[str, auto.ByBatch] = layers if layers is not None else {
+            l.name: auto.fixed("host", l, host.HostLayer(l, sessions)) for l in m.layers}
         self._dense: dict[str, host.DenseLayer] = {
             l.name: host.DenseLayer(l, sessions[m.dense[l.name]])
             for l in m.layers if l.name in m.dense}
@@ -56,10 +57,15 @@ class Model:
         self._pre = [sessions[s] for s in m.stages[:first]]
         self._mid = list(m.stages[first:last + 1])
         self._post = [sessions[s] for s in m.stages[last + 1:]]
-        entry = self._pre[0] if self._pre else self._routed[m.stages[first]].controller
+        entry = self._pre[0] if self._pre else sessions[m.layer(m.stages[first]).controller]
         self.input = entry.spec.inputs[0]  # the one tensor a user feeds (besides state)
-        exit_ = self._post[-1] if self._post else self._routed[m.stages[last]].modules[0]
+        exit_ = self._post[-1] if self._post else sessions[m.layer(m.stages[last]).module_graphs[0]]
         self.output = exit_.spec.outputs[0]
+        # The per-call path is hot (a small layer runs in ~20 µs): settle what can be once.
+        self._trt = sessions.provider == PROVIDERS["tensorrt"]
+        self._tail = tuple(self.input.shape[1:]) if -1 not in self.input.shape[1:] else None
+        self._single = (m.topology == "feedforward" and not self._pre and not self._post
+                        and len(self._mid) == 1 and self._mid[0] in layer_names)
 
     # --- public --------------------------------------------------------------------
 
@@ -76,6 +82,19 @@ class Model:
         """Routed inference: only the selected modules run. See the module docstring."""
         return self._run(self._routed, tokens, h, inputs)
 
+    def strategy_for(self, batch: int) -> str:
+        """The strategy the modular layers run at this batch size: ``fused``, or
+        ``layer0:fused,layer1:host`` when layers differ."""
+        picks = {name: layer.strategy_for(batch) for name, layer in self._routed.items()}
+        if len(set(picks.values())) == 1:
+            return next(iter(picks.values()))
+        return ",".join(f"{n}:{s}" for n, s in picks.items())
+
+    @property
+    def choice(self) -> dict[str, str]:
+        """Per layer, which strategy runs which batch sizes (what ``auto`` chose)."""
+        return {name: layer.describe() for name, layer in self._routed.items()}
+
     def run_dense(self, tokens: Any = None, *, h: Any = None, **inputs: Any) -> dict[str, Any]:
         """The dense baseline graph(s) instead of the modules; same outputs."""
         missing = [l.name for l in self.manifest.layers if l.name not in self._dense]
@@ -90,7 +109,8 @@ class Model:
 
     def __repr__(self) -> str:
         m = self.manifest
-        layers = ", ".join(f"{l.name}: M={l.modules} K={l.k} {l.combine}" for l in m.layers)
+        layers = ", ".join(f"{l.name}: M={l.modules} K={l.k} {l.combine} [{self.choice[l.name]}]"
+                           for l in m.layers)
         return (f"Model({str(self.directory)!r}, {m.topology}, {layers}, "
                 f"provider={self.provider}, strategy={self.strategy})")
 
@@ -101,21 +121,29 @@ class Model:
         return next(t.shape[-1] for t in spec.inputs if t.name == layer.state)
 
     def _run(self, layers: dict, tokens: Any, h: Any, inputs: dict[str, Any]) -> dict[str, Any]:
-        stack = [layers[s] for s in self._mid if s in layers]
         if self.manifest.topology == "recurrent":
             if inputs:
                 raise InputError(f"unexpected inputs {sorted(inputs)}; a recurrent bundle takes tokens=")
             tok = self._tokens(tokens)
             self._check_profile(*tok.shape)
             h0 = self._h0(h, tok.shape[0])
+            stack = [_pick(layers[s], tok.shape[0]) for s in self._mid if s in layers]
             logits, modules, h_last = host.recurrent(self._pre, stack, self._post, tok, h0, self.K)
             return {"logits": logits, "next_token": logits.argmax(-1), "modules": modules,
                     "h_last": h_last[0] if len(h_last) == 1 else h_last}
         if tokens is not None or h is not None:
             raise InputError(f"a feed-forward bundle takes {self.input.name}=, not tokens= or h=")
         x = self._features(inputs)
-        self._check_profile(x.shape[0], 1)
-        stages = self._pre + [layers[s] if s in layers else self.sessions[s] for s in self._mid]
+        B = x.shape[0]
+        if self._trt:
+            self._check_profile(B, 1)
+        if self._single:  # one modular layer and nothing around it: no stage loop
+            y, a = _pick(layers[self._mid[0]], B)({self.input.name: x})
+            out = {self.output.name: y, "modules": a.astype(np.int32, copy=False)[:, None]}  # (B, 1, K)
+            if self.output.name == "logits":
+                out["label"] = y.argmax(-1)
+            return out
+        stages = self._pre + [_pick(layers[s], B) if s in layers else self.sessions[s] for s in self._mid]
         stages += self._post
         y, modules = host.feedforward(stages, {self.input.name: x}, self.K)
         out = {self.output.name: y, "modules": modules}
@@ -165,6 +193,11 @@ class Model:
 
     def _features(self, inputs: dict[str, Any]) -> np.ndarray:
         name = self.input.name
+        if len(inputs) == 1 and name in inputs:  # the common case, checked cheaply
+            x = inputs[name]
+            if (type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == self._tail
+                    and x.shape[0] > 0 and x.flags.c_contiguous):
+                return x
         if set(inputs) != {name}:
             raise InputError(f"this bundle takes exactly one input, {name}=; got {sorted(inputs) or 'none'}")
         x = np.asarray(inputs[name])
@@ -178,34 +211,46 @@ class Model:
         return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _pick(layer, batch: int):
+    """The built layer a ``ByBatch`` (or ``DenseLayer``) runs at this batch size: chosen
+    once per call, not per time step."""
+    return layer.pick(batch) if isinstance(layer, auto.ByBatch) else layer
+
+
 def load(
     path: str | os.PathLike,
     provider: str = "auto",
-    strategy: str = "host",
+    strategy: str = "auto",
     *,
     threads: int = 0,
     thread_pool: str = "session",
     verify: bool = True,
     provider_config: ProviderConfig | None = None,
     session_config: SessionConfig | None = None,
+    auto_config: AutoConfig | None = None,
 ) -> Model:
     """Validate a bundle and create its sessions, once.
 
     ``provider``: auto | tensorrt | cuda | cpu (auto: TensorRT, then CUDA, then CPU).
-    ``strategy``: how modular layers run; ``host`` (numpy routing over per-module
-    sessions) is the one implemented. ``threads``: intra-op threads per session (0: all
-    cores). ``provider_config``/``session_config`` give full control and override the
-    plain arguments.
+    ``strategy``: how modular layers run (DESIGN.md §6): ``host`` (numpy routing over
+    per-module sessions), ``graph`` (one composed ONNX graph per layer, routing inside),
+    ``fused`` (ORT's MoE op, feed-forward MLP modules), or ``auto`` (the default: measure
+    those that apply, keep the fastest per layer and batch range, cache the choice; see
+    ``modrt.runtime.auto``). ``threads``: intra-op threads per session (0: all cores).
+    ``provider_config``/``session_config``/``auto_config`` give full control and override
+    the plain arguments.
     """
     if strategy not in STRATEGIES:
-        raise InputError(f"strategy {strategy!r} unknown or not implemented; choose one of {STRATEGIES}")
+        raise InputError(f"strategy {strategy!r} unknown; choose one of {', '.join(STRATEGIES)}")
     manifest = bundle.load(path, verify=verify)
     try:
         pcfg = provider_config or ProviderConfig(name=provider)
         scfg = session_config or SessionConfig(threads=threads, thread_pool=thread_pool)
     except ValueError as exc:
         raise InputError(str(exc)) from exc
-    return Model(path, manifest, Sessions(path, manifest, pcfg, scfg), strategy)
+    sessions = Sessions(path, manifest, pcfg, scfg)
+    layers = auto.choose(path, manifest, sessions, scfg, strategy, auto_config)
+    return Model(path, manifest, sessions, strategy, layers)
 
 
-__all__ = ["Model", "load", "STRATEGIES"]
+__all__ = ["Model", "load", "STRATEGIES", "AutoConfig"]

@@ -120,8 +120,8 @@ def test_model_reports_provider_and_manifest(ff_bundle):
 
 
 def test_unknown_strategy(ff_bundle):
-    with pytest.raises(InputError, match="strategy 'graph' unknown or not implemented"):
-        modrt.load(ff_bundle(), strategy="graph")
+    with pytest.raises(InputError, match="strategy 'warp' unknown; choose one of auto, host, graph, fused"):
+        modrt.load(ff_bundle(), strategy="warp")
 
 
 def test_global_thread_pool_in_a_subprocess(ff_bundle):

@@ -1,0 +1,297 @@
+"""Strategy choice per modular layer (DESIGN.md §6 "Strategies"): ``host``, ``graph``,
+``fused`` or ``auto``, which measures the ones that apply on the bundle's own shapes at
+load and keeps the fastest per batch range.
+
+    auto, per layer:
+      candidates  host always; graph and fused where they apply and build (a strategy that
+                  declines says why, logged at debug). Large modules skip the measurement:
+                  above ``AutoConfig.large_module_bytes`` a module call costs hundreds of µs
+                  and the host strategy's per-call overhead (~10 µs) is a few percent of it,
+                  so composing hundreds of MB into one more graph buys nothing.
+      measure     for each batch in ``AutoConfig.batches``: random inputs of the layer's
+                  shapes, the candidates called in turn (interleaved, so background load
+                  hits all alike) until the time share or ``max_calls`` is spent; median.
+      choose      the fastest per batch; batch b_i covers the sizes up to the geometric
+                  mean of b_i and b_{i+1}.
+      cache       the choice as JSON under ``cache_dir()/strategy``, keyed by the bundle
+                  (sha256 of manifest.json, which holds every graph's sha256), the machine,
+                  the provider, onnxruntime's and modrt's versions and the session
+                  settings. A changed bundle has another key, so it is measured afresh.
+
+``ByBatch`` is the layer ``Model`` runs: it holds one built layer per chosen strategy and
+``pick(batch)`` returns the one for a batch size (once per ``run``, not per time step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modrt._exceptions import InputError, ModrtError
+from modrt._version import __version__
+from modrt.bundle import LayerSpec, Manifest
+from modrt.runtime import fused, graph, host
+from modrt.runtime.sessions import SessionConfig, Sessions, cores
+
+log = logging.getLogger("modrt.runtime")
+
+STRATEGIES = ("auto", "host", "graph", "fused")
+CACHE_ENV = "MODRT_CACHE"  # base cache directory; the choices go under <it>/strategy
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """How ``auto`` measures; the defaults keep a load under ~2 s of measuring."""
+
+    seconds: float = 1.5  # measuring budget for the whole bundle
+    batches: tuple[int, ...] = (1, 8, 64)  # representative batch sizes, ascending
+    max_calls: int = 40  # per candidate and batch: enough for a stable median
+    large_module_bytes: int = 4 << 20  # modules with a larger weight: host, no measuring
+    cache: bool = True  # read and write the choice cache
+
+    def __post_init__(self) -> None:
+        if self.seconds <= 0 or self.max_calls < 1:
+            raise ValueError(f"need seconds > 0 and max_calls >= 1, got {self.seconds}, {self.max_calls}")
+        if not self.batches or list(self.batches) != sorted(set(self.batches)) or self.batches[0] < 1:
+            raise ValueError(f"batches must be distinct positive sizes in ascending order, got {self.batches}")
+
+
+def cache_dir() -> Path:
+    """``$MODRT_CACHE``, else ``$XDG_CACHE_HOME/modrt``, else ``~/.cache/modrt``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modrt"
+
+
+# --- one layer per strategy -------------------------------------------------------------
+
+
+def build(name: str, directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
+          sessions: Sessions, config: SessionConfig):
+    """The layer ``spec`` under strategy ``name`` (host | graph | fused); InputError if it declines."""
+    if name == "host":
+        return host.HostLayer(spec, sessions)
+    providers = sessions[spec.controller].providers
+    if name == "graph":
+        return graph.GraphLayer(directory, manifest, spec, config, providers)
+    if name == "fused":
+        return fused.FusedLayer(directory, manifest, spec, config, providers)
+    raise InputError(f"strategy {name!r} unknown; choose one of {', '.join(STRATEGIES)}")
+
+
+class ByBatch:
+    """A modular layer run by the strategy chosen for the batch size (``auto``)."""
+
+    kind = "auto"
+
+    def __init__(self, spec: LayerSpec, ranges: list[tuple[int | None, str]], layers: dict[str, Any]):
+        self.spec = spec
+        self.ranges = ranges  # [(largest batch or None for any, strategy)], ascending
+        self.layers = layers  # strategy -> built layer
+        self.inputs = next(iter(layers.values())).inputs
+
+    def strategy_for(self, batch: int) -> str:
+        for upto, name in self.ranges:
+            if upto is None or batch <= upto:
+                return name
+        raise AssertionError(self.ranges)  # the last range is open
+
+    def pick(self, batch: int):
+        return self.layers[self.strategy_for(batch)]
+
+    def __call__(self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None):
+        return self.pick(next(iter(feeds.values())).shape[0])(feeds, out)
+
+    def describe(self) -> str:
+        lo, parts = 1, []
+        for upto, name in self.ranges:
+            parts.append(f"{name} for batch {lo}+" if upto is None else
+                         f"{name} for batch {lo}" + (f"-{upto}" if upto > lo else ""))
+            lo = (upto or 0) + 1
+        return ", ".join(parts)
+
+
+def fixed(name: str, spec: LayerSpec, layer: Any) -> ByBatch:
+    return ByBatch(spec, [(None, name)], {name: layer})
+
+
+# --- measuring --------------------------------------------------------------------------
+
+
+def _feeds(manifest: Manifest, spec: LayerSpec, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    feeds = {}
+    for t in manifest.graphs[spec.controller].inputs:
+        shape = (batch, *[d if d > 0 else 1 for d in t.shape[1:]])
+        a = rng.standard_normal(shape).astype(t.dtype) if t.dtype.startswith("float") else np.zeros(shape, t.dtype)
+        if t.name == spec.state:
+            a = np.tanh(a)  # a recurrent state lives in (-1, 1)
+        feeds[t.name] = a
+    return feeds
+
+
+def measure(fns: dict[str, Callable[[dict], object]], pool: list[dict], seconds: float, max_calls: int
+            ) -> dict[str, float]:
+    """Median µs per call of each candidate, called in turn over ``pool``."""
+    for f in fns.values():  # warm-up: first calls allocate
+        f(pool[0])
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    clock = time.perf_counter
+    end = clock() + seconds
+    i = 0
+    while True:
+        for k, f in fns.items():
+            t0 = clock()
+            f(pool[i % len(pool)])
+            times[k].append(clock() - t0)
+        i += 1
+        if i >= max_calls or (clock() >= end and i >= 3):
+            break
+    return {k: float(np.median(v)) * 1e6 for k, v in times.items()}
+
+
+def _ranges(batches: tuple[int, ...], winners: list[str]) -> list[tuple[int | None, str]]:
+    out: list[tuple[int | None, str]] = []
+    for i, w in enumerate(winners):
+        upto = None if i == len(batches) - 1 else int(np.sqrt(batches[i] * batches[i + 1]))
+        if out and out[-1][1] == w:
+            out[-1] = (upto, w)
+        else:
+            out.append((upto, w))
+    return out
+
+
+def _work_bytes(path: Path) -> int:
+    """Bytes of the largest initializer in a graph file."""
+    import onnx
+    from onnx import helper
+
+    g = onnx.load(str(path), load_external_data=False).graph
+    return max((int(np.prod(t.dims)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+                for t in g.initializer), default=0)
+
+
+# --- the cache --------------------------------------------------------------------------
+
+
+def _machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"system": platform.system(), "arch": platform.machine(), "cpu": cpu, "cores": cores()}
+
+
+def cache_key(directory: str | os.PathLike, provider: str, config: SessionConfig, auto: AutoConfig) -> tuple[str, dict]:
+    import onnxruntime as ort
+
+    what = {
+        "manifest_sha256": hashlib.sha256((Path(directory) / "manifest.json").read_bytes()).hexdigest(),
+        "machine": _machine(), "provider": provider, "onnxruntime": ort.__version__, "modrt": __version__,
+        "session": asdict(config), "batches": list(auto.batches), "large_module_bytes": auto.large_module_bytes,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24], what
+
+
+def _read_cache(path: Path, layers: tuple[LayerSpec, ...]) -> dict[str, list[tuple[int | None, str]]] | None:
+    try:
+        raw = json.loads(path.read_text())
+        got = {name: [(r["max_batch"], r["strategy"]) for r in ranges] for name, ranges in raw["layers"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    ok = set(got) == {l.name for l in layers} and all(
+        rs and rs[-1][0] is None and all(s in STRATEGIES[1:] for _, s in rs) for rs in got.values())
+    return got if ok else None
+
+
+def _write_cache(path: Path, record: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+    except OSError as exc:  # a read-only home must not stop a load
+        log.warning("auto: cannot write the strategy cache %s (%s)", path, exc)
+
+
+# --- the choice -------------------------------------------------------------------------
+
+
+def choose(directory: str | os.PathLike, manifest: Manifest, sessions: Sessions, config: SessionConfig,
+           strategy: str = "auto", auto: AutoConfig | None = None) -> dict[str, ByBatch]:
+    """Layer name -> ``ByBatch`` for ``strategy`` (explicit strategies: one range)."""
+    if strategy not in STRATEGIES:
+        raise InputError(f"strategy {strategy!r} unknown; choose one of {', '.join(STRATEGIES)}")
+    if strategy != "auto":
+        return {l.name: fixed(strategy, l, build(strategy, directory, manifest, l, sessions, config))
+                for l in manifest.layers}
+    auto = auto or AutoConfig()
+    key, what = cache_key(directory, sessions.used, config, auto)
+    path = cache_dir() / "strategy" / f"{key}.json"
+    cached = _read_cache(path, manifest.layers) if auto.cache else None
+    if cached is not None:
+        try:
+            out = {l.name: ByBatch(l, cached[l.name], {s: build(s, directory, manifest, l, sessions, config)
+                                                      for _, s in cached[l.name]}) for l in manifest.layers}
+        except ModrtError as exc:  # the machine changed under the same key: measure again
+            log.info("auto: cached choice does not build (%s); measuring", exc)
+        else:
+            for name, layer in out.items():
+                log.info("auto: %s: %s (cached, %s)", name, layer.describe(), path)
+            return out
+    t0 = time.perf_counter()
+    out, measured = {}, {}
+    budget = auto.seconds / max(1, len(manifest.layers))
+    rng = np.random.default_rng(0)
+    for spec in manifest.layers:
+        layers = {"host": host.HostLayer(spec, sessions)}
+        declined = {}
+        if _work_bytes(Path(directory) / manifest.graphs[spec.module_graphs[0]].file) > auto.large_module_bytes:
+            declined["graph"] = declined["fused"] = "large modules: per-call overhead is negligible"
+        else:
+            for name in ("graph", "fused"):
+                try:
+                    layers[name] = build(name, directory, manifest, spec, sessions, config)
+                except ModrtError as exc:
+                    declined[name] = str(exc)
+        for name, why in declined.items():
+            log.debug("auto: %s: %s declined: %s", spec.name, name, why)
+        if len(layers) == 1:
+            out[spec.name] = fixed("host", spec, layers["host"])
+            measured[spec.name] = {"declined": declined}
+            continue
+        winners, us = [], {}
+        for B in auto.batches:
+            pool = [_feeds(manifest, spec, B, rng) for _ in range(8)]
+            fns = {k: (lambda layer: lambda f: layer(f))(v) for k, v in layers.items()}
+            us[str(B)] = {k: round(v, 1) for k, v in measure(
+                fns, pool, budget / len(auto.batches), auto.max_calls).items()}
+            winners.append(min(us[str(B)], key=us[str(B)].get))
+        ranges = _ranges(auto.batches, winners)
+        out[spec.name] = ByBatch(spec, ranges, {s: layers[s] for _, s in ranges})
+        measured[spec.name] = {"us_per_call": us, "declined": declined}
+    elapsed = time.perf_counter() - t0
+    for name, layer in out.items():
+        log.info("auto: %s: %s (measured in %.2f s)", name, layer.describe(), elapsed)
+    if auto.cache:
+        _write_cache(path, {
+            "key": key, "bundle": Path(directory).resolve().name, **what, "seconds": round(elapsed, 3),
+            "layers": {n: [{"max_batch": u, "strategy": s} for u, s in l.ranges] for n, l in out.items()},
+            "measured": measured,
+        })
+    return out
+
+
+__all__ = ["AutoConfig", "ByBatch", "STRATEGIES", "CACHE_ENV", "build", "cache_dir", "cache_key", "choose",
+           "measure"]

@@ -1,0 +1,229 @@
+"""The ``fused`` strategy (DESIGN.md §6): feed-forward modules run by ONNX Runtime's
+``com.microsoft.MoE`` contrib op, one fused kernel for all experts.
+
+    x (B, D) -> controller (inlined) -> log_probs (B, K, M) -> ArgMax per slot -> sel (B, K)
+             -> router (B, M): 0 for a module selected in any slot, -1e4 for the others
+                (OneHot with values (-1e4, 0), ReduceMax over the slots)
+             -> MoE(x, router, experts packed from the module graphs, k=K) -> y (B, D_out)
+
+Why this router and not the controller's logits: MoE softmaxes its router input, takes the
+top k and (``normalize_routing_weights=1``) renormalises their weights. Fed this router,
+each of a row's n distinct selected modules gets weight exactly 1/n and every other
+module exp(-1e4) = 0 in float32 (one that fills a top-k place left by a repeated module
+is computed and weighted 0). So MoE returns the *mean* over the distinct selected
+modules, the bundle's ``mean`` rule; ``sum`` is that times n (for K=1, n=1: no scaling).
+Only rounding differs from ``routing.combine``; the runtime's tests hold it to the dense
+graph row for row.
+
+Applies to layers whose module graphs are two-layer MLPs ``MatMul/Gemm, Add, act,
+MatMul/Gemm, Add`` with act in ``ACTIVATIONS``; ``unsupported`` says why not otherwise.
+The expert layout is checked against numpy at load (ORT changed it across versions).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+
+from modrt._exceptions import InputError
+from modrt.bundle import LayerSpec, Manifest
+from modrt.runtime import graph as g
+from modrt.runtime.sessions import SessionConfig
+
+if TYPE_CHECKING:
+    import onnx
+
+ACTIVATIONS = {"Relu": "relu", None: "identity"}  # ONNX op between the two linears -> MoE's name
+PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
+OFF = 1e4  # router value of an unselected module: exp(-1e4) is 0 in float32
+
+
+class Experts(NamedTuple):
+    """M two-layer MLPs packed in ``x @ w1 + b1`` layout (in, out)."""
+
+    w1: np.ndarray  # (M, D, H)
+    b1: np.ndarray  # (M, H)
+    w2: np.ndarray  # (M, H, D_out)
+    b2: np.ndarray  # (M, D_out)
+    activation: str  # MoE activation_type
+
+
+def mlp_params(graph: onnx.GraphProto) -> tuple[list[np.ndarray], str] | None:
+    """([w1 (D, H), b1, w2 (H, D_out), b2], activation) of a two-layer MLP graph, or None."""
+    from onnx import helper, numpy_helper
+
+    init = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    nodes = list(graph.node)
+    linears, act = [], None
+    i, cur = 0, graph.input[0].name if len(graph.input) == 1 else None
+    if cur is None:
+        return None
+    while i < len(nodes):
+        n = nodes[i]
+        if n.op_type in ("MatMul", "Gemm") and n.input[0] == cur and n.input[1] in init:
+            w = init[n.input[1]].astype(np.float32)
+            b = None
+            if n.op_type == "Gemm":
+                attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+                if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                    return None
+                w = w.T if attrs.get("transB", 0) else w
+                if len(n.input) > 2 and n.input[2] and n.input[2] not in init:
+                    return None
+                b = init[n.input[2]] if len(n.input) > 2 and n.input[2] else None
+                cur = n.output[0]
+                i += 1
+            else:
+                cur = n.output[0]
+                i += 1
+                if i < len(nodes) and nodes[i].op_type == "Add" and cur in nodes[i].input:
+                    other = [x for x in nodes[i].input if x != cur]
+                    if len(other) != 1 or other[0] not in init:
+                        return None
+                    b = init[other[0]]
+                    cur = nodes[i].output[0]
+                    i += 1
+            if w.ndim != 2:
+                return None
+            b = np.zeros(w.shape[1], np.float32) if b is None else np.broadcast_to(b, (w.shape[1],))
+            linears.append((w, b.astype(np.float32)))
+        elif len(linears) == 1 and act is None and n.op_type in ACTIVATIONS and n.input[0] == cur:
+            act = n.op_type
+            cur = n.output[0]
+            i += 1
+        else:
+            return None
+    if len(linears) != 2 or cur != graph.output[0].name:
+        return None
+    (w1, b1), (w2, b2) = linears
+    return [w1, b1, w2, b2], ACTIVATIONS[act]
+
+
+def pack(directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec) -> Experts | None:
+    """The layer's module graphs as packed experts; None if any is not a two-layer MLP."""
+    params = [mlp_params(g.load_graph(directory, manifest, name)) for name in spec.module_graphs]
+    if any(p is None for p in params) or len({p[1] for p in params}) != 1:
+        return None
+    try:
+        return Experts(*(np.stack([p[0][i] for p in params]) for i in range(4)), params[0][1])
+    except ValueError:  # modules of different shapes
+        return None
+
+
+def moe_node(b: g.Builder, x: str, router: str, experts: Experts, k: int, out: str) -> str:
+    """Append a ``com.microsoft.MoE`` node; weights in its (E, out, in) layout (ORT >= 1.22)."""
+    w1 = b.const(experts.w1.transpose(0, 2, 1))  # (M, H, D)
+    w2 = b.const(experts.w2.transpose(0, 2, 1))  # (M, D_out, H)
+    return b.node("MoE", [x, router, w1, b.const(experts.b1), w2, b.const(experts.b2)], [out],
+                  domain="com.microsoft", k=k, normalize_routing_weights=1,
+                  activation_type=experts.activation)
+
+
+def unsupported(spec: LayerSpec, manifest: Manifest, provider: str) -> str | None:
+    """Why the fused strategy cannot run this layer (None: it can, pending ``pack``)."""
+    selection = getattr(spec, "selection", "slots")
+    if selection != "slots":
+        return f"selection {selection!r} (only 'slots')"
+    if spec.combine not in g.COMBINES:
+        return f"combine {spec.combine!r} (only {', '.join(g.COMBINES)})"
+    if manifest.topology != "feedforward" or spec.state is not None:
+        return "recurrent modules (MoE takes feed-forward MLP experts)"
+    if provider not in PROVIDERS:
+        return f"{provider} has no com.microsoft.MoE kernel"
+    ctrl_in = manifest.graphs[spec.controller].inputs
+    mod_in = manifest.graphs[spec.module_graphs[0]].inputs
+    if len(ctrl_in) != 1 or len(mod_in) != 1 or ctrl_in[0].name != mod_in[0].name or len(mod_in[0].shape) != 2:
+        return "the controller and modules must take the same one 2-D input"
+    out = manifest.graphs[spec.module_graphs[0]].outputs
+    if len(out) != 1 or out[0].shape[1:] != mod_in[0].shape[1:]:
+        return "MoE experts map D features to D features; these modules change the width"
+    return None
+
+
+def compose(directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec, experts: Experts) -> onnx.ModelProto:
+    """Controller + mask router + MoE as one model; outputs (y (B, D_out), selection (B, K))."""
+    from onnx import TensorProto, helper
+
+    b = g.Builder(max(manifest.opset, g.MIN_OPSET))
+    ctrl = g.prefixed(g.load_graph(directory, manifest, spec.controller), "c/")
+    x = manifest.graphs[spec.controller].inputs[0].name
+    for n in ctrl.node:
+        n.input[:] = [x if i == f"c/{x}" else i for i in n.input]
+    b.inline(ctrl)
+    # router (B, M): 0 for a selected module, -OFF for the others
+    _, router = b.route(f"c/{manifest.graphs[spec.controller].outputs[0].name}", spec.modules, off=-OFF, on=0.0)
+    out_spec = manifest.graphs[spec.module_graphs[0]].outputs[0]
+    out = out_spec.name
+    if spec.combine == "sum" and spec.k > 1:  # MoE gives the mean over the n distinct: times n
+        mean = moe_node(b, x, router, experts, spec.k, "fused/mean")
+        total = b.reduce("ReduceSum", router, [1], "fused/total", keepdims=1)  # -OFF * (M - n), exact
+        unsel = b.node("Div", [total, b.const(np.array(-OFF, np.float32))], ["fused/unselected"])
+        n = b.node("Sub", [b.const(np.array(spec.modules, np.float32)), unsel], ["fused/distinct"])  # (B, 1)
+        b.node("Mul", [mean, n], [out])
+    else:
+        moe_node(b, x, router, experts, spec.k, out)
+    outs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["B", *out_spec.shape[1:]]),
+            helper.make_tensor_value_info(g.SEL, TensorProto.INT32, ["B", spec.k])]
+    return b.model(g.io_info(manifest, spec.controller, "inputs"), outs, f"{spec.name}.fused")
+
+
+def reference(experts: Experts, x: np.ndarray, a: np.ndarray, rule: str) -> np.ndarray:
+    """The layer in numpy, row by row over distinct modules: what MoE must reproduce."""
+    out = np.zeros((x.shape[0], experts.w2.shape[2]), np.float64)
+    for r in range(x.shape[0]):
+        mods = sorted(set(a[r].tolist()))
+        for m in mods:
+            h = x[r] @ experts.w1[m] + experts.b1[m]
+            h = np.maximum(h, 0) if experts.activation == "relu" else h
+            out[r] += h @ experts.w2[m] + experts.b2[m]
+        if rule == "mean":
+            out[r] /= len(mods)
+    return out
+
+
+class FusedLayer:
+    """A feed-forward modular layer run by ORT's MoE op: ``layer(feeds) -> (y, a (B, K))``."""
+
+    kind = "fused"
+
+    def __init__(self, directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
+                 config: SessionConfig, providers: list[str]):
+        why = unsupported(spec, manifest, providers[0])
+        experts = None if why else pack(directory, manifest, spec)
+        if experts is None and not why:
+            why = "module graphs are not two-layer MLPs (MatMul/Gemm, Add, Relu, MatMul/Gemm, Add)"
+        if why:
+            raise InputError(f"strategy 'fused' cannot run layer {spec.name}: {why}")
+        self.spec = spec
+        self.inputs = [t.name for t in manifest.graphs[spec.controller].inputs]
+        self.session = g.session(compose(directory, manifest, spec, experts), config, providers,
+                                 f"layer {spec.name} (fused strategy)")
+        self._names = [manifest.graphs[spec.module_graphs[0]].outputs[0].name, g.SEL]
+        self._run = g.fast_run(self.session)
+        self._check(experts, manifest)
+
+    def _check(self, experts: Experts, manifest: Manifest) -> None:
+        """One small batch against numpy: MoE's weight layout has changed across ORT versions."""
+        D = manifest.graphs[self.spec.controller].inputs[0].shape[1]
+        x = np.random.default_rng(0).standard_normal((6, D), dtype=np.float32)
+        y, a = self(dict(zip(self.inputs, [x], strict=True)))
+        want = reference(experts, x.astype(np.float64), a, self.spec.combine)
+        if not np.allclose(y, want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max()))):
+            raise InputError(f"strategy 'fused' cannot run layer {self.spec.name}: com.microsoft.MoE "
+                             "disagrees with the modules (expert layout of this onnxruntime?)")
+
+    def __call__(self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            y, a = self._run(self._names, feeds, None)
+        except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
+            raise g.convert(f"{self.spec.name} ({self.kind})", exc) from exc
+        if out is not None:
+            out[...] = y
+            return out, a
+        return y, a
+
+
+__all__ = ["FusedLayer", "Experts", "compose", "mlp_params", "moe_node", "pack", "reference", "unsupported"]

@@ -1,0 +1,146 @@
+"""``auto``: measured once per bundle, machine and provider, cached, re-measured when the
+bundle changes; ``--strategy`` on the command lines."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import modrt
+from modrt import bench, synthetic
+from modrt.cli import cli
+from modrt.runtime import auto
+
+DIMS = (8, 16, 8)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    d = tmp_path / "cache"
+    monkeypatch.setenv(auto.CACHE_ENV, str(d))
+    return d / "strategy"
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Counts the measurements ``auto`` makes (each is one layer at one batch size)."""
+    calls = []
+    real = auto.measure
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auto, "measure", counting)
+    return calls
+
+
+def _equal_to_dense(model):
+    x = np.random.default_rng(1).standard_normal((5, DIMS[0])).astype(np.float32)
+    r, d = model.run(x=x), model.run_dense(x=x)
+    np.testing.assert_array_equal(r["modules"], d["modules"])
+    np.testing.assert_allclose(r["y"], d["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_choice_is_cached_and_invalidated_when_the_bundle_changes(tmp_path, cache, measured):
+    d = synthetic.build(tmp_path / "b", modules=6, k=2, dims=DIMS, seed=0)
+    first = modrt.load(d)
+    assert len(measured) == len(auto.AutoConfig().batches)
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    assert record["provider"] == "CPUExecutionProvider" and record["machine"]["cores"] >= 1
+    assert set(record["measured"]["layer0"]["us_per_call"]["1"]) == {"host", "graph", "fused"}
+    assert record["layers"]["layer0"][-1]["max_batch"] is None
+
+    again = modrt.load(d)  # same bundle, machine, provider: read from the cache, nothing measured
+    assert len(measured) == 3
+    assert again.choice == first.choice
+    _equal_to_dense(again)
+
+    synthetic.build(d, modules=6, k=2, dims=DIMS, seed=1)  # re-exported in place: new weights
+    changed = modrt.load(d)
+    assert len(measured) == 6 and len(list(cache.glob("*.json"))) == 2
+    _equal_to_dense(changed)
+
+
+def test_a_corrupt_cache_entry_is_measured_again(tmp_path, cache, measured):
+    d = synthetic.build(tmp_path / "b", modules=4, k=1, dims=DIMS)
+    modrt.load(d)
+    (path,) = cache.glob("*.json")
+    path.write_text("{not json")
+    _equal_to_dense(modrt.load(d))
+    assert len(measured) == 6 and json.loads(path.read_text())["layers"]
+
+
+def test_cache_off_and_unwritable_cache_dir(tmp_path, monkeypatch, measured):
+    d = synthetic.build(tmp_path / "b", modules=4, k=1, dims=DIMS)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv(auto.CACHE_ENV, str(blocker))  # a file where the directory should be
+    _equal_to_dense(modrt.load(d))  # a warning, not a failure
+    modrt.load(d, auto_config=auto.AutoConfig(cache=False))
+    assert len(measured) == 6
+
+
+def test_large_modules_keep_host_without_measuring(tmp_path, cache, measured):
+    d = synthetic.build(tmp_path / "b", modules=4, k=1, dims=DIMS)
+    model = modrt.load(d, auto_config=auto.AutoConfig(large_module_bytes=0))
+    assert measured == [] and model.choice == {"layer0": "host for batch 1+"}
+    assert model.strategy_for(64) == "host"
+
+
+def test_auto_config_is_validated():
+    with pytest.raises(ValueError, match="ascending"):
+        auto.AutoConfig(batches=(8, 1))
+    with pytest.raises(ValueError, match="seconds > 0"):
+        auto.AutoConfig(seconds=0)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(auto.CACHE_ENV, str(tmp_path / "c"))
+    assert auto.cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(auto.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert auto.cache_dir() == tmp_path / "x" / "modrt"
+
+
+@pytest.mark.parametrize("strategy", ["host", "graph", "fused", "auto"])
+def test_bench_reports_the_strategy_of_every_row(ff_bundle, strategy):
+    report = bench.run(ff_bundle(modules=4, k=1, dims=DIMS),
+                       bench.BenchConfig(batches=(1, 3), seconds=0.01, warmup=1, torch=False, strategy=strategy),
+                       progress=False)
+    assert report["config"]["strategy"] == strategy
+    for r in report["results"]:
+        assert r["strategy"] == strategy if strategy != "auto" else r["strategy"] in ("host", "graph", "fused")
+    assert "routed strategy" in bench.format_table(report)
+    assert all(d < 1e-4 for d in report["config"]["parity_max_abs_diff"].values())
+
+
+def test_bench_cli_strategy_and_bad_value():
+    res = CliRunner().invoke(cli, ["bench", "--synthetic", "--modules", "4", "--dims", "8,16,8", "--batch", "2",
+                                   "--strategy", "graph", "--no-torch", "--seconds", "0.01", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "strategy=graph" in res.output
+
+
+@pytest.mark.parametrize("cmd", [["bench", "--synthetic"], ["serve", "nowhere"]])
+def test_unknown_strategy_is_one_line_exit_2(cmd):
+    p = subprocess.run([sys.executable, "-m", "modrt", *cmd, "--strategy", "warp"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert lines == ["error: --strategy 'warp' unknown; choose one of auto, host, graph, fused"], p.stderr
+
+
+def test_explicit_strategy_that_declines_is_one_line(lm_bundle):
+    p = subprocess.run([sys.executable, "-m", "modrt", "bench", str(lm_bundle()), "--strategy", "fused",
+                        "--seconds", "0.01", "-q"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "strategy 'fused' cannot run layer layer0: recurrent modules" in lines[0]

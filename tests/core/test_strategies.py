@@ -1,0 +1,139 @@
+"""Every strategy (host, graph, fused, auto) equals the dense baseline graph row for row."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+
+import modrt
+from modrt import synthetic
+from modrt._exceptions import InputError
+from modrt.runtime import auto, fused, graph
+from modrt.runtime.sessions import SessionConfig
+
+DIMS = (8, 16, 8)  # MoE experts keep the width (fused); graph/host also run (8, 16, 6) below
+STRATEGIES = ("host", "graph", "fused", "auto")
+
+
+def _check(model, x, rule, reference):
+    r, d = model.run(x=x), model.run_dense(x=x)
+    assert r["y"].shape == (x.shape[0], DIMS[2]) and r["y"].dtype == np.float32
+    assert r["modules"].dtype == np.int32 and r["modules"].shape == (x.shape[0], 1, model.K)
+    np.testing.assert_array_equal(r["modules"], d["modules"])
+    np.testing.assert_allclose(r["y"], d["y"], rtol=1e-5, atol=1e-5)
+    w = synthetic.read_weights(model.directory, model.manifest)
+    np.testing.assert_allclose(r["y"], reference(w, x.astype(np.float64), r["modules"][:, 0], rule),
+                               rtol=1e-4, atol=1e-4)
+    return r
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("k,rule", [(1, "sum"), (3, "sum"), (3, "mean"), (2, "mean")])
+def test_feedforward_equals_dense(ff_bundle, mlp_reference, strategy, k, rule):
+    model = modrt.load(ff_bundle(modules=8, k=k, dims=DIMS, combine=rule), strategy=strategy)
+    for batch in (1, 2, 5, 64):  # 2 rows over 8 modules: most modules get no rows at all
+        x = np.random.default_rng(batch).standard_normal((batch, DIMS[0])).astype(np.float32)
+        r = _check(model, x, rule, mlp_reference)
+        if batch == 2:
+            assert len(np.unique(r["modules"])) < 8
+        assert model.strategy_for(batch) in ("host", "graph", "fused")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("k,picks", [(1, [5]), (3, [2, 2, 4]), (3, [1, 1, 1])])
+def test_one_module_gets_every_row(ff_bundle, forced_weights, mlp_reference, strategy, k, picks):
+    """One module serves every row; with K > 1 a module repeated in slots counts once."""
+    w = forced_weights(6, k, DIMS, picks)
+    model = modrt.load(ff_bundle(modules=6, k=k, dims=DIMS, weights=w, name=f"forced-{picks}"),
+                       strategy=strategy)
+    for batch in (1, 33):
+        x = np.random.default_rng(batch).standard_normal((batch, DIMS[0])).astype(np.float32)
+        r = _check(model, x, "sum", mlp_reference)
+        assert (r["modules"][:, 0] == np.array(picks)).all()
+
+
+@pytest.mark.parametrize("strategy", ["host", "graph", "auto"])
+@pytest.mark.parametrize("k,rule", [(1, "sum"), (3, "mean"), (2, "sum")])
+def test_recurrent_equals_dense(lm_bundle, strategy, k, rule):
+    model = modrt.load(lm_bundle(modules=5, k=k, combine=rule), strategy=strategy)
+    for batch in (1, 2, 7):
+        tok = np.random.default_rng(batch).integers(0, 40, (batch, 9))
+        r, d = model.run(tokens=tok), model.run_dense(tokens=tok)
+        assert r["modules"].dtype == np.int32 and r["modules"].shape == (batch, 9, 1, k)
+        np.testing.assert_array_equal(r["modules"], d["modules"])
+        np.testing.assert_allclose(r["logits"], d["logits"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r["h_last"], d["h_last"], rtol=1e-5, atol=1e-5)
+
+
+def test_graph_layer_with_and_without_if(ff_bundle, lm_bundle):
+    """Both compositions (modules behind an If, or run on empty blocks) equal the dense step."""
+    for bundle_dir, feeds in ((ff_bundle(modules=6, k=3, dims=DIMS), lambda B, r: {
+                                   "x": r.standard_normal((B, DIMS[0])).astype(np.float32)}),
+                              (lm_bundle(modules=5, k=2), lambda B, r: {
+                                   "e": r.standard_normal((B, 8)).astype(np.float32),
+                                   "h": np.tanh(r.standard_normal((B, 12))).astype(np.float32)})):
+        model = modrt.load(bundle_dir, strategy="host")
+        spec = model.manifest.layers[0]
+        dense = model.sessions[model.manifest.dense[spec.name]]
+        for skip in (True, False):
+            sess = graph.session(graph.compose(bundle_dir, model.manifest, spec, skip_empty=skip),
+                                 SessionConfig(threads=1), ["CPUExecutionProvider"], "test")
+            for B in (1, 3, 20):
+                f = feeds(B, np.random.default_rng(B))
+                y, a = sess.run(None, f)
+                y_d, a_d = dense(f)
+                np.testing.assert_array_equal(a, a_d)
+                np.testing.assert_allclose(y, y_d, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_declines_recurrent_modules(lm_bundle):
+    with pytest.raises(InputError, match="strategy 'fused' cannot run layer layer0: recurrent modules"):
+        modrt.load(lm_bundle(), strategy="fused")
+    model = modrt.load(lm_bundle(), strategy="auto")  # auto falls back without a word
+    assert model.strategy_for(1) in ("host", "graph")
+
+
+def test_width_changing_modules(ff_bundle, mlp_reference):
+    d = ff_bundle(modules=6, k=2, dims=(8, 16, 6))
+    with pytest.raises(InputError, match="MoE experts map D features to D features"):
+        modrt.load(d, strategy="fused")
+    for strategy in ("graph", "auto"):
+        model = modrt.load(d, strategy=strategy)
+        x = np.random.default_rng(0).standard_normal((9, 8)).astype(np.float32)
+        r, dense = model.run(x=x), model.run_dense(x=x)
+        np.testing.assert_array_equal(r["modules"], dense["modules"])
+        np.testing.assert_allclose(r["y"], dense["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_declines_modules_that_are_not_mlps(ff_bundle):
+    model = modrt.load(ff_bundle(), strategy="host")
+    ctrl = graph.load_graph(model.directory, model.manifest, model.manifest.layers[0].controller)
+    assert fused.mlp_params(ctrl) is None  # MatMul, Add, Reshape, LogSoftmax: not an MLP
+    params, act = fused.mlp_params(graph.load_graph(model.directory, model.manifest, "layer0.module0"))
+    assert act == "relu" and params[0].shape == (8, 16) and params[2].shape == (16, 8)
+
+
+def test_other_selection_rules_are_declined(ff_bundle):
+    """A layer whose selection is not K independent slots (e.g. top-k of one softmax) is not
+    composed: graph and fused say so in one line, auto keeps host."""
+    model = modrt.load(ff_bundle(), strategy="host")
+    spec = types.SimpleNamespace(**{**asdict(model.manifest.layers[0]), "selection": "topk"})
+    assert "selection 'topk'" in graph.unsupported(spec, model.manifest, "CPUExecutionProvider")
+    assert "selection 'topk'" in fused.unsupported(spec, model.manifest, "CPUExecutionProvider")
+    for name in ("graph", "fused"):
+        with pytest.raises(InputError, match=f"strategy '{name}' cannot run layer layer0: selection 'topk'"):
+            auto.build(name, model.directory, model.manifest, spec, model.sessions, SessionConfig())
+
+
+def test_by_batch_ranges():
+    spec = types.SimpleNamespace(name="l")
+    layer = types.SimpleNamespace(inputs=["x"])
+    bb = auto.ByBatch(spec, auto._ranges((1, 8, 64), ["fused", "fused", "graph"]),
+                      {"fused": layer, "graph": layer})
+    assert bb.ranges == [(22, "fused"), (None, "graph")]
+    assert [bb.strategy_for(b) for b in (1, 22, 23, 1000)] == ["fused", "fused", "graph", "graph"]
+    assert bb.describe() == "fused for batch 1-22, graph for batch 23+"
+    assert auto._ranges((1, 8, 64), ["host", "graph", "host"]) == [(2, "host"), (22, "graph"), (None, "host")]
