@@ -88,6 +88,7 @@ class LazyGroup(click.Group):
         "bench": ("modrt.bench:bench", "Measure routed vs dense vs peers on a bundle (or --synthetic)."),
         "export": ("modrt.export.cli:export", "Export a checkpoint to a bundle of per-module ONNX graphs."),
         "eval": ("modrt.evaluate:eval_command", "Perplexity of a bundle on a PTB split, without torch."),
+        "inspect": ("modrt.train.introspect:inspect_command", "Plot module use and which words each module serves."),
         "reproduce": ("modrt.train.reproduce:reproduce", "Train every configuration of the paper's PTB table."),
         "serve": ("modrt.serve.cli:serve", "Serve a bundle over HTTP (KServe v2 protocol, dynamic batching)."),
     },

@@ -147,10 +147,12 @@ def reproduce() -> None:
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="PTB directory (default: as for modrt train ptb).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Stop every run after this many steps (0: the protocol's epochs). A smoke test, not the table.")
 @click.option("--dry-run", is_flag=True, help="List the configurations and their state, train nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No per-run progress bars.")
 def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int, data: Path | None,
-        device: str, dry_run: bool, quiet: bool) -> None:
+        device: str, steps: int, dry_run: bool, quiet: bool) -> None:
     """Train every configuration of the paper's PTB table and write the table.
 
     \b
@@ -185,7 +187,7 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
         else:
             cmd += ["--method", c.method, "--modules", str(c.modules), "--k", str(c.k),
                     "--epochs", str(epochs), "--seed", str(seed), "--device", device,
-                    "--out", str(run), "--force"]
+                    "--out", str(run), "--force", "--steps", str(steps)]
         if data is not None:
             cmd += ["--data", str(data)]
         if quiet:

@@ -1,0 +1,73 @@
+"""``modrt reproduce ptb``: which runs are done, the table it writes, and a real (short) run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from modrt.train import reproduce as rp
+
+
+def _finish(run, test_ppl: float, valid_ppl: float = 200.0) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    lines = [{"kind": "train", "step": 10, "loss": 5.0},
+             {"kind": "test", "step": 2490, "epoch": 6, "valid_ppl": valid_ppl, "test_ppl": test_ppl,
+              "minutes": 21.5, "usage_exp_entropy": 14.2, "modules_in_use": 15}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_the_table_is_the_papers():
+    assert len(rp.TABLE) == 12 and len({c.name for c in rp.TABLE}) == 12
+    cells = {(c.method, c.column): c.paper for c in rp.TABLE}
+    assert cells[("em", "15,1")] == 229.651 and cells[("reinforce", "15,3")] == 274.060
+    assert {(c.modules, c.k) for c in rp.TABLE if c.method == "noisy-topk"} == {(15, 4), (5, 4)}
+    assert {(c.modules, c.k) for c in rp.TABLE if c.method == "dense"} == {(1, 1), (3, 3)}
+
+
+def test_finished_reads_the_last_test_record(tmp_path):
+    assert rp.finished(tmp_path / "none") is None
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    assert rp.finished(tmp_path / "partial") is None
+    _finish(tmp_path / "done", 230.0)
+    assert rp.finished(tmp_path / "done")["test_ppl"] == 230.0
+
+
+def test_dry_run_and_table_from_finished_runs(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    _finish(runs / "em-M15K1", 225.5)
+    _finish(runs / "reinforce-M15K1", 241.0)
+    (runs / "em-M5K1").mkdir()
+    (runs / "em-M5K1" / "ckpt.pt").write_bytes(b"x")
+    cmd = [sys.executable, "-m", "modrt", "reproduce", "ptb", "--out", str(runs), "--results", str(results)]
+    p = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    lines = {line.split()[0]: line for line in p.stdout.splitlines()}
+    assert "done: test 225.5" in lines["em-M15K1"] and "partial" in lines["em-M5K1"]
+    assert "not started" in lines["dense-M3K3"]
+    rows = [rp.row(c, rp.finished(runs / c.name), 6, 1) for c in rp.TABLE if rp.finished(runs / c.name)]
+    rp.write_table(results, rows, 6, 1)
+    table = json.loads((results / "ptb_table.json").read_text())
+    assert [(r["method"], r["modules"], r["k"]) for r in table] == [("em", 15, 1), ("reinforce", 15, 1)]
+    for r in table:
+        assert {"method", "modules", "k", "valid_ppl", "test_ppl", "minutes", "usage_exp_entropy"} <= set(r)
+    md = (results / "ptb_table.md").read_text()
+    em_row = next(line for line in md.splitlines() if line.startswith("| EM modular"))
+    assert "**225.5** (229.7)" in em_row and "– (236.8)" in em_row
+
+
+@pytest.mark.slow
+def test_short_reproduction_of_the_dense_column(tmp_path, ptb_dir):
+    """Two real runs end to end (dense (1,1) and (3,3)), a few steps each; then resume is a no-op."""
+    cmd = [sys.executable, "-m", "modrt", "reproduce", "ptb", "--only", "dense", "--steps", "3", "--quiet",
+           "--epochs", "1", "--data", str(ptb_dir), "--out", str(tmp_path / "runs"),
+           "--results", str(tmp_path / "results")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stderr
+    table = json.loads((tmp_path / "results" / "ptb_table.json").read_text())
+    assert [(r["modules"], r["k"], r["steps"]) for r in table] == [(1, 1, 3), (3, 3, 3)]
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "training" not in again.stderr  # nothing left to train
