@@ -55,7 +55,7 @@ class AutoConfig:
 
     seconds: float = 1.5  # measuring budget for the whole bundle
     batches: tuple[int, ...] = (1, 8, 64)  # representative batch sizes, ascending
-    max_calls: int = 40  # per candidate and batch: enough for a stable median
+    max_calls: int = 200  # per candidate and batch, within the time share: a stable median
     large_module_bytes: int = 4 << 20  # modules with a larger weight: host, no measuring
     cache: bool = True  # read and write the choice cache
 

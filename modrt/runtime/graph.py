@@ -11,8 +11,9 @@ per call on CPU) is what makes the host strategy lose on small modules.
     dispatch  NonZero over mask^T (module-major, row-minor)       (R,)   pair ids
               rows = ids mod B; counts = mask summed over rows    (R,), (M,)
               Gather each module input at rows, Split by counts   M pieces (R_m, ...)
-    modules   each module's nodes inlined (names prefixed m<i>/), inside an ``If`` on
-              R_m > 0 so that a module nobody selected runs none of its nodes
+    modules   each module's nodes inlined (names prefixed m<i>/); a module of more than a
+              few nodes sits inside an ``If`` on R_m > 0, so that a module nobody selected
+              runs none of its nodes (a small one runs its few nodes on 0 rows: cheaper)
     combine   Concat -> ScatterND(add) into (B, D_out) zeros; mean: / distinct count
 
 A module drawn in two slots appears once in ``mask``, so it is computed and added once:
@@ -193,9 +194,19 @@ def _all_initializers(graph):
 # --- the composed layer ----------------------------------------------------------------------
 
 
+# A module with more nodes than this runs behind an If that skips it when it has no rows;
+# a smaller one runs on its empty block. Measured on 2 cores, M=15, batch 1 (14 modules
+# empty): an If costs ~1.6 µs, a node on an empty tensor ~0.28 µs; a 5-node MLP layer
+# 35 µs without Ifs, 43 µs with; a 16-node GRU cell layer 96 µs without, 57 µs with.
+IF_ABOVE_NODES = 6
+
+
 def compose(directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
-            skip_empty: bool = True) -> onnx.ModelProto:
-    """Controller + modules + routing as one ONNX model; outputs (out (B, D_out), selection)."""
+            skip_empty: bool | None = None) -> onnx.ModelProto:
+    """Controller + modules + routing as one ONNX model; outputs (out (B, D_out), selection).
+
+    ``skip_empty``: put each module behind an ``If`` on "has rows" (None: when the module
+    has more than ``IF_ABOVE_NODES`` nodes)."""
     from onnx import TensorProto, helper
 
     M, K = spec.modules, spec.k
@@ -229,6 +240,9 @@ def compose(directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
         g = b.node("Gather", [n, rows], [f"route/g_{n}"], axis=0)  # (R, ...)
         pieces[n] = [f"m{m}/{n}" for m in range(M)]
         b.node("Split", [g, counts], pieces[n], axis=0)
+    if skip_empty is None:
+        sizes = [len(load_graph(directory, manifest, n).node) for n in spec.module_graphs[:1]]
+        skip_empty = sizes[0] > IF_ABOVE_NODES
     if skip_empty:
         has = b.node("Greater", [counts, b.const(np.array(0, np.int64))], ["route/has"])  # (M,)
         flags = [f"route/has{m}" for m in range(M)]

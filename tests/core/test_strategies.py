@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import types
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -120,12 +120,16 @@ def test_other_selection_rules_are_declined(ff_bundle):
     """A layer whose selection is not K independent slots (e.g. top-k of one softmax) is not
     composed: graph and fused say so in one line, auto keeps host."""
     model = modrt.load(ff_bundle(), strategy="host")
-    spec = types.SimpleNamespace(**{**asdict(model.manifest.layers[0]), "selection": "topk"})
-    assert "selection 'topk'" in graph.unsupported(spec, model.manifest, "CPUExecutionProvider")
-    assert "selection 'topk'" in fused.unsupported(spec, model.manifest, "CPUExecutionProvider")
+    spec = dataclasses.replace(model.manifest.layers[0], selection="topk")
+    manifest = dataclasses.replace(model.manifest, layers=(spec,))
+    assert "selection 'topk'" in graph.unsupported(spec, manifest, "CPUExecutionProvider")
+    assert "selection 'topk'" in fused.unsupported(spec, manifest, "CPUExecutionProvider")
     for name in ("graph", "fused"):
         with pytest.raises(InputError, match=f"strategy '{name}' cannot run layer layer0: selection 'topk'"):
-            auto.build(name, model.directory, model.manifest, spec, model.sessions, SessionConfig())
+            auto.build(name, model.directory, manifest, spec, model.sessions, SessionConfig())
+    chosen = auto.choose(model.directory, manifest, model.sessions, SessionConfig(), "auto",
+                         auto.AutoConfig(cache=False))
+    assert chosen["layer0"].ranges == [(None, "host")]
 
 
 def test_by_batch_ranges():
