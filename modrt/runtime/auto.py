@@ -9,8 +9,9 @@ load and keeps the fastest per batch range.
                   and the host strategy's per-call overhead (~10 µs) is a few percent of it,
                   so composing hundreds of MB into one more graph buys nothing.
       measure     for each batch in ``AutoConfig.batches``: random inputs of the layer's
-                  shapes, the candidates called in turn (interleaved, so background load
-                  hits all alike) until the time share or ``max_calls`` is spent; median.
+                  shapes, the candidates run in turns of short blocks (interleaved, so
+                  background load hits all alike; blocks, so each runs warm as it will
+                  when serving) until the time share or ``max_calls`` is spent; median.
       choose      the fastest per batch; batch b_i covers the sizes up to the geometric
                   mean of b_i and b_{i+1}.
       cache       the choice as JSON under ``cache_dir()/strategy``, keyed by the bundle
@@ -139,23 +140,31 @@ def _feeds(manifest: Manifest, spec: LayerSpec, batch: int, rng: np.random.Gener
     return feeds
 
 
-def measure(fns: dict[str, Callable[[dict], object]], pool: list[dict], seconds: float, max_calls: int
-            ) -> dict[str, float]:
-    """Median µs per call of each candidate, called in turn over ``pool``."""
+def measure(fns: dict[str, Callable[[dict], object]], pool: list[dict], seconds: float, max_calls: int,
+            rounds: int = 4) -> dict[str, float]:
+    """Median µs per call of each candidate over ``pool``.
+
+    Candidates take turns in blocks (``rounds`` turns each, ``seconds`` in all), not call
+    by call: serving runs one strategy, whose weights stay in cache between calls; calls
+    interleaved one by one would make every candidate read its weights from memory."""
     for f in fns.values():  # warm-up: first calls allocate
         f(pool[0])
     times: dict[str, list[float]] = {k: [] for k in fns}
     clock = time.perf_counter
-    end = clock() + seconds
+    turn = seconds / (rounds * len(fns))
+    per_turn = max(1, max_calls // rounds)
     i = 0
-    while True:
+    for _ in range(rounds):
         for k, f in fns.items():
-            t0 = clock()
-            f(pool[i % len(pool)])
-            times[k].append(clock() - t0)
-        i += 1
-        if i >= max_calls or (clock() >= end and i >= 3):
-            break
+            ts, end = times[k], clock() + turn
+            for _ in range(per_turn):
+                t0 = clock()
+                f(pool[i % len(pool)])
+                t1 = clock()
+                ts.append(t1 - t0)
+                i += 1
+                if t1 >= end:
+                    break
     return {k: float(np.median(v)) * 1e6 for k, v in times.items()}
 
 
