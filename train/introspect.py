@@ -70,7 +70,7 @@ def routing_counts(model, tokens: np.ndarray, batch: int = 10, bptt: int = 35) -
 
 def top_words(counts: np.ndarray, vocab: list[str], min_count: int, n: int) -> list[list[tuple[str, float, int]]]:
     """Per module: its ``n`` words of highest lift P(m | w) / P(m), among words read at least
-    ``min_count`` times; (word, lift, times module m read it)."""
+    ``min_count`` times (and by module m at least 3 times); (word, lift, times m read it)."""
     per_word = counts.sum(0)  # (V,)
     p_m = counts.sum(1) / max(counts.sum(), 1)  # (M,)
     ok = per_word >= min_count
@@ -79,7 +79,8 @@ def top_words(counts: np.ndarray, vocab: list[str], min_count: int, n: int) -> l
         if p_m[m] == 0:
             out.append([])
             continue
-        lift = np.where(ok, counts[m] / np.maximum(per_word, 1) / p_m[m], -1.0)
+        # At least 3 readings by module m too: one stray selection of a rare word is no signal.
+        lift = np.where(ok & (counts[m] >= 3), counts[m] / np.maximum(per_word, 1) / p_m[m], -1.0)
         best = [i for i in np.argsort(-lift, kind="stable")[:n] if lift[i] > 0]
         out.append([(vocab[i], round(float(lift[i]), 2), int(counts[m, i])) for i in best])
     return out
