@@ -46,8 +46,9 @@ def _check_writable(out: Path) -> None:
                    "(M = K). reinforce / noisy-topk: the paper's baselines.")
 @click.option("--modules", "-M", type=click.IntRange(min=1), default=None,
               help="M, modules in the modular layer.  [default: 15; dense: K]")
-@click.option("--k", "-K", type=click.IntRange(min=1), default=_M.k, show_default=True,
-              help="K, controller slots: modules picked per time step.")
+@click.option("--k", "-K", type=click.IntRange(min=1), default=None,
+              help="K, controller slots: modules picked per time step.  [default: 1; noisy-topk: 4, "
+                   "as in the paper (with k=1 its gate weight is always 1 and gets no gradient)]")
 @click.option("--combine", type=click.Choice(["sum", "mean"]), default=_M.combine, show_default=True,
               help="How the selected modules' new states combine. Same for K=1; for K>1 the official "
                    "code's sum lets the GRU state grow K-fold per step, mean keeps it bounded. "
@@ -155,6 +156,8 @@ def ptb(ctx: click.Context, **opts) -> None:
 
 
 def _configs(opts: dict) -> tuple[ModelConfig, TrainConfig]:
+    if opts["k"] is None:
+        opts = {**opts, "k": 4 if opts["method"] == "noisy-topk" else _M.k}
     modules = opts["modules"]
     if modules is None:
         modules = opts["k"] if opts["method"] == "dense" else 15

@@ -256,3 +256,18 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path, ptb_dir):
     assert again["step"] >= stopped + 2
     assert [r["step"] for r in train_records(metrics)] == list(range(1, again["step"] + 1))
     assert again["train_config"] == ckpt["train_config"]
+
+
+@pytest.mark.parametrize("args,want", [
+    ([], ("em", 15, 1, "mean")),
+    (["--method", "noisy-topk"], ("noisy-topk", 15, 4, "gate")),  # the paper's k=4
+    (["--method", "noisy-topk", "-M", "5", "-K", "2"], ("noisy-topk", 5, 2, "gate")),
+    (["--method", "dense", "-K", "3"], ("dense", 3, 3, "mean")),
+    (["--method", "reinforce", "-K", "3"], ("reinforce", 15, 3, "mean")),
+])
+def test_method_defaults(args, want):
+    from modrt.train.cli import _configs, ptb
+
+    ctx = ptb.make_context("ptb", list(args))
+    mcfg, _ = _configs(ctx.params)
+    assert (mcfg.method, mcfg.modules, mcfg.k, mcfg.combine) == want
