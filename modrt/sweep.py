@@ -8,8 +8,9 @@ the dense baseline graph and ORT's fused MoE op, interleaved, per batch size.
 
 Outputs: a CSV (one row per configuration, width and batch) and a PNG of routed/dense
 and routed/ORT-MoE p50 latency ratios against width. The **break-even width** of a
-(configuration, batch) curve is the smallest measured width from which routed/dense
-stays below 1: routing pays for every module at least that wide.
+(configuration, batch) curve is the smallest measured width from which the ratio stays
+below 1: routing pays (against dense, or against the fused MoE op) for every module at
+least that wide. Both are marked (★) and printed.
 """
 
 from __future__ import annotations
@@ -72,15 +73,16 @@ def run(sweep: SweepConfig, bench_cfg, log: Callable[[str], None] = lambda s: No
     return rows
 
 
-def break_even(rows: list[dict[str, Any]]) -> dict[tuple[int, int, int], int | None]:
-    """(M, K, batch) -> smallest width from which routed/dense stays < 1 (None: never)."""
+def break_even(rows: list[dict[str, Any]], ratio: str = "routed_over_dense"
+               ) -> dict[tuple[int, int, int], int | None]:
+    """(M, K, batch) -> smallest width from which ``ratio`` stays below 1 (None: never)."""
     out: dict[tuple[int, int, int], int | None] = {}
     for key in sorted({(r["modules"], r["k"], r["batch"]) for r in rows}):
-        curve = sorted((r["width"], r["routed_over_dense"]) for r in rows
-                       if (r["modules"], r["k"], r["batch"]) == key)
+        curve = sorted((r["width"], r[ratio]) for r in rows
+                       if (r["modules"], r["k"], r["batch"]) == key and r[ratio] is not None)
         found = None
-        for w, ratio in reversed(curve):
-            if ratio >= 1:
+        for w, value in reversed(curve):
+            if value >= 1:
                 break
             found = w
         out[key] = found
@@ -110,10 +112,10 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -
     colors = dict(zip(batches, plt.get_cmap("viridis")([0.1 + 0.75 * i / max(1, len(batches) - 1)
                                                            for i in range(len(batches))]), strict=True))
     styles = ["-", "--", ":", "-."]
-    even = break_even(rows)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for ax, key, label in ((axes[0], "routed_over_dense", "routed / dense"),
                            (axes[1], "routed_over_ort_moe", "routed / ORT fused MoE")):
+        even = break_even(rows, key)
         for ci, (M, K) in enumerate(configs):
             for B in batches:
                 pts = sorted((r["width"], r[key]) for r in rows
@@ -124,7 +126,7 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -
                 ax.plot(xs, ys, styles[ci % len(styles)], marker="o", ms=3, color=colors[B],
                         label=f"M={M} K={K}, batch {B}")
                 w = even.get((M, K, B))
-                if key == "routed_over_dense" and w is not None:
+                if w is not None:
                     ax.plot([w], [dict(pts)[w]], marker="*", ms=13, color=colors[B], mec="black", mew=0.6)
         ax.axhline(1.0, color="grey", lw=1)
         ax.set_xscale("log", base=2)
@@ -134,9 +136,8 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "") -
         ax.set_title(f"{label} (below 1: routed is faster)", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7, loc="best")
-    axes[0].annotate("★ break-even width", xy=(0.02, 0.02), xycoords="axes fraction", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
+    note = "★ break-even: the smallest width from which routed stays faster"
+    fig.suptitle(f"{title}\n{note}" if title else note, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
@@ -151,9 +152,12 @@ def summary(rows: list[dict[str, Any]]) -> str:
         lines.append(f"{r['modules']:>3} {r['k']:>2} {r['width']:>6} {r['batch']:>6} "
                      f"{r['routed_over_dense']:>12.2f}x {moe}  {r['strategy']}")
     lines.append("")
-    for (M, K, B), w in break_even(rows).items():
-        lines.append(f"break-even M={M} K={K} batch {B}: "
-                     + (f"routing pays from width {w}" if w else "routing never beats dense in this range"))
+    low = min(r["width"] for r in rows)
+    for ratio, peer in (("routed_over_dense", "dense"), ("routed_over_ort_moe", "ORT fused MoE")):
+        for (M, K, B), w in break_even(rows, ratio).items():
+            when = ("at every width measured" if w == low else f"from width {w}" if w
+                    else "at no width measured")
+            lines.append(f"break-even vs {peer}, M={M} K={K} batch {B}: routed is faster {when}")
     return "\n".join(lines)
 
 

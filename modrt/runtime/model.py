@@ -34,7 +34,7 @@ class Model:
         directory: str | os.PathLike,
         manifest: bundle.Manifest,
         sessions: Sessions,
-        strategy: str = "auto",
+        strategy: str = "host",
         layers: dict[str, auto.ByBatch] | None = None,
     ):
         self.directory = Path(directory)

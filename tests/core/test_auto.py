@@ -90,7 +90,7 @@ def test_cache_off_and_unwritable_cache_dir(tmp_path, monkeypatch, measured):
 
 def test_large_modules_keep_host_without_measuring(tmp_path, cache, measured):
     d = synthetic.build(tmp_path / "b", modules=4, k=1, dims=DIMS)
-    model = modrt.load(d, auto_config=auto.AutoConfig(large_module_bytes=0))
+    model = modrt.load(d, auto_config=auto.AutoConfig(large_layer_bytes=0))
     assert measured == [] and model.choice == {"layer0": "host for batch 1+"}
     assert model.strategy_for(64) == "host"
 

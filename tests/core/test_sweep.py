@@ -23,7 +23,7 @@ def test_sweep_writes_csv_and_png(tmp_path):
         (m, k, w, b) for m, k in (("4", "1"), ("3", "2")) for w in ("8", "16") for b in ("1", "3")}
     assert all(r["strategy"] in ("host", "graph", "fused") for r in rows)
     assert (tmp_path / "sw.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "break-even M=4 K=1 batch 1" in res.output
+    assert "break-even vs dense, M=4 K=1 batch 1: routed is faster" in res.output
 
 
 def test_break_even_is_where_routing_stays_faster():
@@ -34,6 +34,8 @@ def test_break_even_is_where_routing_stays_faster():
     assert sweep.break_even(rows([1.5, 0.9, 1.1, 0.5])) == {(16, 1, 1): 512}
     assert sweep.break_even(rows([0.9, 0.8, 0.7, 0.5])) == {(16, 1, 1): 64}
     assert sweep.break_even(rows([1.5, 1.2, 1.1, 1.0])) == {(16, 1, 1): None}
+    moe = [{**r, "routed_over_ort_moe": r["routed_over_dense"]} for r in rows([1.5, 0.9, 0.8, 0.5])]
+    assert sweep.break_even(moe, "routed_over_ort_moe") == {(16, 1, 1): 128}
 
 
 @pytest.mark.parametrize("args,msg", [
