@@ -84,12 +84,16 @@ def build(name: str, directory: str | os.PathLike, manifest: Manifest, spec: Lay
     """The layer ``spec`` under strategy ``name`` (host | graph | fused); InputError if it declines."""
     if name == "host":
         return host.HostLayer(spec, sessions)
-    providers = sessions[spec.controller].providers
-    if name == "graph":
-        return graph.GraphLayer(directory, manifest, spec, config, providers)
-    if name == "fused":
-        return fused.FusedLayer(directory, manifest, spec, config, providers)
-    raise InputError(f"strategy {name!r} unknown; choose one of {', '.join(STRATEGIES)}")
+    kinds = {"graph": graph.GraphLayer, "fused": fused.FusedLayer}
+    if name not in kinds:
+        raise InputError(f"strategy {name!r} unknown; choose one of {', '.join(STRATEGIES)}")
+    try:
+        return kinds[name](directory, manifest, spec, config, sessions[spec.controller].providers)
+    except ModrtError:
+        raise
+    except Exception as exc:  # onnx's composition tools on a graph they do not expect
+        raise InputError(f"strategy {name!r} cannot run layer {spec.name}: composing its graphs failed "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
 
 
 class ByBatch:

@@ -144,3 +144,19 @@ def test_explicit_strategy_that_declines_is_one_line(lm_bundle):
     assert p.returncode == 1, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "strategy 'fused' cannot run layer layer0: recurrent modules" in lines[0]
+
+
+def test_a_graph_that_cannot_be_composed_falls_back_to_host(ff_bundle, monkeypatch, cache):
+    from modrt.runtime import fused, graph
+
+    def boom(*args, **kwargs):
+        raise ValueError("unexpected node")
+
+    monkeypatch.setattr(graph, "compose", boom)
+    monkeypatch.setattr(fused, "compose", boom)
+    d = ff_bundle(modules=4, k=1, dims=DIMS)
+    with pytest.raises(modrt.InputError, match="strategy 'graph' cannot run layer layer0: composing its graphs"):
+        modrt.load(d, strategy="graph")
+    model = modrt.load(d)
+    assert model.choice == {"layer0": "host for batch 1+"}
+    _equal_to_dense(model)
