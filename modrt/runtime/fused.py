@@ -136,6 +136,8 @@ def unsupported(spec: LayerSpec, manifest: Manifest, provider: str) -> str | Non
     mod_in = manifest.graphs[spec.module_graphs[0]].inputs
     if len(ctrl_in) != 1 or len(mod_in) != 1 or ctrl_in[0].name != mod_in[0].name or len(mod_in[0].shape) != 2:
         return "the controller and modules must take the same one 2-D input"
+    if mod_in[0].dtype != "float32":
+        return f"module inputs are {mod_in[0].dtype} (experts are packed as float32)"
     out = manifest.graphs[spec.module_graphs[0]].outputs
     if len(out) != 1 or out[0].shape[1:] != mod_in[0].shape[1:]:
         return "MoE experts map D features to D features; these modules change the width"
