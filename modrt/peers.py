@@ -125,39 +125,30 @@ def make_torch(w: Weights | None, k: int, combine: str, threads: int) -> tuple[P
 def moe_model(w: Weights, k: int) -> onnx.ModelProto:
     """controller logits -> com.microsoft.MoE, experts packed from the module weights.
 
-    ORT's MoE (contrib op, ORT >= 1.22 layout): fc1 (E, inter, hidden), fc2 (E, hidden,
-    inter), i.e. nn.Linear's (out, in); it softmaxes router_probs, takes the top k and,
-    with normalize_routing_weights=1, renormalises their weights. For K=1 the one weight
-    is 1: exactly the sum rule. For K>1 the router input is the sum of the K slots'
-    log-probabilities and the experts are weighted: the same compute, not the same output.
+    The MoE node and its expert layout are the ``fused`` strategy's (``fused.moe_node``).
+    Here, as a peer, it is fed what a plain MoE user feeds it: the controller's logits.
+    MoE softmaxes them, takes the top k and (``normalize_routing_weights=1``) renormalises
+    their weights. For K=1 the one weight is 1: exactly the sum rule. For K>1 the router
+    input is the sum of the K slots' log-probabilities and the experts are weighted: the
+    same compute, not the same output (the ``fused`` strategy routes exactly instead).
     """
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
-    from modrt.synthetic import OPSET, _io, _t
+    from modrt.runtime import fused
+    from modrt.runtime import graph as g
+    from modrt.synthetic import OPSET, _io
 
-    M, D, H = w.w1.shape
-    Do = w.w2.shape[2]
-    nodes = [helper.make_node("MatMul", ["x", "Wc"], ["zc"]),
-             helper.make_node("Add", ["zc", "bc"], ["logits"])]  # (B, K*M)
-    inits = [_t("Wc", w.wc), _t("bc", w.bc)]
-    router = "logits"
+    M, D, _ = w.w1.shape
+    b = g.Builder(OPSET)
+    zc = b.node("MatMul", ["x", b.const(w.wc)], ["zc"])
+    router = b.node("Add", [zc, b.const(w.bc)], ["logits"])  # (B, K*M)
     if k > 1:
-        nodes += [helper.make_node("Reshape", ["logits", "shape"], ["scores"]),  # (B, K, M)
-                  helper.make_node("LogSoftmax", ["scores"], ["lp"], axis=-1),
-                  helper.make_node("ReduceSum", ["lp", "ax1"], ["router"], keepdims=0)]  # (B, M)
-        inits += [_t("shape", np.array([-1, k, M], np.int64)), _t("ax1", np.array([1], np.int64))]
-        router = "router"
-    nodes.append(helper.make_node(
-        "MoE", ["x", router, "fc1", "b1", "fc2", "b2"], ["y"], domain="com.microsoft",
-        k=k, normalize_routing_weights=1, activation_type="relu"))
-    inits += [_t("fc1", w.w1.transpose(0, 2, 1)), _t("b1", w.b1),
-              _t("fc2", w.w2.transpose(0, 2, 1)), _t("b2", w.b2)]
-    graph = helper.make_graph(nodes, "ort_moe", [_io("x", TensorProto.FLOAT, ["B", D])],
-                              [_io("y", TensorProto.FLOAT, ["B", Do])], inits)
-    model = helper.make_model(graph, opset_imports=[
-        helper.make_opsetid("", OPSET), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 8
-    return model
+        scores = b.node("Reshape", [router, b.const(np.array([-1, k, M], np.int64))], ["scores"])  # (B, K, M)
+        lp = b.node("LogSoftmax", [scores], ["lp"], axis=-1)
+        router = b.reduce("ReduceSum", lp, [1], "router")  # (B, M)
+    fused.moe_node(b, "x", router, fused.Experts(w.w1, w.b1, w.w2, w.b2, "relu"), k, "y")
+    return b.model([_io("x", TensorProto.FLOAT, ["B", D])], [_io("y", TensorProto.FLOAT, ["B", w.w2.shape[2]])],
+                   "ort_moe")
 
 
 def make_ort_moe(
