@@ -42,6 +42,7 @@ from modrt._exceptions import InputError, ModrtError
 from modrt._version import __version__
 from modrt.bundle import LayerSpec, Manifest
 from modrt.runtime import fused, graph, host
+from modrt.runtime import providers as prov
 from modrt.runtime.sessions import SessionConfig, Sessions, cores
 
 log = logging.getLogger("modrt.runtime")
@@ -87,8 +88,11 @@ def build(name: str, directory: str | os.PathLike, manifest: Manifest, spec: Lay
     kinds = {"graph": graph.GraphLayer, "fused": fused.FusedLayer}
     if name not in kinds:
         raise InputError(f"strategy {name!r} unknown; choose one of {', '.join(STRATEGIES)}")
+    plist: list = sessions[spec.controller].providers  # what the bundle's sessions run on
+    if plist[0] == prov.PROVIDERS["cuda"]:  # the same device and options as theirs
+        plist = prov.providers_for(plist[0], manifest.graphs[spec.controller], sessions.provider_config, None)
     try:
-        return kinds[name](directory, manifest, spec, config, sessions[spec.controller].providers)
+        return kinds[name](directory, manifest, spec, config, plist)
     except ModrtError:
         raise
     except Exception as exc:  # onnx's composition tools on a graph they do not expect

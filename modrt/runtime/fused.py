@@ -191,8 +191,8 @@ class FusedLayer:
     kind = "fused"
 
     def __init__(self, directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
-                 config: SessionConfig, providers: list[str]):
-        why = unsupported(spec, manifest, providers[0])
+                 config: SessionConfig, providers: g.Providers):
+        why = unsupported(spec, manifest, g.provider_names(providers)[0])
         experts = None if why else pack(directory, manifest, spec)
         if experts is None and not why:
             why = "module graphs are not two-layer MLPs (MatMul/Gemm, Add, Relu, MatMul/Gemm, Add)"

@@ -161,7 +161,14 @@ def io_info(manifest: Manifest, graph: str, which: str, batch: str = "B") -> lis
     return [helper.make_tensor_value_info(t.name, elem[t.dtype], [batch, *t.shape[1:]]) for t in specs]
 
 
-def session(model: onnx.ModelProto, config: SessionConfig, providers: list[str], what: str) -> Any:
+Providers = list  # provider names, or (name, options) pairs as ``providers.providers_for`` gives
+
+
+def provider_names(providers: Providers) -> list[str]:
+    return [p if isinstance(p, str) else p[0] for p in providers]
+
+
+def session(model: onnx.ModelProto, config: SessionConfig, providers: Providers, what: str) -> Any:
     """An ORT session on a composed model; threads sized by its largest weight."""
     import onnxruntime as ort
 
@@ -170,7 +177,8 @@ def session(model: onnx.ModelProto, config: SessionConfig, providers: list[str],
         raise InputError(f"{what}: the composed graph is over 2 GiB; use the host strategy")
     work = max((int(np.prod(t.dims)) * 4 for t in _all_initializers(model.graph)), default=0)
     try:
-        return ort.InferenceSession(raw, session_options(config, work), providers=providers)
+        return ort.InferenceSession(raw, session_options(config, work), providers=provider_names(providers),
+                                    provider_options=[{} if isinstance(p, str) else p[1] for p in providers])
     except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors
         raise BundleError(f"{what}: onnxruntime cannot load the composed graph "
                           f"({' '.join(str(exc).split())[:300]})") from exc
@@ -289,8 +297,8 @@ class GraphLayer:
     kind = "graph"
 
     def __init__(self, directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
-                 config: SessionConfig, providers: list[str]):
-        why = unsupported(spec, manifest, providers[0])
+                 config: SessionConfig, providers: Providers):
+        why = unsupported(spec, manifest, provider_names(providers)[0])
         if why:
             raise InputError(f"strategy 'graph' cannot run layer {spec.name}: {why}")
         self.spec = spec
@@ -313,4 +321,5 @@ class GraphLayer:
 
 
 __all__ = ["GraphLayer", "compose", "unsupported", "Builder", "fast_run", "load_graph", "prefixed", "session",
+           "provider_names",
            "io_info"]
