@@ -6,6 +6,7 @@ the rows routed to them (DESIGN.md §6). numpy + onnxruntime only; never torch.
     host.py        the host strategy: route -> dispatch -> modules -> combine, per step
     graph.py       the graph strategy: controller + modules composed into one ONNX graph
     fused.py       the fused strategy: ORT's com.microsoft.MoE op over packed MLP experts
+    loop.py        graph-loop: a recurrent layer's composed step inside an ONNX Loop over time
     auto.py        strategy choice per layer and batch range, measured at load, cached
     model.py       load(bundle) -> Model with run() / run_dense()
 """

@@ -41,13 +41,17 @@ import numpy as np
 from modrt._exceptions import InputError, ModrtError
 from modrt._version import __version__
 from modrt.bundle import LayerSpec, Manifest
-from modrt.runtime import fused, graph, host
+from modrt.runtime import fused, graph, host, loop
 from modrt.runtime import providers as prov
 from modrt.runtime.sessions import SessionConfig, Sessions, cores
 
 log = logging.getLogger("modrt.runtime")
 
 STRATEGIES = ("auto", "host", "graph", "fused")
+# What a layer can run as: the explicit strategies, and graph's Loop-over-time variant for
+# a recurrent bundle's one layer (auto's choice only; see loop.py).
+BUILDABLE = ("host", "graph", "fused", "graph-loop")
+WINDOW = 8  # time steps per measured call when auto compares whole windows (recurrent)
 CACHE_ENV = "MODRT_CACHE"  # base cache directory; the choices go under <it>/strategy
 
 
@@ -85,7 +89,7 @@ def build(name: str, directory: str | os.PathLike, manifest: Manifest, spec: Lay
     """The layer ``spec`` under strategy ``name`` (host | graph | fused); InputError if it declines."""
     if name == "host":
         return host.HostLayer(spec, sessions)
-    kinds = {"graph": graph.GraphLayer, "fused": fused.FusedLayer}
+    kinds = {"graph": graph.GraphLayer, "fused": fused.FusedLayer, "graph-loop": loop.LoopLayer}
     if name not in kinds:
         raise InputError(f"strategy {name!r} unknown; choose one of {', '.join(STRATEGIES)}")
     plist: list = sessions[spec.controller].providers  # what the bundle's sessions run on
@@ -148,6 +152,30 @@ def _feeds(manifest: Manifest, spec: LayerSpec, batch: int, rng: np.random.Gener
             a = np.tanh(a)  # a recurrent state lives in (-1, 1)
         feeds[t.name] = a
     return feeds
+
+
+def _window(manifest: Manifest, spec: LayerSpec, batch: int, rng: np.random.Generator) -> dict[str, Any]:
+    """A recurrent layer's input over ``WINDOW`` steps, (T, B, E), and a state (B, H)."""
+    steps = [_feeds(manifest, spec, batch, rng) for _ in range(WINDOW)]
+    x = next(n for n in steps[0] if n != spec.state)
+    x_tm = np.stack([f[x] for f in steps])  # (T, B, E)
+    h0 = steps[0][spec.state]
+    return {"x": x, "x_tm": x_tm, "h0": h0, "hs": np.empty((WINDOW, *h0.shape), h0.dtype)}
+
+
+def _window_fn(layer: Any, spec: LayerSpec) -> Callable[[dict], object]:
+    """One window through ``layer``: the Loop in one call, a step layer step by step (as
+    ``host.recurrent`` runs it)."""
+    if isinstance(layer, loop.LoopLayer):
+        return lambda w: layer.run_sequence(w["x_tm"], w["h0"])
+    state = spec.state
+
+    def steps(w: dict) -> None:
+        h, x, hs = w["h0"], w["x"], w["hs"]
+        for t, x_t in enumerate(w["x_tm"]):
+            h, _ = layer({x: x_t, state: h}, out=hs[t])
+
+    return steps
 
 
 def measure(fns: dict[str, Callable[[dict], object]], pool: list[dict], seconds: float, max_calls: int,
@@ -224,7 +252,7 @@ def _read_cache(path: Path, layers: tuple[LayerSpec, ...]) -> dict[str, list[tup
     except (OSError, ValueError, KeyError, TypeError):
         return None
     ok = set(got) == {l.name for l in layers} and all(
-        rs and rs[-1][0] is None and all(s in STRATEGIES[1:] for _, s in rs) for rs in got.values())
+        rs and rs[-1][0] is None and all(s in BUILDABLE for _, s in rs) for rs in got.values())
     return got if ok else None
 
 
@@ -274,7 +302,10 @@ def choose(directory: str | os.PathLike, manifest: Manifest, sessions: Sessions,
         if size > auto.large_layer_bytes:
             declined["graph"] = declined["fused"] = f"large modules ({size >> 20} MiB): host's overhead is small"
         else:
-            for name in ("graph", "fused"):
+            windows = manifest.topology == "recurrent" and len(manifest.layers) == 1 and spec.state is not None
+            for name in ("graph", "fused") + (("graph-loop",) if windows else ()):
+                if name == "graph-loop" and "graph" not in layers:
+                    continue
                 try:
                     layers[name] = build(name, directory, manifest, spec, sessions, config)
                 except ModrtError as exc:
@@ -287,8 +318,12 @@ def choose(directory: str | os.PathLike, manifest: Manifest, sessions: Sessions,
             continue
         winners, us = [], {}
         for B in auto.batches:
-            pool = [_feeds(manifest, spec, B, rng) for _ in range(8)]
-            fns = {k: (lambda layer: lambda f: layer(f))(v) for k, v in layers.items()}
+            if "graph-loop" in layers:  # compare whole windows: the Loop saves per-step calls
+                pool = [_window(manifest, spec, B, rng) for _ in range(4)]
+                fns = {k: _window_fn(v, spec) for k, v in layers.items()}
+            else:
+                pool = [_feeds(manifest, spec, B, rng) for _ in range(8)]
+                fns = {k: (lambda layer: lambda f: layer(f))(v) for k, v in layers.items()}
             us[str(B)] = {k: round(v, 1) for k, v in measure(
                 fns, pool, budget / len(auto.batches), auto.max_calls).items()}
             winners.append(min(us[str(B)], key=us[str(B)].get))
@@ -307,5 +342,5 @@ def choose(directory: str | os.PathLike, manifest: Manifest, sessions: Sessions,
     return out
 
 
-__all__ = ["AutoConfig", "ByBatch", "STRATEGIES", "CACHE_ENV", "build", "cache_dir", "cache_key", "choose",
-           "measure"]
+__all__ = ["AutoConfig", "BUILDABLE", "ByBatch", "STRATEGIES", "CACHE_ENV", "build", "cache_dir", "cache_key",
+           "choose", "measure"]

@@ -88,14 +88,16 @@ def prefixed(graph: onnx.GraphProto, prefix: str) -> onnx.GraphProto:
 def const(name: str, array: np.ndarray) -> onnx.TensorProto:
     from onnx import numpy_helper
 
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+    a = np.asarray(array)
+    return numpy_helper.from_array(a if a.flags.c_contiguous else a.copy(order="C"), name)  # 0-d stays 0-d
 
 
 class Builder:
     """Nodes and initializers of the composed graph, with opset-aware helpers."""
 
-    def __init__(self, opset: int):
+    def __init__(self, opset: int, prefix: str = "route/"):
         self.opset = opset
+        self.prefix = prefix  # of constants' names: unique across a graph and its subgraphs
         self.nodes: list = []
         self.inits: list = []
         self._consts: dict[tuple, str] = {}
@@ -110,7 +112,7 @@ class Builder:
         a = np.asarray(array)
         key = (a.dtype.str, a.shape, a.tobytes())
         if key not in self._consts:
-            name = f"route/c{len(self._consts)}"
+            name = f"{self.prefix}c{len(self._consts)}"
             self.inits.append(const(name, a))
             self._consts[key] = name
         return self._consts[key]

@@ -22,6 +22,7 @@ from modrt import bundle
 from modrt._exceptions import BundleError, InputError
 from modrt.runtime import auto, host
 from modrt.runtime.auto import STRATEGIES, AutoConfig
+from modrt.runtime.loop import LoopLayer
 from modrt.runtime.providers import PROVIDERS, ProviderConfig
 from modrt.runtime.sessions import SessionConfig, Sessions
 
@@ -141,7 +142,10 @@ class Model:
             self._check_profile(*tok.shape)
             h0 = self._h0(h, tok.shape[0])
             stack = [_pick(layers[s], tok.shape[0]) for s in self._mid if s in layers]
-            logits, modules, h_last = host.recurrent(self._pre, stack, self._post, tok, h0, self.K)
+            if len(stack) == 1 and isinstance(stack[0], LoopLayer):  # the window in one call
+                logits, modules, h_last = _recurrent_loop(self._pre, stack[0], self._post, tok, h0[0])
+            else:
+                logits, modules, h_last = host.recurrent(self._pre, stack, self._post, tok, h0, self.K)
             return {"logits": logits, "next_token": logits.argmax(-1), "modules": modules,
                     "h_last": h_last[0] if len(h_last) == 1 else h_last}
         if tokens is not None or h is not None:
@@ -225,6 +229,20 @@ class Model:
 
 
 _F32 = np.dtype(np.float32)
+
+
+def _recurrent_loop(pre: list, layer: LoopLayer, post: list, tokens: np.ndarray, h0: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """``host.recurrent`` for one layer run as a Loop over time (``graph-loop``)."""
+    cur = tokens
+    for g in pre:
+        cur = g({g.input_names[0]: cur})[0]
+    x_tm = np.ascontiguousarray(np.swapaxes(cur, 0, 1))  # (T, B, E)
+    hs, sel, h_last = layer.run_sequence(x_tm, h0)  # (T, B, H), (T, B, K)
+    cur = np.ascontiguousarray(np.swapaxes(hs, 0, 1))  # (B, T, H)
+    for g in post:
+        cur = g({g.input_names[0]: cur})[0]
+    return cur, np.ascontiguousarray(sel.transpose(1, 0, 2)[:, :, None, :]), [h_last]  # (B, T, 1, K)
 
 
 def _pick(layer, batch: int):

@@ -160,3 +160,16 @@ def test_a_graph_that_cannot_be_composed_falls_back_to_host(ff_bundle, monkeypat
     model = modrt.load(d)
     assert model.choice == {"layer0": "host for batch 1+"}
     _equal_to_dense(model)
+
+
+def test_recurrent_bundles_measure_the_loop_over_windows(lm_bundle, cache):
+    d = lm_bundle(modules=5, k=2)
+    model = modrt.load(d)
+    (path,) = cache.glob("*.json")
+    us = json.loads(path.read_text())["measured"]["layer0"]["us_per_call"]
+    assert set(us["1"]) == {"host", "graph", "graph-loop"}
+    tok = np.random.default_rng(0).integers(0, 40, (64, 6))
+    r, dense = model.run(tokens=tok), model.run_dense(tokens=tok)
+    np.testing.assert_array_equal(r["modules"], dense["modules"])
+    np.testing.assert_allclose(r["logits"], dense["logits"], rtol=1e-5, atol=1e-5)
+    assert modrt.load(d).choice == model.choice  # read back from the cache, graph-loop included

@@ -141,3 +141,37 @@ def test_by_batch_ranges():
     assert [bb.strategy_for(b) for b in (1, 22, 23, 1000)] == ["fused", "fused", "graph", "graph"]
     assert bb.describe() == "fused for batch 1-22, graph for batch 23+"
     assert auto._ranges((1, 8, 64), ["host", "graph", "host"]) == [(2, "host"), (22, "graph"), (None, "host")]
+
+
+@pytest.mark.parametrize("k,rule", [(1, "sum"), (3, "mean")])
+def test_graph_loop_over_time_equals_dense(lm_bundle, k, rule):
+    """The recurrent layer as one ONNX Loop over the window (auto's graph-loop)."""
+    from modrt.runtime.model import Model
+
+    base = modrt.load(lm_bundle(modules=5, k=k, combine=rule), strategy="host")
+    spec = base.manifest.layers[0]
+    layer = auto.build("graph-loop", base.directory, base.manifest, spec, base.sessions, SessionConfig())
+    model = Model(base.directory, base.manifest, base.sessions, "auto",
+                  {spec.name: auto.fixed("graph-loop", spec, layer)})
+    assert model.strategy_for(4) == "graph-loop"
+    for batch in (1, 2, 7):
+        tok = np.random.default_rng(batch).integers(0, 40, (batch, 9))
+        r, d = model.run(tokens=tok), model.run_dense(tokens=tok)
+        assert r["modules"].dtype == np.int32 and r["modules"].shape == (batch, 9, 1, k)
+        np.testing.assert_array_equal(r["modules"], d["modules"])
+        np.testing.assert_allclose(r["logits"], d["logits"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(r["h_last"], d["h_last"], rtol=1e-5, atol=1e-5)
+    tok = np.random.default_rng(0).integers(0, 40, (3, 10))
+    first = model.run(tokens=tok[:, :4])
+    second = model.run(tokens=tok[:, 4:], h=first["h_last"])
+    np.testing.assert_allclose(np.concatenate([first["logits"], second["logits"]], 1),
+                               model.run_dense(tokens=tok)["logits"], rtol=1e-5, atol=1e-5)
+    h, a = layer({"e": np.ones((2, 8), np.float32), "h": np.zeros((2, 12), np.float32)})  # one step
+    assert h.shape == (2, 12) and a.shape == (2, k)
+
+
+def test_graph_loop_needs_a_recurrent_layer(ff_bundle):
+    model = modrt.load(ff_bundle(), strategy="host")
+    with pytest.raises(InputError, match="strategy 'graph-loop' cannot run layer layer0: a Loop over time"):
+        auto.build("graph-loop", model.directory, model.manifest, model.manifest.layers[0], model.sessions,
+                   SessionConfig())
