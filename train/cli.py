@@ -98,6 +98,9 @@ def _check_writable(out: Path) -> None:
 @click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Continue from this ckpt.pt exactly where it stopped (its config is used).")
 @click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU threads for PyTorch (0: its default, one per core). On a shared machine use 1: "
+                   "two multi-threaded trainings on the same cores slow each other down many times over.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def ptb(ctx: click.Context, **opts) -> None:
@@ -120,6 +123,10 @@ def ptb(ctx: click.Context, **opts) -> None:
     hour on a 2-core CPU. Quick check:  modrt train ptb --steps 300
     """
     _require_torch()
+    if opts["threads"]:
+        import torch
+
+        torch.set_num_threads(opts["threads"])
     from modrt.data import ptb as ptb_data
     from modrt.train import checkpoint
     from modrt.train.trainer import Trainer
@@ -182,7 +189,7 @@ def _resumed_configs(ckpt: dict, opts: dict, explicit: set[str]) -> tuple[ModelC
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{opts['resume']}: its config is not valid for this modrt ({exc})") from exc
     saved = {**asdict(mcfg), **asdict(tcfg_saved)}
-    for name in sorted(explicit - {"resume", "out", "data", "force", "quiet"}):
+    for name in sorted(explicit - {"resume", "out", "data", "force", "quiet", "threads"}):
         if name in saved and opts[name] != saved[name] and name not in RESUMABLE_CHANGES:
             raise CheckpointError(
                 f"cannot continue {opts['resume']} with --{name.replace('_', '-')} {opts[name]}: "

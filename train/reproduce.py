@@ -150,9 +150,11 @@ def reproduce() -> None:
 @click.option("--steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Stop every run after this many steps (0: the protocol's epochs). A smoke test, not the table.")
 @click.option("--dry-run", is_flag=True, help="List the configurations and their state, train nothing.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="CPU threads per run (0: PyTorch's default). 1 when the machine does other work too.")
 @click.option("--quiet", "-q", is_flag=True, help="No per-run progress bars.")
 def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int, data: Path | None,
-        device: str, steps: int, dry_run: bool, quiet: bool) -> None:
+        device: str, steps: int, threads: int, dry_run: bool, quiet: bool) -> None:
     """Train every configuration of the paper's PTB table and write the table.
 
     \b
@@ -190,6 +192,8 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
                     "--out", str(run), "--force", "--steps", str(steps)]
         if data is not None:
             cmd += ["--data", str(data)]
+        if threads:
+            cmd += ["--threads", str(threads)]
         if quiet:
             cmd.append("--quiet")
         try:

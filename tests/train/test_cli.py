@@ -220,7 +220,7 @@ def test_noisy_topk_refuses_combine(tmp_path):
 
 def test_tiny_run(tmp_path, ptb_dir):
     run = tmp_path / "run"
-    p = modrt("train", "ptb", *TINY, "--steps", "3", "--data", ptb_dir, "--out", run,
+    p = modrt("train", "ptb", *TINY, "--steps", "3", "--data", ptb_dir, "--out", run, "--threads", "1",
               cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("done: 3 steps")
