@@ -55,10 +55,8 @@ def test_one_module_gets_every_row(ff_bundle, forced_weights, mlp_reference, str
         assert (r["modules"][:, 0] == np.array(picks)).all()
 
 
-@pytest.mark.parametrize("strategy", ["host", "graph", "auto"])
-@pytest.mark.parametrize("k,rule", [(1, "sum"), (3, "mean"), (2, "sum")])
-def test_recurrent_equals_dense(lm_bundle, strategy, k, rule):
-    model = modrt.load(lm_bundle(modules=5, k=k, combine=rule), strategy=strategy)
+def _assert_recurrent_equals_dense(model, k: int) -> None:
+    """Routed == dense row for row at batch 1, 2 and 7 (9-token sequences)."""
     for batch in (1, 2, 7):
         tok = np.random.default_rng(batch).integers(0, 40, (batch, 9))
         r, d = model.run(tokens=tok), model.run_dense(tokens=tok)
@@ -66,6 +64,13 @@ def test_recurrent_equals_dense(lm_bundle, strategy, k, rule):
         np.testing.assert_array_equal(r["modules"], d["modules"])
         np.testing.assert_allclose(r["logits"], d["logits"], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(r["h_last"], d["h_last"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["host", "graph", "auto"])
+@pytest.mark.parametrize("k,rule", [(1, "sum"), (3, "mean"), (2, "sum")])
+def test_recurrent_equals_dense(lm_bundle, strategy, k, rule):
+    model = modrt.load(lm_bundle(modules=5, k=k, combine=rule), strategy=strategy)
+    _assert_recurrent_equals_dense(model, k)
 
 
 def test_graph_layer_with_and_without_if(ff_bundle, lm_bundle):
@@ -154,13 +159,7 @@ def test_graph_loop_over_time_equals_dense(lm_bundle, k, rule):
     model = Model(base.directory, base.manifest, base.sessions, "auto",
                   {spec.name: auto.fixed("graph-loop", spec, layer)})
     assert model.strategy_for(4) == "graph-loop"
-    for batch in (1, 2, 7):
-        tok = np.random.default_rng(batch).integers(0, 40, (batch, 9))
-        r, d = model.run(tokens=tok), model.run_dense(tokens=tok)
-        assert r["modules"].dtype == np.int32 and r["modules"].shape == (batch, 9, 1, k)
-        np.testing.assert_array_equal(r["modules"], d["modules"])
-        np.testing.assert_allclose(r["logits"], d["logits"], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(r["h_last"], d["h_last"], rtol=1e-5, atol=1e-5)
+    _assert_recurrent_equals_dense(model, k)
     tok = np.random.default_rng(0).integers(0, 40, (3, 10))
     first = model.run(tokens=tok[:, :4])
     second = model.run(tokens=tok[:, 4:], h=first["h_last"])
