@@ -76,3 +76,23 @@ def lm_bundle(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def _check_equal(model, x, rule: str) -> dict:
+    """Routed == dense row for row (selection and outputs), and == the numpy reference."""
+    r, d = model.run(x=x), model.run_dense(x=x)
+    assert r["y"].shape == (x.shape[0], model.output.shape[-1]) and r["y"].dtype == np.float32
+    assert r["modules"].dtype == np.int32 and r["modules"].shape == (x.shape[0], 1, model.K)
+    np.testing.assert_array_equal(r["modules"], d["modules"])
+    np.testing.assert_allclose(r["y"], d["y"], rtol=1e-5, atol=1e-5)
+    w = synthetic.read_weights(model.directory, model.manifest)
+    ref = _mlp_reference(w, x.astype(np.float64), r["modules"][:, 0], rule)
+    np.testing.assert_allclose(r["y"], ref, rtol=1e-4, atol=1e-4)
+    return r
+
+
+@pytest.fixture
+def check_equal():
+    """``check_equal(model, x, rule) -> routed outputs``, asserting routed == dense == numpy."""
+    return _check_equal
+

@@ -6,27 +6,9 @@ import numpy as np
 import pytest
 
 import modrt
-from modrt import synthetic
 from modrt._exceptions import InputError
 
 DIMS = (8, 16, 6)
-
-
-@pytest.fixture
-def check_equal(mlp_reference):
-    return lambda model, x, rule: _check_equal(model, x, rule, mlp_reference)
-
-
-def _check_equal(model, x, rule, mlp_reference):
-    r, d = model.run(x=x), model.run_dense(x=x)
-    assert r["y"].shape == (x.shape[0], DIMS[2]) and r["y"].dtype == np.float32
-    assert r["modules"].dtype == np.int32 and r["modules"].shape == (x.shape[0], 1, model.K)
-    np.testing.assert_array_equal(r["modules"], d["modules"])
-    np.testing.assert_allclose(r["y"], d["y"], rtol=1e-5, atol=1e-5)
-    w = synthetic.read_weights(model.directory, model.manifest)
-    ref = mlp_reference(w, x.astype(np.float64), r["modules"][:, 0], rule)
-    np.testing.assert_allclose(r["y"], ref, rtol=1e-4, atol=1e-4)
-    return r
 
 
 @pytest.mark.parametrize("k", [1, 3])

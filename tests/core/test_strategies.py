@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import modrt
-from modrt import synthetic
 from modrt._exceptions import InputError
 from modrt.runtime import auto, fused, graph
 from modrt.runtime.sessions import SessionConfig
@@ -18,25 +17,13 @@ DIMS = (8, 16, 8)  # MoE experts keep the width (fused); graph/host also run (8,
 STRATEGIES = ("host", "graph", "fused", "auto")
 
 
-def _check(model, x, rule, reference):
-    r, d = model.run(x=x), model.run_dense(x=x)
-    assert r["y"].shape == (x.shape[0], DIMS[2]) and r["y"].dtype == np.float32
-    assert r["modules"].dtype == np.int32 and r["modules"].shape == (x.shape[0], 1, model.K)
-    np.testing.assert_array_equal(r["modules"], d["modules"])
-    np.testing.assert_allclose(r["y"], d["y"], rtol=1e-5, atol=1e-5)
-    w = synthetic.read_weights(model.directory, model.manifest)
-    np.testing.assert_allclose(r["y"], reference(w, x.astype(np.float64), r["modules"][:, 0], rule),
-                               rtol=1e-4, atol=1e-4)
-    return r
-
-
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("k,rule", [(1, "sum"), (3, "sum"), (3, "mean"), (2, "mean")])
-def test_feedforward_equals_dense(ff_bundle, mlp_reference, strategy, k, rule):
+def test_feedforward_equals_dense(ff_bundle, check_equal, strategy, k, rule):
     model = modrt.load(ff_bundle(modules=8, k=k, dims=DIMS, combine=rule), strategy=strategy)
     for batch in (1, 2, 5, 64):  # 2 rows over 8 modules: most modules get no rows at all
         x = np.random.default_rng(batch).standard_normal((batch, DIMS[0])).astype(np.float32)
-        r = _check(model, x, rule, mlp_reference)
+        r = check_equal(model, x, rule)
         if batch == 2:
             assert len(np.unique(r["modules"])) < 8
         assert model.strategy_for(batch) in ("host", "graph", "fused")
@@ -44,14 +31,14 @@ def test_feedforward_equals_dense(ff_bundle, mlp_reference, strategy, k, rule):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("k,picks", [(1, [5]), (3, [2, 2, 4]), (3, [1, 1, 1])])
-def test_one_module_gets_every_row(ff_bundle, forced_weights, mlp_reference, strategy, k, picks):
+def test_one_module_gets_every_row(ff_bundle, forced_weights, check_equal, strategy, k, picks):
     """One module serves every row; with K > 1 a module repeated in slots counts once."""
     w = forced_weights(6, k, DIMS, picks)
     model = modrt.load(ff_bundle(modules=6, k=k, dims=DIMS, weights=w, name=f"forced-{picks}"),
                        strategy=strategy)
     for batch in (1, 33):
         x = np.random.default_rng(batch).standard_normal((batch, DIMS[0])).astype(np.float32)
-        r = _check(model, x, "sum", mlp_reference)
+        r = check_equal(model, x, "sum")
         assert (r["modules"][:, 0] == np.array(picks)).all()
 
 
