@@ -74,7 +74,7 @@ class TrainConfig:
     """How a run trains. Defaults: a ~1 hour run of the default model on a 2-core CPU."""
 
     samples: int = 10  # S: E-step candidates (the stored a* plus S-1 controller draws)
-    e_step_every: int = 10  # run the E-step on every n-th step (official demos: 10)
+    e_step_every: int = 10  # E-step each window on every n-th of its visits (staggered; official demos: every 10th step)
     bptt: int = 35  # T: time steps per training window
     batch_size: int = 64  # B: parallel streams (batchify)
     eval_batch_size: int = 10  # streams for validation / test perplexity

@@ -26,6 +26,19 @@ from modrt.train import model as lm
 from modrt.train import routing
 
 
+def e_step_due(window: int, epoch: int, every: int) -> bool:
+    """Whether window ``window`` gets an E-step in epoch ``epoch``.
+
+    Each example (window) is E-stepped on every ``every``-th of its visits, staggered over
+    windows: in epoch e the windows w with (w + e) % every == 0, so across ``every``
+    consecutive epochs every window gets exactly one. (Keying on the global step instead,
+    step % every with step = e * W + w, aliases with the W windows of an epoch: with PTB's
+    W = 415 and every = 10 only the windows w = 0 and 5 (mod 10) were ever E-stepped, and
+    80% of the a* memory kept its random initialisation for the whole run.)
+    """
+    return (window + epoch) % every == 0
+
+
 class EStep(NamedTuple):
     best: torch.Tensor  # (T, B, K) the new a*
     changed: torch.Tensor  # (B,) bool: a* replaced by a better candidate

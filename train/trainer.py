@@ -1,7 +1,7 @@
 """The training loop: EM (or a baseline) over PTB windows, with checkpoints.
 
-One step = one window of B streams. EM: (every ``e_step_every``-th step) the E-step
-updates a* for those B examples, then one M-step updates all parameters. REINFORCE,
+One step = one window of B streams. EM: (on every ``e_step_every``-th visit of the
+window, staggered over windows: ``em.e_step_due``) the E-step updates a* for those B examples, then one M-step updates all parameters. REINFORCE,
 noisy top-k and dense: one gradient step on their objective (``baselines``). The hidden state carries
 across windows and restarts at each epoch. Validation perplexity (greedy routing) after
 every epoch, test perplexity at the end. ``metrics.jsonl`` gets one line per log interval
@@ -195,7 +195,7 @@ class Trainer:
         if self.memory is not None:
             ids = data.example_ids(self.window, tc.batch_size)
             a_star = self.memory[ids, :T].long().permute(1, 0, 2).to(dev)  # (T, B, K)
-            if self.step % tc.e_step_every == 0:
+            if em.e_step_due(self.window, self.epoch, tc.e_step_every):
                 e = em.e_step(self.model, x, y, self.hidden, a_star, tc.samples)
                 a_star = e.best
                 self.memory[ids, :T] = a_star.permute(1, 0, 2).to(torch.int16).cpu()

@@ -109,3 +109,18 @@ def test_m_step_trains_towards_a_star(setup):
     last = em.m_step_loss(model, x, y, h, a_star)
     assert last.nll < first.nll
     assert last.controller < first.controller
+
+
+@pytest.mark.parametrize("windows", [415, 400, 7, 1])
+@pytest.mark.parametrize("every", [1, 2, 3, 10])
+def test_every_window_gets_its_e_step(windows, every):
+    """Across ``every`` consecutive epochs each window is E-stepped exactly once, and each epoch
+    E-steps about 1/every of its windows - whatever the number of windows per epoch. (PTB has
+    415 windows: keyed on the global step, every=10 only ever reached windows 0 and 5 mod 10.)"""
+    for first in (0, 3):
+        hits = torch.zeros(windows, dtype=torch.long)
+        for epoch in range(first, first + every):
+            due = torch.tensor([em.e_step_due(w, epoch, every) for w in range(windows)])
+            assert abs(int(due.sum()) - windows / every) <= 1
+            hits += due.long()
+        assert (hits == 1).all()
