@@ -109,11 +109,15 @@ class ByBatch:
 
     kind = "auto"
 
+    CACHED_BATCHES = 4096  # pick() remembers the layer of batch sizes up to this
+
     def __init__(self, spec: LayerSpec, ranges: list[tuple[int | None, str]], layers: dict[str, Any]):
         self.spec = spec
         self.ranges = ranges  # [(largest batch or None for any, strategy)], ascending
         self.layers = layers  # strategy -> built layer
         self.inputs = next(iter(layers.values())).inputs
+        self._picked: dict[int, Any] = {}  # batch -> layer: one dict lookup on the hot path
+        self.runners: dict[int, Callable] = {}  # batch -> runner(batch), filled by it
 
     def strategy_for(self, batch: int) -> str:
         for upto, name in self.ranges:
@@ -122,7 +126,24 @@ class ByBatch:
         raise AssertionError(self.ranges)  # the last range is open
 
     def pick(self, batch: int):
-        return self.layers[self.strategy_for(batch)]
+        layer = self._picked.get(batch)
+        if layer is None:
+            layer = self.layers[self.strategy_for(batch)]
+            if batch <= self.CACHED_BATCHES:
+                self._picked[batch] = layer
+        return layer
+
+    def runner(self, batch: int) -> Callable:
+        """``f(feeds, None) -> (out, a)`` for this batch size, the cheapest call there is:
+        a composed layer's ``raw`` session run (no error conversion: on an exception, call
+        ``pick(batch)`` to have it reported), else the layer itself. Cached in ``runners``."""
+        f = self.runners.get(batch)
+        if f is None:
+            layer = self.pick(batch)
+            f = getattr(layer, "raw", layer)
+            if batch <= self.CACHED_BATCHES:
+                self.runners[batch] = f
+        return f
 
     def __call__(self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None):
         return self.pick(next(iter(feeds.values())).shape[0])(feeds, out)

@@ -22,6 +22,7 @@ The expert layout is checked against numpy at load (ORT changed it across versio
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -204,6 +205,9 @@ class FusedLayer:
                                  f"layer {spec.name} (fused strategy)")
         self._names = [manifest.graphs[spec.module_graphs[0]].outputs[0].name, g.SEL]
         self._run = g.fast_run(self.session)
+        # raw(feeds, None) -> [out, a]: the run without __call__'s frame and error conversion,
+        # for Model.run's fast path (which retries through __call__ to report an error)
+        self.raw = functools.partial(self._run, self._names)
         self._check(experts, manifest)
 
     def _check(self, experts: Experts, manifest: Manifest) -> None:

@@ -26,6 +26,7 @@ composed; ``unsupported`` says why another layer is not.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -309,6 +310,9 @@ class GraphLayer:
                                f"layer {spec.name} (graph strategy)")
         self._names = [manifest.graphs[spec.module_graphs[0]].outputs[0].name, SEL]
         self._run = fast_run(self.session)
+        # raw(feeds, None) -> [out, a]: the run without __call__'s frame and error conversion,
+        # for Model.run's fast path (which retries through __call__ to report an error)
+        self.raw = functools.partial(self._run, self._names)
 
     def __call__(self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:

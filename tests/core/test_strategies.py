@@ -133,6 +133,14 @@ def test_by_batch_ranges():
     assert [bb.strategy_for(b) for b in (1, 22, 23, 1000)] == ["fused", "fused", "graph", "graph"]
     assert bb.describe() == "fused for batch 1-22, graph for batch 23+"
     assert auto._ranges((1, 8, 64), ["host", "graph", "host"]) == [(2, "host"), (22, "graph"), (None, "host")]
+    # pick() and runner() remember per batch size; runner() prefers a layer's raw session run
+    fast = types.SimpleNamespace(inputs=["x"], raw=lambda feeds, out: "raw")
+    bb = auto.ByBatch(spec, [(22, "fused"), (None, "graph")], {"fused": fast, "graph": layer})
+    assert bb.pick(3) is fast and bb.pick(3) is fast and bb.pick(500) is layer
+    assert bb.runner(3) is fast.raw and bb.runner(500) is layer and set(bb.runners) == {3, 500}
+    assert bb.pick(10 ** 6) is layer and 10 ** 6 not in bb.runners
+    bb.runner(10 ** 6)
+    assert 10 ** 6 not in bb.runners
 
 
 @pytest.mark.parametrize("k,rule", [(1, "sum"), (3, "mean")])
@@ -161,3 +169,25 @@ def test_graph_loop_needs_a_recurrent_layer(ff_bundle):
     with pytest.raises(InputError, match="strategy 'graph-loop' cannot run layer layer0: a Loop over time"):
         auto.build("graph-loop", model.directory, model.manifest, model.manifest.layers[0], model.sessions,
                    SessionConfig())
+
+
+def test_fast_path_strides_and_fallback(ff_bundle):
+    """Model.run's shortcut: any strides go straight to the session; an exception there is
+    retried through the general path, which reports it (or, here, succeeds)."""
+    d = ff_bundle(modules=8, k=1, dims=DIMS)
+    for strategy in ("fused", "graph", "host"):
+        model = modrt.load(d, strategy=strategy)
+        wide = np.random.default_rng(0).standard_normal((5, 2 * DIMS[0])).astype(np.float32)
+        x = wide[:, ::2]
+        assert not x.flags.c_contiguous
+        r, ref = model.run(x=x), model.run_dense(x=np.ascontiguousarray(x))
+        np.testing.assert_array_equal(r["modules"], ref["modules"])
+        np.testing.assert_allclose(r["y"], ref["y"], rtol=1e-5, atol=1e-5)
+        layer = model._routed["layer0"]
+
+        def broken(feeds, out):
+            raise RuntimeError("boom")
+
+        layer.runners[5] = broken
+        again = model.run(x=x)
+        np.testing.assert_array_equal(again["y"], r["y"])
