@@ -6,6 +6,12 @@
                 (OneHot with values (-1e4, 0), ReduceMax over the slots)
              -> MoE(x, router, experts packed from the module graphs, k=K) -> y (B, D_out)
 
+    K = 1, fewer kernels (each costs ~0.25 µs of a ~25 µs batch-1 call; ``route_one``):
+    x -> controller, its final Reshape to (B, 1, M) dropped when provably a no-op for the
+         LogSoftmax after it -> log_probs (B, M) -> ArgMax (keepdims) -> sel (B, 1)
+                                                 -> Hardmax -> router (B, M)
+      -> MoE(x, router, experts, k=1) -> y
+
 Why this router and not the controller's logits: MoE softmaxes its router input, takes the
 top k and (``normalize_routing_weights=1``) renormalises their weights. Fed this router,
 each of a row's n distinct selected modules gets weight exactly 1/n and every other
@@ -14,6 +20,16 @@ is computed and weighted 0). So MoE returns the *mean* over the distinct selecte
 modules, the bundle's ``mean`` rule; ``sum`` is that times n (for K=1, n=1: no scaling).
 Only rounding differs from ``routing.combine``; the runtime's tests hold it to the dense
 graph row for row.
+
+With K=1, Hardmax is 1 at the *first* maximum of a row, 0 elsewhere: the module ArgMax
+(and the dense graph) picks, ties to the lower module id included. MoE's softmax of that
+row puts the selected module strictly first (e / (e + M - 1) against 1 / (e + M - 1)),
+and its one weight renormalised is p / p = 1 exactly. (A row of NaN log-probabilities,
+from NaN or infinite logits, is the exception: Hardmax gives zeros there and MoE another
+module; the output is NaN either way, and ``modules`` is ArgMax's, as in the dense graph.)
+The Reshape is dropped only when it maps (B, M) to (B, 1, M) and feeds a LogSoftmax over
+the last axis: the same rows of M values, one kernel less; otherwise the log-probabilities
+are reshaped back to (B, M).
 
 Applies to layers whose module graphs are two-layer MLPs ``MatMul/Gemm, Add, act,
 MatMul/Gemm, Add`` with act in ``ACTIVATIONS``; ``unsupported`` says why not otherwise.
@@ -145,6 +161,59 @@ def unsupported(spec: LayerSpec, manifest: Manifest, provider: str) -> str | Non
     return None
 
 
+def _slot_reshape(graph: onnx.GraphProto, lp: str, opset: int, M: int) -> onnx.NodeProto | None:
+    """The Reshape (B, M) -> (B, 1, M) right before the controller's final LogSoftmax over
+    the last axis, or None if the graph does not end that way (shapes from ONNX's shape
+    inference; anything it cannot tell counts as "does not")."""
+    from onnx import helper, shape_inference
+
+    producer = {o: n for n in graph.node for o in n.output}
+    last = producer.get(lp)
+    if opset < 13 or last is None or last.op_type != "LogSoftmax":
+        return None  # before opset 13, LogSoftmax's axis meant "flatten from here"
+    axis = next((helper.get_attribute_value(a) for a in last.attribute if a.name == "axis"), -1)
+    reshape = producer.get(last.input[0])
+    if axis not in (-1, 2) or reshape is None or reshape.op_type != "Reshape":
+        return None
+    try:
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        inferred = shape_inference.infer_shapes(model, strict_mode=True).graph
+    except Exception:  # noqa: BLE001 - no shapes: keep the graph as it is
+        return None
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.value_info, *inferred.input, *inferred.output]
+              if v.type.tensor_type.HasField("shape")}
+    src, dst = shapes.get(reshape.input[0]), shapes.get(reshape.output[0])
+    if src is None or dst is None or len(src) != 2 or src[1] != M or dst[1:] != [1, M] or len(dst) != 3:
+        return None
+    return reshape
+
+
+def route_one(b: g.Builder, ctrl: onnx.GraphProto, lp: str, opset: int, M: int) -> str:
+    """K = 1: the controller's nodes (output ``lp``, (B, 1, M) log-probabilities; its final
+    Reshape dropped where it is a no-op for the LogSoftmax after it), selection (B, 1) int32
+    and a Hardmax router (B, M). Returns the router's name."""
+    from onnx import TensorProto
+
+    reshape = _slot_reshape(ctrl, lp, opset, M)
+    if reshape is not None:
+        softmax = next(n for n in ctrl.node if lp in n.output)
+        softmax.input[0] = reshape.input[0]  # the same rows of M values: the same kernel, bit for bit
+        needed, nodes = {lp}, []
+        for n in reversed(ctrl.node):  # drop what only the Reshape used
+            if needed & set(n.output):
+                nodes.append(n)
+                needed.update(i for i in n.input if i)
+        del ctrl.node[:]
+        ctrl.node.extend(reversed(nodes))
+    b.inline(ctrl)
+    if reshape is None:
+        lp = b.node("Reshape", [lp, b.const(np.array([-1, M], np.int64))], ["route/log_probs"])
+    sel64 = b.node("ArgMax", [lp], ["route/sel64"], axis=-1, keepdims=1)  # (B, 1): the first maximum
+    b.node("Cast", [sel64], [g.SEL], to=TensorProto.INT32)
+    return b.node("Hardmax", [lp], ["route/router"], axis=-1)  # (B, M): 1 at that same first maximum
+
+
 def compose(directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec, experts: Experts) -> onnx.ModelProto:
     """Controller + mask router + MoE as one model; outputs (y (B, D_out), selection (B, K))."""
     from onnx import TensorProto, helper
@@ -154,9 +223,16 @@ def compose(directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec, e
     x = manifest.graphs[spec.controller].inputs[0].name
     for n in ctrl.node:
         n.input[:] = [x if i == f"c/{x}" else i for i in n.input]
-    b.inline(ctrl)
-    # router (B, M): 0 for a selected module, -OFF for the others
-    _, router = b.route(f"c/{manifest.graphs[spec.controller].outputs[0].name}", spec.modules, off=-OFF, on=0.0)
+    for t in ctrl.input:  # the layer's input under its own name (shape inference reads it)
+        if t.name == f"c/{x}":
+            t.name = x
+    lp = f"c/{manifest.graphs[spec.controller].outputs[0].name}"
+    if spec.k == 1:
+        router = route_one(b, ctrl, lp, manifest.opset, spec.modules)
+    else:
+        b.inline(ctrl)
+        # router (B, M): 0 for a selected module, -OFF for the others
+        _, router = b.route(lp, spec.modules, off=-OFF, on=0.0)
     out_spec = manifest.graphs[spec.module_graphs[0]].outputs[0]
     out = out_spec.name
     if spec.combine == "sum" and spec.k > 1:  # MoE gives the mean over the n distinct: times n
@@ -232,4 +308,5 @@ class FusedLayer:
         return y, a
 
 
-__all__ = ["FusedLayer", "Experts", "compose", "mlp_params", "moe_node", "pack", "reference", "unsupported"]
+__all__ = ["FusedLayer", "Experts", "compose", "mlp_params", "moe_node", "pack", "reference", "route_one",
+           "unsupported"]

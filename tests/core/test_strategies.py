@@ -171,6 +171,68 @@ def test_graph_loop_needs_a_recurrent_layer(ff_bundle):
                    SessionConfig())
 
 
+def _tied_weights(modules: int, dims: tuple[int, int, int], top: list[int]):
+    """Random modules; a controller that ignores x and gives the modules in ``top`` the same,
+    highest logit (K=1): an exact tie, to be broken towards the lowest id."""
+    from modrt import synthetic
+
+    w = synthetic.random_weights(modules, 1, dims, seed=5)
+    bc = np.linspace(-3.0, -1.0, modules).astype(np.float32)
+    bc[top] = 4.0
+    return synthetic.Weights(wc=np.zeros_like(w.wc), bc=bc, w1=w.w1, b1=w.b1, w2=w.w2, b2=w.b2)
+
+
+@pytest.mark.parametrize("top", [[2, 4], [5, 1, 3], list(range(6))])
+@pytest.mark.parametrize("strategy", ["fused", "graph", "host"])
+def test_k1_ties_route_to_the_lower_module(ff_bundle, check_equal, strategy, top):
+    """Equal logits: every strategy takes the lowest module id, as the dense graph's ArgMax
+    (fused K=1 routes MoE by a Hardmax, whose first maximum is that same module)."""
+    w = _tied_weights(6, DIMS, top)
+    model = modrt.load(ff_bundle(modules=6, k=1, dims=DIMS, weights=w, name=f"tied-{top}"), strategy=strategy)
+    for batch in (1, 9):
+        x = np.random.default_rng(batch).standard_normal((batch, DIMS[0])).astype(np.float32)
+        r = check_equal(model, x, "sum")
+        assert (r["modules"] == min(top)).all()
+
+
+def test_fused_k1_graph_drops_the_slot_reshape(ff_bundle, check_equal, monkeypatch):
+    """K=1: controller MatMul, Add, LogSoftmax on (B, M) (its Reshape to (B, 1, M) dropped),
+    then ArgMax + Cast (modules) and Hardmax (router) into MoE. Where the Reshape cannot be
+    shown to be a no-op, the log-probabilities are reshaped back instead: equal results."""
+    d = ff_bundle(modules=8, k=1, dims=DIMS)
+    model = modrt.load(d, strategy="fused")
+    spec = model.manifest.layers[0]
+    experts = fused.pack(d, model.manifest, spec)
+    ops = [n.op_type for n in fused.compose(d, model.manifest, spec, experts).graph.node]
+    assert ops == ["MatMul", "Add", "LogSoftmax", "ArgMax", "Cast", "Hardmax", "MoE"]
+    monkeypatch.setattr(fused, "_slot_reshape", lambda *args: None)
+    ops = [n.op_type for n in fused.compose(d, model.manifest, spec, experts).graph.node]
+    assert ops == ["MatMul", "Add", "Reshape", "LogSoftmax", "Reshape", "ArgMax", "Cast", "Hardmax", "MoE"]
+    unreshaped = modrt.load(d, strategy="fused")
+    for batch in (1, 5, 64):
+        x = np.random.default_rng(batch).standard_normal((batch, DIMS[0])).astype(np.float32)
+        a, b = check_equal(model, x, "sum"), check_equal(unreshaped, x, "sum")
+        np.testing.assert_array_equal(a["y"], b["y"])
+
+
+def test_slot_reshape_needs_proof(ff_bundle):
+    """The Reshape is dropped only for a final LogSoftmax over the last axis fed by a
+    (B, M) -> (B, 1, M) Reshape."""
+    from onnx import helper
+
+    d = ff_bundle(modules=8, k=1, dims=DIMS)
+    model = modrt.load(d, strategy="host")
+    ctrl = graph.load_graph(d, model.manifest, model.manifest.layers[0].controller)
+    assert fused._slot_reshape(ctrl, "log_probs", 17, 8) is not None
+    assert fused._slot_reshape(ctrl, "log_probs", 17, 7) is None  # another M
+    assert fused._slot_reshape(ctrl, "log_probs", 12, 8) is None  # LogSoftmax-11 flattens from its axis
+    other_axis = graph.load_graph(d, model.manifest, model.manifest.layers[0].controller)
+    soft = next(n for n in other_axis.node if n.op_type == "LogSoftmax")
+    del soft.attribute[:]
+    soft.attribute.append(helper.make_attribute("axis", 1))
+    assert fused._slot_reshape(other_axis, "log_probs", 17, 8) is None
+
+
 def test_fast_path_strides_and_fallback(ff_bundle):
     """Model.run's shortcut: any strides go straight to the session; an exception there is
     retried through the general path, which reports it (or, here, succeeds)."""
