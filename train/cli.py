@@ -56,7 +56,11 @@ def _check_writable(out: Path) -> None:
 @click.option("--samples", "-S", type=click.IntRange(min=1), default=_T.samples, show_default=True,
               help="S, E-step candidates per example: the stored a* plus S-1 controller draws.")
 @click.option("--e-step-every", type=click.IntRange(min=1), default=_T.e_step_every, show_default=True,
-              help="Run the E-step on every n-th training step.")
+              help="E-step each window (example) on every n-th of its visits, staggered over windows "
+                   "so that every window gets one in any n consecutive epochs.")
+@click.option("--prior-weight", type=click.FloatRange(min=0), default=_T.prior_weight, show_default=True,
+              help="E-step score: log p(y|x,a) + w * log p(a|x). 1 is the paper's joint; 0 scores candidates "
+                   "by their likelihood alone (they are still drawn from the controller).")
 @click.option("--baseline-decay", type=click.FloatRange(0, 1, max_open=True), default=_T.baseline_decay,
               show_default=True, help="REINFORCE: decay of the reward's moving-average baseline.")
 @click.option("--importance-weight", type=click.FloatRange(min=0), default=_T.importance_weight,

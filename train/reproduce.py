@@ -62,7 +62,8 @@ METHOD_LABEL = {"em": "EM modular", "reinforce": "REINFORCE", "noisy-topk": "noi
                 "dense": "dense baseline"}
 
 # The protocol: every configuration trains with these (and the ModelConfig/TrainConfig
-# defaults for everything else: E=128, H=256, T=35, B=64, Adam 1e-3, S=10, E-step every 10).
+# defaults for everything else: E=128, H=256, T=35, B=64, Adam 1e-3, S=10, E-step on every
+# visit scored by the likelihood - see docs/design-notes.md, "E-step").
 EPOCHS = 6
 SEED = 1
 
@@ -97,7 +98,8 @@ def markdown(rows: list[dict], epochs: int, seed: int) -> str:
         "# Penn Treebank test perplexity: ours (paper)",
         "",
         f"Protocol: every configuration trained {epochs} epochs, seed {seed}, E=128, H=256, T=35, B=64, "
-        "Adam 1e-3, on the same data; written by `modrt reproduce ptb`. Lower is better. "
+        "Adam 1e-3, EM with S=10 and the E-step on every visit scored by log p(y|x,a), on the same data; "
+        "written by `modrt reproduce ptb`. Lower is better. "
         "A dash: not run yet. Paper: Kirsch, Kunze & Barber (NeurIPS 2018), Table 1.",
         "",
         "| method | (M,K)=(15,1) | (5,1) | (15,3) | (5,3) |",
@@ -207,7 +209,8 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
         rec = finished(run)
         if rc != 0 or rec is None:
             raise ModrtError(f"{c.name} failed (exit {rc}); its run directory is {run}")
-        state[c.name] = rec
+        # Re-read every run from disk: another `reproduce --only ...` may have finished some.
+        state = {x.name: finished(out / x.name) for x in TABLE}
         rows = [row(x, state[x.name], epochs, seed) for x in TABLE if state[x.name]]
         write_table(results, rows, epochs, seed)
         bar.write(f"{c.name}: valid {rec['valid_ppl']}, test {rec['test_ppl']} (paper {c.paper}), "

@@ -124,3 +124,28 @@ def test_every_window_gets_its_e_step(windows, every):
             assert abs(int(due.sum()) - windows / every) <= 1
             hits += due.long()
         assert (hits == 1).all()
+
+
+def test_prior_weight_scales_the_controller_term(setup):
+    """score = log p(y|x,a) + w log p(a|x): checked against the candidates' direct scores."""
+    model, x, y, h = setup
+    _make_certain(model, 1)
+    a_star = torch.full((T, B, 1), 3)  # log p(a* | x) = -40 per step
+    runs = {w: em.e_step(model, x, y, h, a_star, samples=S, generator=torch.Generator().manual_seed(6),
+                         prior_weight=w) for w in (0.0, 0.5, 1.0)}
+    for w in (0.5, 1.0):  # same draws whatever the weight
+        assert torch.equal(runs[w].candidates, runs[0.0].candidates)
+    for s in range(S):
+        joint = _score(model, x, y, h, runs[1.0].candidates[s])
+        torch.testing.assert_close(runs[1.0].scores[s], joint, rtol=1e-5, atol=1e-4)
+    model.eval()
+    with torch.no_grad():
+        ll = torch.stack([model.token_log_likelihood(model(x, h, lm.given(c)).hs, y).sum(0)
+                          for c in runs[0.0].candidates])
+    model.train()
+    torch.testing.assert_close(runs[0.0].scores, ll, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(runs[0.5].scores, (runs[0.0].scores + runs[1.0].scores) / 2, rtol=1e-5, atol=1e-4)
+    # Under the joint the stored a* (prior e^-40 per step) always loses; by likelihood alone it
+    # wins exactly where its likelihood is the highest.
+    assert (runs[1.0].scores[0] < -T * CERTAIN / 2).all()
+    assert torch.equal(runs[0.0].best, runs[0.0].candidates[ll.argmax(0), :, torch.arange(B)].permute(1, 0, 2))
