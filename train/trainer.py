@@ -1,9 +1,10 @@
 """The training loop: EM (or a baseline) over PTB windows, with checkpoints.
 
 One step = one window of B streams. EM: (on every ``e_step_every``-th visit of the
-window, staggered over windows: ``em.e_step_due``) the E-step updates a* for those B examples, then one M-step updates all parameters. REINFORCE,
-noisy top-k and dense: one gradient step on their objective (``baselines``). The hidden state carries
-across windows and restarts at each epoch. Validation perplexity (greedy routing) after
+window, staggered over windows: ``em.e_step_due``) the E-step updates a* for those B
+examples, then one M-step updates all parameters. REINFORCE, noisy top-k and dense: one
+gradient step on their objective (``baselines``). The hidden state carries across windows
+and restarts at each epoch. Validation perplexity (greedy routing) after
 every epoch, test perplexity at the end. ``metrics.jsonl`` gets one line per log interval
 and per evaluation; ``ckpt.pt`` is written at epoch ends, every ``ckpt_every`` steps, on
 Ctrl-C / SIGTERM and at the end, and holds everything to continue exactly.
