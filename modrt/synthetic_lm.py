@@ -10,6 +10,10 @@ with PyTorch's equations (``nn.GRUCell``):
     layer0.module<m>   e [R, E], h [R, H] -> h_new [R, H]     (one GRU step)
     layer0.dense       e [B, E], h [B, H] -> h_new [B, H], selection int64 [B, K]
     head               hs [B, T, H] -> MatMul, Add -> logits [B, T, V]
+
+``selection="topk"`` builds noisy top-k's inference form instead: one distribution
+(log_probs [B, 1, M]), its k most probable modules (TopK: ties to the lower id), combined
+with rule "gate" (weights: the softmax of the selected log-probabilities).
 """
 
 from __future__ import annotations
@@ -69,9 +73,15 @@ def build(
     hidden: int = 32,
     seed: int = 0,
     combine: str = "sum",
+    selection: str = "slots",
 ) -> Path:
-    """Write a valid random-weight recurrent bundle to ``out_dir``; returns the directory."""
+    """Write a valid random-weight recurrent bundle to ``out_dir``; returns the directory.
+    ``selection`` "topk" needs ``combine`` "gate" (and the reverse)."""
     from onnx import TensorProto, helper
+
+    if (selection == "topk") != (combine == "gate"):
+        raise ValueError(f"selection {selection!r} with combine {combine!r}: 'topk' goes with 'gate' only")
+    slots = 1 if selection == "topk" else k  # the controller's distributions
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +94,7 @@ def build(
     s = 1 / np.sqrt(H)
     cells = [{"Wi": u(E, 3 * H, scale=s), "bi": u(3 * H, scale=s), "Wh": u(H, 3 * H, scale=s),
               "bh": u(3 * H, scale=s)} for _ in range(M)]
-    wc, bc = u(E + H, k * M, scale=1.0), u(k * M, scale=0.5)
+    wc, bc = u(E + H, slots * M, scale=1.0), u(slots * M, scale=0.5)
     F, I64 = TensorProto.FLOAT, TensorProto.INT64
     e_in, h_in = _io("e", F, ["B", E]), _io("h", F, ["B", H])
     graphs = {}
@@ -92,15 +102,15 @@ def build(
         [helper.make_node("Gather", ["table", "tokens"], ["emb"], axis=0)],
         [_io("tokens", I64, ["B", "T"])], [_io("emb", F, ["B", "T", E])],
         [_t("table", u(V, E, scale=0.1))], "embedding")
-    nodes, inits = _controller_nodes("", wc, bc, k, M)
+    nodes, inits = _controller_nodes("", wc, bc, slots, M)
     graphs[f"{LAYER}.controller"] = _model(
-        nodes, [e_in, h_in], [_io("log_probs", F, ["B", k, M])], inits, "controller")
+        nodes, [e_in, h_in], [_io("log_probs", F, ["B", slots, M])], inits, "controller")
     for m in range(M):
         nodes, inits = _gru_nodes("", "e", "h", "h_new", cells[m])
         graphs[f"{LAYER}.module{m}"] = _model(
             nodes, [_io("e", F, ["R", E]), _io("h", F, ["R", H])],
             [_io("h_new", F, ["R", H])], inits, f"module{m}")
-    graphs[f"{LAYER}.dense"] = _dense(cells, wc, bc, k, combine, e_in, h_in, H)
+    graphs[f"{LAYER}.dense"] = _dense(cells, wc, bc, k, combine, e_in, h_in, H, selection)
     graphs["head"] = _model(
         [helper.make_node("MatMul", ["hs", "Wo"], ["z"]), helper.make_node("Add", ["z", "bo"], ["logits"])],
         [_io("hs", F, ["B", "T", H])], [_io("logits", F, ["B", "T", V])],
@@ -113,31 +123,43 @@ def build(
         stages=("embedding", LAYER, "head"),
         layers=(bundle.LayerSpec(
             name=LAYER, modules=M, k=k, combine=combine, controller=f"{LAYER}.controller",
-            module_graphs=tuple(f"{LAYER}.module{m}" for m in range(M)), state="h"),),
+            module_graphs=tuple(f"{LAYER}.module{m}" for m in range(M)), state="h", selection=selection),),
         dense={LAYER: f"{LAYER}.dense"},
         graphs=specs,
         opset=OPSET,
         model={"vocab_size": V, "embedding": E, "hidden": H, "modules": M, "k": k,
-               "combine": combine, "cell": "gru", "seed": seed},
+               "combine": combine, "selection": selection, "cell": "gru", "seed": seed},
     )
     bundle.write(out, manifest)
     return out
 
 
-def _dense(cells, wc, bc, k: int, combine: str, e_in, h_in, H: int):
-    """Every GRU cell on every row, the selected ones kept by a (B, M) mask."""
+def _dense(cells, wc, bc, k: int, combine: str, e_in, h_in, H: int, selection: str = "slots"):
+    """Every GRU cell on every row, the selected ones kept by a (B, M) mask - or, for
+    "topk", weighted by their gates (zero for the modules not selected)."""
     from onnx import TensorProto, helper
 
     n = helper.make_node
     M = len(cells)
-    nodes, inits = _controller_nodes("c_", wc, bc, k, M)
-    nodes += [
-        n("ArgMax", ["c_log_probs"], ["selection"], axis=-1, keepdims=0),  # (B, K)
-        n("OneHot", ["selection", "depth", "onoff"], ["onehot"], axis=-1),  # (B, K, M)
-        n("ReduceMax", ["onehot"], ["mask"], axes=[1], keepdims=0),  # (B, M)
-    ]
-    inits += [_t("depth", np.array(M, np.int64)), _t("onoff", np.array([0.0, 1.0], np.float32)),
-              _t("ax1", np.array([1], np.int64))]
+    inits = [_t("ax1", np.array([1], np.int64))]
+    if selection == "topk":
+        nodes, ci = _controller_nodes("c_", wc, bc, 1, M)
+        nodes += [
+            n("Squeeze", ["c_log_probs", "ax1"], ["lp"]),  # (B, M)
+            n("TopK", ["lp", "kk"], ["top", "selection"], axis=-1),  # (B, k): ties to the lower id
+            n("Softmax", ["top"], ["w"], axis=-1),  # the gates
+            n("Shape", ["lp"], ["bm"]), n("ConstantOfShape", ["bm"], ["zeros"]),
+            n("ScatterElements", ["zeros", "selection", "w"], ["mask"], axis=1),  # (B, M) gate per module
+        ]
+        inits += ci + [_t("kk", np.array([k], np.int64))]
+    else:
+        nodes, ci = _controller_nodes("c_", wc, bc, k, M)
+        nodes += [
+            n("ArgMax", ["c_log_probs"], ["selection"], axis=-1, keepdims=0),  # (B, K)
+            n("OneHot", ["selection", "depth", "onoff"], ["onehot"], axis=-1),  # (B, K, M)
+            n("ReduceMax", ["onehot"], ["mask"], axes=[1], keepdims=0),  # (B, M)
+        ]
+        inits += ci + [_t("depth", np.array(M, np.int64)), _t("onoff", np.array([0.0, 1.0], np.float32))]
     ys = []
     for m, w in enumerate(cells):
         nn_, ii = _gru_nodes(f"m{m}_", "e", "h", f"m{m}_y", w)

@@ -64,15 +64,16 @@ def ff_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def lm_bundle(tmp_path_factory):
-    """factory(modules, k, combine) -> a random recurrent LM bundle dir (cached)."""
+    """factory(modules, k, combine, selection) -> a random recurrent LM bundle dir (cached);
+    selection "topk" (noisy top-k's inference form) goes with combine "gate"."""
     cache: dict[tuple, Path] = {}
 
-    def make(modules: int = 5, k: int = 1, combine: str = "sum") -> Path:
-        key = (modules, k, combine)
+    def make(modules: int = 5, k: int = 1, combine: str = "sum", selection: str = "slots") -> Path:
+        key = (modules, k, combine, selection)
         if key not in cache:
-            d = tmp_path_factory.mktemp(f"lm-m{modules}-k{k}-{combine}")
+            d = tmp_path_factory.mktemp(f"lm-m{modules}-k{k}-{combine}-{selection}")
             cache[key] = synthetic_lm.build(d, vocab=40, modules=modules, k=k, embedding=8,
-                                            hidden=12, combine=combine, seed=1)
+                                            hidden=12, combine=combine, selection=selection, seed=1)
         return cache[key]
 
     return make

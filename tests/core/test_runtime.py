@@ -50,6 +50,30 @@ def test_recurrent_routed_equals_dense(lm_bundle, k, rule):
     np.testing.assert_allclose(r["h_last"], d["h_last"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_recurrent_topk_gate_equals_dense(lm_bundle, k):
+    """Noisy top-k's inference form: the k most probable modules, weighted by the softmax of
+    their log-probabilities - routed (host) equals the dense graph's TopK + ScatterElements."""
+    model = modrt.load(lm_bundle(modules=6, k=k, combine="gate", selection="topk"))
+    spec = model.manifest.layers[0]
+    assert (spec.selection, spec.combine, model.strategy_for(4)) == ("topk", "gate", "host")
+    tok = np.random.default_rng(k).integers(0, 40, (7, 11))
+    r, d = model.run(tokens=tok), model.run_dense(tokens=tok)
+    assert r["modules"].shape == (7, 11, 1, k)
+    np.testing.assert_array_equal(r["modules"], d["modules"])
+    assert len(np.unique(r["modules"])) > k  # the rows do not all pick the same modules
+    assert (np.diff(np.sort(r["modules"], -1), axis=-1) != 0).all()  # k distinct modules per row
+    np.testing.assert_allclose(r["logits"], d["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(r["h_last"], d["h_last"], rtol=1e-5, atol=1e-5)
+
+
+def test_topk_bundle_needs_the_gate():
+    from modrt import synthetic_lm
+
+    with pytest.raises(ValueError, match="'topk' goes with 'gate' only"):
+        synthetic_lm.build("unused", selection="topk", combine="sum")
+
+
 def test_recurrent_state_carries_across_windows(lm_bundle):
     model = modrt.load(lm_bundle())
     tok = np.random.default_rng(0).integers(0, 40, (3, 10))

@@ -70,6 +70,12 @@ class ServerThread:
         self.sock.close()
 
 
+@pytest.fixture(scope="session")
+def server_thread():
+    """``server_thread(plane)``: a context manager serving ``plane`` live (``ServerThread``)."""
+    return ServerThread
+
+
 @pytest.fixture(scope="module")
 def lm_server(lm_model):
     """A live server for the recurrent bundle (model name ``lm``), batching up to 16 rows."""

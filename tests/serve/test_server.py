@@ -182,3 +182,28 @@ def test_openapi_describes_the_routes(client):
     assert infer["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/InferenceRequest")
     assert "InferenceRequest" in doc["components"]["schemas"] and "RequestInput" in doc["components"]["schemas"]
     assert {"200", "400", "404", "413", "503"} <= set(infer["responses"])
+
+
+def test_topk_gate_bundle_serves(tmp_path, server_thread):
+    """A noisy top-k bundle (selection "topk", combine "gate") through a live server: the
+    routing decisions and logits equal the runtime's, and the runtime equals the dense graph."""
+    import modrt
+    from modrt import synthetic_lm
+    from modrt.serve.batcher import BatchConfig
+    from modrt.serve.dataplane import DataPlane
+
+    model = modrt.load(synthetic_lm.build(tmp_path / "topk", vocab=VOCAB, modules=6, k=2, embedding=8,
+                                          hidden=12, combine="gate", selection="topk", seed=2),
+                       provider="cpu", threads=1)
+    x = tokens(3, 7, seed=5)
+    ref, dense = model.run(tokens=x), model.run_dense(tokens=x)
+    np.testing.assert_array_equal(ref["modules"], dense["modules"])
+    with server_thread(DataPlane(model, "topk", BatchConfig(max_batch=8, max_queue_delay_us=1000))) as s:
+        c = triton(s)
+        assert c.is_model_ready("topk")
+        inp = tc.InferInput("tokens", [3, 7], "INT64")
+        inp.set_data_from_numpy(x)
+        res = c.infer("topk", [inp], outputs=[tc.InferRequestedOutput("logits"), tc.InferRequestedOutput("modules")])
+        np.testing.assert_array_equal(res.as_numpy("modules"), ref["modules"])
+        assert res.as_numpy("modules").shape == (3, 7, 1, 2)
+        np.testing.assert_allclose(res.as_numpy("logits"), ref["logits"], rtol=1e-5, atol=1e-6)
