@@ -4,7 +4,10 @@ load and keeps the fastest per batch range.
 
     auto, per layer:
       candidates  host always; graph and fused where they apply and build (a strategy that
-                  declines says why, logged at debug). Large layers skip the measurement:
+                  declines says why, logged at debug); each of graph and fused also with
+                  the other intra-op thread count (``fused@2``: its session on 2 threads;
+                  ``thread_variant``) when there are several cores and per-session pools.
+                  Large layers skip the measurement:
                   above ``AutoConfig.large_layer_bytes`` of module graphs a module call costs
                   hundreds of µs, the host strategy's per-call overhead (~10 µs) is a few
                   percent of it, and composing the modules would take seconds at load.
@@ -32,7 +35,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,8 @@ STRATEGIES = ("auto", "host", "graph", "fused")
 # What a layer can run as: the explicit strategies, and graph's Loop-over-time variant for
 # a recurrent bundle's one layer (auto's choice only; see loop.py).
 BUILDABLE = ("host", "graph", "fused", "graph-loop")
+THREADED = ("graph", "fused")  # composed strategies auto also measures at another thread count
+CANDIDATES = 2  # in the cache key: what auto measures (2: THREADED at both thread counts)
 WINDOW = 8  # time steps per measured call when auto compares whole windows (recurrent)
 CACHE_ENV = "MODRT_CACHE"  # base cache directory; the choices go under <it>/strategy
 
@@ -84,11 +89,53 @@ def cache_dir() -> Path:
 # --- one layer per strategy -------------------------------------------------------------
 
 
+def split(name: str) -> tuple[str, int | None]:
+    """``"fused@2"`` -> ("fused", 2): a composed strategy's session on 2 intra-op threads;
+    ``"fused"`` -> ("fused", None): the threads ``SessionConfig.threads_for`` gives it."""
+    base, at, n = name.partition("@")
+    if not at:
+        return base, None
+    if base not in THREADED or not n.isdigit() or int(n) < 1:
+        raise InputError(f"strategy {name!r} unknown; choose one of {', '.join(STRATEGIES)}")
+    return base, int(n)
+
+
+def buildable(name: str) -> bool:
+    try:
+        return split(name)[0] in BUILDABLE
+    except InputError:
+        return False
+
+
+def thread_variant(name: str, layer: Any, config: SessionConfig) -> str | None:
+    """The other thread count worth measuring for a composed layer, as a strategy name.
+
+    A composed session gets one intra-op thread when its largest weight is small
+    (``SessionConfig.small_graph_bytes``), all cores otherwise. Which is faster depends on
+    the batch, not the weights alone. Measured on 2 cores, 15 256-wide modules, K=1: ORT's
+    MoE runs its experts in parallel (fused, batch 8: 149 µs on 2 threads, 165 on 1; batch
+    64: 416 vs 541), while the graph strategy's many small kernels lose more to waking the
+    second thread than they gain (batch 64: 500 vs 398 µs); at batch 1 neither gains. So
+    auto measures both and keeps the faster per batch range."""
+    if config.thread_pool != "session" or config.intra_threads < 2 or name not in THREADED:
+        return None
+    try:
+        used = layer.session.get_session_options().intra_op_num_threads
+    except AttributeError:
+        return None
+    other = 1 if used != 1 else config.intra_threads
+    return f"{name}@{other}" if other != used else None
+
+
 def build(name: str, directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
           sessions: Sessions, config: SessionConfig):
-    """The layer ``spec`` under strategy ``name`` (host | graph | fused); InputError if it declines."""
+    """The layer ``spec`` under strategy ``name`` (host | graph | fused | graph-loop, the
+    composed ones optionally ``@threads``); InputError if it declines."""
     if name == "host":
         return host.HostLayer(spec, sessions)
+    base, n = split(name)
+    if n is not None:  # every graph of the layer's session on n threads, whatever its weights
+        return build(base, directory, manifest, spec, sessions, replace(config, threads=n, small_graph_bytes=0))
     kinds = {"graph": graph.GraphLayer, "fused": fused.FusedLayer, "graph-loop": loop.LoopLayer}
     if name not in kinds:
         raise InputError(f"strategy {name!r} unknown; choose one of {', '.join(STRATEGIES)}")
@@ -113,22 +160,26 @@ class ByBatch:
 
     def __init__(self, spec: LayerSpec, ranges: list[tuple[int | None, str]], layers: dict[str, Any]):
         self.spec = spec
-        self.ranges = ranges  # [(largest batch or None for any, strategy)], ascending
+        self.ranges = ranges  # [(largest batch or None for any, strategy[@threads])], ascending
         self.layers = layers  # strategy -> built layer
         self.inputs = next(iter(layers.values())).inputs
         self._picked: dict[int, Any] = {}  # batch -> layer: one dict lookup on the hot path
         self.runners: dict[int, Callable] = {}  # batch -> runner(batch), filled by it
 
-    def strategy_for(self, batch: int) -> str:
+    def variant_for(self, batch: int) -> str:
+        """The layer run at this batch size: a strategy, ``@threads`` where auto chose those."""
         for upto, name in self.ranges:
             if upto is None or batch <= upto:
                 return name
         raise AssertionError(self.ranges)  # the last range is open
 
+    def strategy_for(self, batch: int) -> str:
+        return split(self.variant_for(batch))[0]
+
     def pick(self, batch: int):
         layer = self._picked.get(batch)
         if layer is None:
-            layer = self.layers[self.strategy_for(batch)]
+            layer = self.layers[self.variant_for(batch)]
             if batch <= self.CACHED_BATCHES:
                 self._picked[batch] = layer
         return layer
@@ -261,6 +312,7 @@ def cache_key(directory: str | os.PathLike, provider: str, config: SessionConfig
     what = {
         "manifest_sha256": hashlib.sha256((Path(directory) / "manifest.json").read_bytes()).hexdigest(),
         "machine": _machine(), "provider": provider, "onnxruntime": ort.__version__, "modrt": __version__,
+        "candidates": CANDIDATES,
         "session": asdict(config), "batches": list(auto.batches), "large_layer_bytes": auto.large_layer_bytes,
     }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24], what
@@ -273,7 +325,7 @@ def _read_cache(path: Path, layers: tuple[LayerSpec, ...]) -> dict[str, list[tup
     except (OSError, ValueError, KeyError, TypeError):
         return None
     ok = set(got) == {l.name for l in layers} and all(
-        rs and rs[-1][0] is None and all(s in BUILDABLE for _, s in rs) for rs in got.values())
+        rs and rs[-1][0] is None and all(buildable(s) for _, s in rs) for rs in got.values())
     return got if ok else None
 
 
@@ -331,6 +383,13 @@ def choose(directory: str | os.PathLike, manifest: Manifest, sessions: Sessions,
                     layers[name] = build(name, directory, manifest, spec, sessions, config)
                 except ModrtError as exc:
                     declined[name] = str(exc)
+                    continue
+                other = thread_variant(name, layers[name], config)
+                if other is not None:
+                    try:
+                        layers[other] = build(other, directory, manifest, spec, sessions, config)
+                    except ModrtError as exc:
+                        declined[other] = str(exc)
         for name, why in declined.items():
             log.debug("auto: %s: %s declined: %s", spec.name, name, why)
         if len(layers) == 1:

@@ -55,7 +55,8 @@ def test_choice_is_cached_and_invalidated_when_the_bundle_changes(tmp_path, cach
     assert len(files) == 1
     record = json.loads(files[0].read_text())
     assert record["provider"] == "CPUExecutionProvider" and record["machine"]["cores"] >= 1
-    assert set(record["measured"]["layer0"]["us_per_call"]["1"]) == {"host", "graph", "fused"}
+    # (and graph@N, fused@N where this process may use N > 1 cores: see the test below)
+    assert set(record["measured"]["layer0"]["us_per_call"]["1"]) >= {"host", "graph", "fused"}
     assert record["layers"]["layer0"][-1]["max_batch"] is None
 
     again = modrt.load(d)  # same bundle, machine, provider: read from the cache, nothing measured
@@ -173,3 +174,43 @@ def test_recurrent_bundles_measure_the_loop_over_windows(lm_bundle, cache):
     np.testing.assert_array_equal(r["modules"], dense["modules"])
     np.testing.assert_allclose(r["logits"], dense["logits"], rtol=1e-5, atol=1e-5)
     assert modrt.load(d).choice == model.choice  # read back from the cache, graph-loop included
+
+
+def test_composed_strategies_are_also_measured_on_the_other_thread_count(tmp_path, cache):
+    """With several intra-op threads, auto measures graph and fused on one thread (what
+    their small weights get) and on all of them; a threaded choice is cached, rebuilt and
+    still equals the dense graph."""
+    d = synthetic.build(tmp_path / "b", modules=6, k=2, dims=DIMS, seed=0)
+    model = modrt.load(d, threads=2)
+    (path,) = cache.glob("*.json")
+    us = json.loads(path.read_text())["measured"]["layer0"]["us_per_call"]
+    assert set(us["8"]) == {"host", "graph", "graph@2", "fused", "fused@2"}
+    _equal_to_dense(model)
+    record = json.loads(path.read_text())
+    record["layers"]["layer0"] = [{"max_batch": 2, "strategy": "fused@2"}, {"max_batch": None, "strategy": "graph@2"}]
+    path.write_text(json.dumps(record))
+    again = modrt.load(d, threads=2)
+    assert again.choice == {"layer0": "fused@2 for batch 1-2, graph@2 for batch 3+"}
+    assert (again.strategy_for(1), again.strategy_for(5)) == ("fused", "graph")
+    layers = again._routed["layer0"].layers
+    assert {n: l.session.get_session_options().intra_op_num_threads for n, l in layers.items()} == {
+        "fused@2": 2, "graph@2": 2}
+    for batch in (1, 5, 64):
+        x = np.random.default_rng(batch).standard_normal((batch, DIMS[0])).astype(np.float32)
+        r, dense = again.run(x=x), again.run_dense(x=x)
+        np.testing.assert_array_equal(r["modules"], dense["modules"])
+        np.testing.assert_allclose(r["y"], dense["y"], rtol=1e-5, atol=1e-5)
+    one = modrt.load(d, threads=1)  # one thread: nothing else to measure (another cache key)
+    (other,) = set(cache.glob("*.json")) - {path}
+    assert set(json.loads(other.read_text())["measured"]["layer0"]["us_per_call"]["8"]) == {"host", "graph", "fused"}
+    _equal_to_dense(one)
+
+
+def test_thread_suffixed_names():
+    assert auto.split("fused") == ("fused", None) and auto.split("graph@4") == ("graph", 4)
+    for bad in ("host@2", "fused@0", "fused@x", "graph-loop@2", "fused@"):
+        assert not auto.buildable(bad)
+        with pytest.raises(modrt.InputError, match="unknown"):
+            auto.split(bad)
+    assert all(auto.buildable(n) for n in ("host", "graph", "fused", "graph-loop", "fused@1", "graph@16"))
+    assert not auto.buildable("warp")

@@ -253,3 +253,34 @@ def test_fast_path_strides_and_fallback(ff_bundle):
         layer.runners[5] = broken
         again = model.run(x=x)
         np.testing.assert_array_equal(again["y"], r["y"])
+
+
+def _variant(bundle_dir, name: str):
+    """A model whose one layer runs auto's candidate ``name`` (e.g. fused@2) at every batch."""
+    from modrt.runtime.model import Model
+
+    base = modrt.load(bundle_dir, strategy="host")
+    spec = base.manifest.layers[0]
+    layer = auto.build(name, base.directory, base.manifest, spec, base.sessions, SessionConfig())
+    return Model(base.directory, base.manifest, base.sessions, "auto", {spec.name: auto.fixed(name, spec, layer)})
+
+
+@pytest.mark.parametrize("name", ["graph@2", "fused@2", "fused@3"])
+@pytest.mark.parametrize("k,rule", [(1, "sum"), (3, "sum"), (3, "mean")])
+def test_threaded_variants_equal_dense(ff_bundle, check_equal, name, k, rule):
+    """auto's multi-threaded candidates route and combine as the dense graph does (MoE
+    spreads the experts over its threads; the controller's kernels are the same)."""
+    model = _variant(ff_bundle(modules=8, k=k, dims=DIMS, combine=rule), name)
+    assert model._routed["layer0"].layers[name].session.get_session_options().intra_op_num_threads == int(name[-1])
+    for batch in (1, 5, 64, 200):
+        x = np.random.default_rng(batch).standard_normal((batch, DIMS[0])).astype(np.float32)
+        check_equal(model, x, rule)
+    assert model.strategy_for(5) == name.split("@")[0]
+
+
+@pytest.mark.parametrize("name", ["graph@2", "fused@2"])
+def test_threaded_variants_break_ties_to_the_lower_module(ff_bundle, check_equal, name):
+    w = _tied_weights(6, DIMS, [5, 1, 3])
+    model = _variant(ff_bundle(modules=6, k=1, dims=DIMS, weights=w, name="tied-[5, 1, 3]"), name)
+    x = np.random.default_rng(0).standard_normal((70, DIMS[0])).astype(np.float32)
+    assert (check_equal(model, x, "sum")["modules"] == 1).all()
