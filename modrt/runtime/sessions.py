@@ -10,7 +10,9 @@ small graph's work. Measured on 2 cores, one module call, rows cycling over modu
 (1 thread / 2 threads): 256x256 MLP 25/43 µs at 1 row, 105/152 µs at 64 rows;
 1024x1024 (8 MB) 389/321 µs and 1987/1210 µs; 1024x4096 (32 MB) 2.31/1.25 ms. So
 graphs whose largest weight is under ``small_graph_bytes`` (4 MiB) get one thread,
-others ``threads`` (default: the cores this process may use).
+others ``threads`` (default: the cores this process may use). ``auto`` measures the
+composed ``graph``/``fused`` layers on the other count too (``fused@2``): ORT's MoE kernel
+splits the experts between threads, and at batch 8-64 that pays for the wake-up.
 
 ORT can instead share one process-wide pool (``thread_pool="global"``:
 ``onnxruntime.set_global_thread_pool_sizes`` + ``use_per_session_threads=False``). That
