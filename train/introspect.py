@@ -112,7 +112,10 @@ def plot_training(metrics: list[dict[str, Any]], modules: int, title: str, path:
     usage = np.array([m["module_usage"] for m in train], dtype=float) if train else np.zeros((0, modules))
     if len(usage):
         share = usage / np.maximum(usage.sum(1, keepdims=True), 1)
-        ax[2].stackplot(steps, share.T, labels=[f"m{i}" for i in range(modules)])
+        # Distinct colours for up to 20 modules (the default cycle repeats after 10).
+        cmap = plt.get_cmap("tab20" if modules > 10 else "tab10")
+        colors = [cmap(i % cmap.N) for i in range(modules)]
+        ax[2].stackplot(steps, share.T, labels=[f"m{i}" for i in range(modules)], colors=colors)
         if modules <= 16:
             ax[2].legend(ncol=min(modules, 8), fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ax[2].set_ylabel("share of selections")
