@@ -8,7 +8,9 @@ Both trainers run on the same PTB windows in one process, interleaved in rounds 
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import click
 import torch
@@ -28,9 +30,9 @@ from modrt.train.trainer import Trainer
 def main(modules: int, k: int, rounds: int, e_step_every: int, samples: int, data: str | None) -> None:
     corpus = ptb.load(data)
     tcfg = TrainConfig(device="cpu", e_step_every=e_step_every, samples=samples)
-    em = Trainer(ModelConfig(modules=modules, k=k), tcfg, corpus, "/tmp/modrt-bench-em", progress=False)
-    dense = Trainer(ModelConfig(modules=k, k=k, method="dense"), tcfg, corpus, "/tmp/modrt-bench-dense",
-                    progress=False)
+    scratch = Path(tempfile.mkdtemp(prefix="modrt-bench-"))  # the trainers write nothing unless saved
+    em = Trainer(ModelConfig(modules=modules, k=k), tcfg, corpus, scratch / "em", progress=False)
+    dense = Trainer(ModelConfig(modules=k, k=k, method="dense"), tcfg, corpus, scratch / "dense", progress=False)
     times = {"em": 0.0, "dense": 0.0}
     steps = {"em": 0, "dense": 0}
 
