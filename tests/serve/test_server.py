@@ -12,7 +12,11 @@ import pytest
 import tritonclient.http as tc
 from tritonclient.utils import InferenceServerException
 
+import modrt
+from modrt import synthetic_lm
+from modrt.serve.batcher import BatchConfig
 from modrt.serve.binary import HEADER
+from modrt.serve.dataplane import DataPlane
 
 VOCAB = 40
 
@@ -187,11 +191,6 @@ def test_openapi_describes_the_routes(client):
 def test_topk_gate_bundle_serves(tmp_path, server_thread):
     """A noisy top-k bundle (selection "topk", combine "gate") through a live server: the
     routing decisions and logits equal the runtime's, and the runtime equals the dense graph."""
-    import modrt
-    from modrt import synthetic_lm
-    from modrt.serve.batcher import BatchConfig
-    from modrt.serve.dataplane import DataPlane
-
     model = modrt.load(synthetic_lm.build(tmp_path / "topk", vocab=VOCAB, modules=6, k=2, embedding=8,
                                           hidden=12, combine="gate", selection="topk", seed=2),
                        provider="cpu", threads=1)
