@@ -215,6 +215,29 @@ def test_fused_k1_graph_drops_the_slot_reshape(ff_bundle, check_equal, monkeypat
         np.testing.assert_array_equal(a["y"], b["y"])
 
 
+@pytest.mark.parametrize("picks", [None, [2, 2, 4], [1, 1, 1]])
+def test_fused_sum_counts_distinct_modules_exactly(ff_bundle, forced_weights, picks):
+    """K > 1, sum rule: MoE's mean times n, n from one Gemm over the router (entries 0 or
+    -2^13) - exactly the number of distinct modules each row selected, repeats once."""
+    from onnx import TensorProto, helper
+
+    w = None if picks is None else forced_weights(6, 3, DIMS, picks)
+    d = ff_bundle(modules=6, k=3, dims=DIMS, weights=w, name=None if picks is None else f"forced-{picks}")
+    model = modrt.load(d, strategy="host")
+    spec = model.manifest.layers[0]
+    composed = fused.compose(d, model.manifest, spec, fused.pack(d, model.manifest, spec))
+    ops = [n.op_type for n in composed.graph.node]
+    assert ops[ops.index("MoE"):] == ["MoE", "Gemm", "Mul"]
+    composed.graph.output.append(helper.make_tensor_value_info("fused/distinct", TensorProto.FLOAT, ["B", 1]))
+    sess = graph.session(composed, SessionConfig(threads=1), ["CPUExecutionProvider"], "test")
+    x = np.random.default_rng(3).standard_normal((200, DIMS[0])).astype(np.float32)
+    _, a, n = sess.run(None, {"x": x})
+    want = np.array([len(set(row)) for row in a.tolist()], np.float32)[:, None]
+    np.testing.assert_array_equal(n, want)  # exact, not close
+    if picks is None:
+        assert {1, 2, 3} <= set(want[:, 0].tolist())  # the random rows include repeats
+
+
 def test_slot_reshape_needs_proof(ff_bundle):
     """The Reshape is dropped only for a final LogSoftmax over the last axis fed by a
     (B, M) -> (B, 1, M) Reshape."""
