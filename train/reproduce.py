@@ -4,8 +4,10 @@ Every configuration of Kirsch et al. (2018), Table 1 (DESIGN.md §3) is trained 
 ``modrt train ptb`` in its own run directory, one after another, with the same sizes,
 epochs, seed and data. Each run is a subprocess, so an interruption loses at most the
 steps since that run's last checkpoint: running the command again skips finished
-configurations and resumes the unfinished one from its ``ckpt.pt``. After every
-configuration the table is rewritten:
+configurations and resumes the unfinished one from its ``ckpt.pt``. Several processes may
+run the command side by side (one per core, ``--threads 1``): each configuration is
+claimed with a lock file under ``OUT/.locks`` while it trains, and a process skips the
+ones another holds. After every configuration the table is rewritten:
 
     results/ptb_table.json   one object per finished configuration
     results/ptb_table.md     our test perplexity beside the paper's
@@ -21,6 +23,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import click
 
@@ -80,6 +83,36 @@ def finished(run: Path) -> dict | None:
             if rec.get("kind") == "test":
                 last = rec
     return last
+
+
+def claim(out: Path, name: str) -> IO | None:
+    """An exclusive lock on configuration ``name`` (held while the returned file is open),
+    or None if another process holds it. The operating system drops the lock when its
+    holder exits, however it exits. Without ``fcntl`` (not POSIX) every claim succeeds."""
+    locks = out / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    f = open(locks / f"{name}.lock", "a")  # noqa: SIM115 - the lock lives as long as the file
+    try:
+        import fcntl
+    except ImportError:
+        return f
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+def held(out: Path, name: str) -> bool:
+    """Whether another process is training configuration ``name`` now."""
+    if not (out / ".locks" / f"{name}.lock").exists():
+        return False
+    lock = claim(out, name)
+    if lock is None:
+        return True
+    lock.close()
+    return False
 
 
 def row(cfg: Config, rec: dict, epochs: int, seed: int) -> dict:
@@ -164,7 +197,12 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
     M = 15 and 5; dense baselines (1,1) and (3,3): 12 runs of `modrt train ptb`
     with the same sizes, epochs and seed. Interrupt at any time (Ctrl-C): running
     the same command again skips finished runs and resumes the current one from
-    its checkpoint. Budget: about 20-40 minutes per run on a 2-core CPU.
+    its checkpoint. To use two cores, run it twice side by side with --threads 1:
+    each process skips the configurations the other is training.
+
+    Budget on a 2-core CPU at one thread per run: about 12-35 minutes for dense,
+    REINFORCE and noisy top-k, about 110 for EM (its E-step scores S=10 candidate
+    selections per window).
     """
     from tqdm import tqdm
 
@@ -174,46 +212,66 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
         for c in TABLE:
             rec = state[c.name]
             s = (f"done: test {rec['test_ppl']}" if rec else
+                 "training (another process)" if held(out, c.name) else
                  "partial (will resume)" if (out / c.name / "ckpt.pt").exists() else "not started")
             click.echo(f"{c.name:<22} paper {c.paper:>8.3f}   {s}")
         return
     rows = [row(c, state[c.name], epochs, seed) for c in TABLE if state[c.name]]
     write_table(results, rows, epochs, seed)
     bar = tqdm(todo, desc="reproduce ptb", unit="run", dynamic_ncols=True, position=0)
+    busy = []
     for c in bar:
         bar.set_postfix_str(c.name)
         run = out / c.name
         if state[c.name] is not None:
             continue
-        cmd = [sys.executable, "-m", "modrt", "train", "ptb"]
-        if (run / "ckpt.pt").exists():
-            cmd += ["--resume", str(run / "ckpt.pt"), "--device", device]
-        else:
-            cmd += ["--method", c.method, "--modules", str(c.modules), "--k", str(c.k),
-                    "--epochs", str(epochs), "--seed", str(seed), "--device", device,
-                    "--out", str(run), "--force", "--steps", str(steps)]
-        if data is not None:
-            cmd += ["--data", str(data)]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        if quiet:
-            cmd.append("--quiet")
-        try:
-            rc = subprocess.run(cmd).returncode
-        except KeyboardInterrupt:
-            rc = 130
-        if rc == 130:
-            bar.close()
-            click.echo(f"modrt: interrupted during {c.name}; run the same command again to resume", err=True)
-            raise SystemExit(130)
+        lock = claim(out, c.name)
+        if lock is None:
+            busy.append(c.name)
+            bar.write(f"{c.name}: another process is training it; skipped")
+            continue
+        with lock:
+            if finished(run) is None:  # another process may have finished it meanwhile
+                rc = _train(c, run, epochs, seed, device, steps, data, threads, quiet)
+                if rc == 130:
+                    bar.close()
+                    click.echo(f"modrt: interrupted during {c.name}; run the same command again to resume", err=True)
+                    raise SystemExit(130)
+            else:
+                rc = 0
         rec = finished(run)
         if rc != 0 or rec is None:
             raise ModrtError(f"{c.name} failed (exit {rc}); its run directory is {run}")
-        # Re-read every run from disk: another `reproduce --only ...` may have finished some.
+        # Re-read every run from disk: another `reproduce` process may have finished some.
         state = {x.name: finished(out / x.name) for x in TABLE}
         rows = [row(x, state[x.name], epochs, seed) for x in TABLE if state[x.name]]
         write_table(results, rows, epochs, seed)
         bar.write(f"{c.name}: valid {rec['valid_ppl']}, test {rec['test_ppl']} (paper {c.paper}), "
                   f"{rec['minutes']} min")
     bar.close()
+    if busy:
+        click.echo(f"still training in another process: {', '.join(busy)}; the table gains them when it finishes")
     click.echo(f"table: {results / 'ptb_table.md'}")
+
+
+def _train(c: Config, run: Path, epochs: int, seed: int, device: str, steps: int, data: Path | None,
+           threads: int, quiet: bool) -> int:
+    """One configuration as a ``modrt train ptb`` subprocess (resumed from its checkpoint if
+    there is one); its exit code, 130 when interrupted."""
+    cmd = [sys.executable, "-m", "modrt", "train", "ptb"]
+    if (run / "ckpt.pt").exists():
+        cmd += ["--resume", str(run / "ckpt.pt"), "--device", device]
+    else:
+        cmd += ["--method", c.method, "--modules", str(c.modules), "--k", str(c.k),
+                "--epochs", str(epochs), "--seed", str(seed), "--device", device,
+                "--out", str(run), "--force", "--steps", str(steps)]
+    if data is not None:
+        cmd += ["--data", str(data)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if quiet:
+        cmd.append("--quiet")
+    try:
+        return subprocess.run(cmd).returncode
+    except KeyboardInterrupt:
+        return 130

@@ -71,3 +71,32 @@ def test_short_reproduction_of_the_dense_column(tmp_path, ptb_dir):
     assert [(r["modules"], r["k"], r["steps"]) for r in table] == [(1, 1, 3), (3, 3, 3)]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "training" not in again.stderr  # nothing left to train
+
+
+def test_a_configuration_another_process_trains_is_skipped(tmp_path):
+    """Two `reproduce` processes side by side: one skips what the other holds, trains nothing
+    twice, and says so; the dry run shows it as training."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for c in rp.TABLE:
+        if c.name != "dense-M3K3":
+            _finish(runs / c.name, 200.0)
+    lock = rp.claim(runs, "dense-M3K3")
+    assert lock is not None and rp.claim(runs, "dense-M3K3") is None  # exclusive
+    assert rp.held(runs, "dense-M3K3") and not rp.held(runs, "dense-M1K1")
+    cmd = [sys.executable, "-m", "modrt", "reproduce", "ptb", "--out", str(runs), "--results", str(results),
+           "--quiet", "--data", str(tmp_path / "no-ptb-here")]
+    try:
+        p = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert "training (another process)" in next(x for x in p.stdout.splitlines() if x.startswith("dense-M3K3"))
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert "dense-M3K3: another process is training it; skipped" in p.stdout + p.stderr
+        assert "still training in another process: dense-M3K3" in p.stdout
+        assert not (runs / "dense-M3K3").exists()  # not started twice
+        assert len(json.loads((results / "ptb_table.json").read_text())) == 11
+    finally:
+        lock.close()
+    again = rp.claim(runs, "dense-M3K3")  # released with its holder
+    assert again is not None
+    again.close()
