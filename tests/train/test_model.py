@@ -98,3 +98,20 @@ def test_greedy_policy_picks_the_argmax(tiny_model_config):
     assert out.log_probs.shape == (T, B, 2, 4)
     assert torch.equal(out.a, out.log_probs.argmax(-1))
     torch.testing.assert_close(out.log_pa, out.log_probs.max(-1).values.sum(-1))
+
+
+def test_token_log_likelihood_is_the_same_in_any_chunking(tiny_model_config, monkeypatch):
+    """The default chunking (by LOGITS_CHUNK) scores what one chunk per step and the whole
+    window at once score: log_softmax(head(h))[y] per token."""
+    torch.manual_seed(4)
+    cfg = tiny_model_config(modules=3, k=1, vocab_size=12)
+    model = lm.ModularLM(cfg).eval()
+    T, B = 7, 5
+    x, y = torch.randint(0, 12, (T, B)), torch.randint(0, 12, (T, B))
+    with torch.no_grad():
+        hs = model(x, model.init_hidden(B), lm.greedy_policy()).hs
+        want = torch.log_softmax(model.head(hs), -1).gather(-1, y[..., None])[..., 0]
+        for chunk in (None, 1, 3, T):
+            torch.testing.assert_close(model.token_log_likelihood(hs, y, chunk), want)
+        monkeypatch.setattr(lm, "LOGITS_CHUNK", 2 * B * 12)  # two steps per chunk, the last one short
+        torch.testing.assert_close(model.token_log_likelihood(hs, y), want)
