@@ -43,7 +43,6 @@ The expert layout is checked against numpy at load (ORT changed it across versio
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -267,7 +266,7 @@ def reference(experts: Experts, x: np.ndarray, a: np.ndarray, rule: str) -> np.n
     return out
 
 
-class FusedLayer:
+class FusedLayer(g.ComposedLayer):
     """A feed-forward modular layer run by ORT's MoE op: ``layer(feeds) -> (y, a (B, K))``."""
 
     kind = "fused"
@@ -280,15 +279,7 @@ class FusedLayer:
             why = "module graphs are not two-layer MLPs (MatMul/Gemm, Add, Relu, MatMul/Gemm, Add)"
         if why:
             raise InputError(f"strategy 'fused' cannot run layer {spec.name}: {why}")
-        self.spec = spec
-        self.inputs = [t.name for t in manifest.graphs[spec.controller].inputs]
-        self.session = g.session(compose(directory, manifest, spec, experts), config, providers,
-                                 f"layer {spec.name} (fused strategy)")
-        self._names = [manifest.graphs[spec.module_graphs[0]].outputs[0].name, g.SEL]
-        self._run = g.fast_run(self.session)
-        # raw(feeds, None) -> [out, a]: the run without __call__'s frame and error conversion,
-        # for Model.run's fast path (which retries through __call__ to report an error)
-        self.raw = functools.partial(self._run, self._names)
+        self._bind(compose(directory, manifest, spec, experts), manifest, spec, config, providers)
         self._check(experts, manifest)
 
     def _check(self, experts: Experts, manifest: Manifest) -> None:
@@ -300,17 +291,6 @@ class FusedLayer:
         if not np.allclose(y, want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max()))):
             raise InputError(f"strategy 'fused' cannot run layer {self.spec.name}: com.microsoft.MoE "
                              "disagrees with the modules (expert layout of this onnxruntime?)")
-
-    def __call__(self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-        try:
-            y, a = self._run(self._names, feeds, None)
-        except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
-            raise g.convert(f"{self.spec.name} ({self.kind})", exc) from exc
-        if out is not None:
-            out[...] = y
-            return out, a
-        return y, a
 
 
 __all__ = ["FusedLayer", "Experts", "compose", "mlp_params", "moe_node", "pack", "reference", "route_one",

@@ -294,20 +294,17 @@ def compose(directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
     return b.model(ins, outs, f"{spec.name}.graph")
 
 
-class GraphLayer:
-    """One modular layer as one session: ``layer(feeds) -> (out (B, D_out), a (B, K) int32)``."""
+class ComposedLayer:
+    """A modular layer run as one session of a composed model (``graph``, ``fused``):
+    ``layer(feeds) -> (out (B, D_out), a (B, K) int32)``."""
 
-    kind = "graph"
+    kind = "composed"
 
-    def __init__(self, directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
-                 config: SessionConfig, providers: Providers):
-        why = unsupported(spec, manifest, provider_names(providers)[0])
-        if why:
-            raise InputError(f"strategy 'graph' cannot run layer {spec.name}: {why}")
+    def _bind(self, model: onnx.ModelProto, manifest: Manifest, spec: LayerSpec, config: SessionConfig,
+              providers: Providers) -> None:
         self.spec = spec
         self.inputs = [t.name for t in manifest.graphs[spec.controller].inputs]
-        self.session = session(compose(directory, manifest, spec), config, providers,
-                               f"layer {spec.name} (graph strategy)")
+        self.session = session(model, config, providers, f"layer {spec.name} ({self.kind} strategy)")
         self._names = [manifest.graphs[spec.module_graphs[0]].outputs[0].name, SEL]
         self._run = fast_run(self.session)
         # raw(feeds, None) -> [out, a]: the run without __call__'s frame and error conversion,
@@ -326,6 +323,18 @@ class GraphLayer:
         return y, a
 
 
-__all__ = ["GraphLayer", "compose", "unsupported", "Builder", "fast_run", "load_graph", "prefixed", "session",
-           "provider_names",
-           "io_info"]
+class GraphLayer(ComposedLayer):
+    """One modular layer as one session, routing inside the graph (``compose``)."""
+
+    kind = "graph"
+
+    def __init__(self, directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
+                 config: SessionConfig, providers: Providers):
+        why = unsupported(spec, manifest, provider_names(providers)[0])
+        if why:
+            raise InputError(f"strategy 'graph' cannot run layer {spec.name}: {why}")
+        self._bind(compose(directory, manifest, spec), manifest, spec, config, providers)
+
+
+__all__ = ["ComposedLayer", "GraphLayer", "compose", "unsupported", "Builder", "fast_run", "load_graph",
+           "prefixed", "session", "provider_names", "io_info"]
