@@ -26,10 +26,13 @@ from modrt.train.trainer import Trainer
 @click.option("--rounds", default=6, show_default=True, help="Rounds of e_step_every steps each.")
 @click.option("--e-step-every", default=TrainConfig.e_step_every, show_default=True)
 @click.option("--samples", default=TrainConfig.samples, show_default=True)
+@click.option("--e-step-dtype", type=click.Choice(["float32", "bfloat16"]), default=TrainConfig.e_step_dtype,
+              show_default=True)
 @click.option("--data", default=None, help="PTB directory.")
-def main(modules: int, k: int, rounds: int, e_step_every: int, samples: int, data: str | None) -> None:
+def main(modules: int, k: int, rounds: int, e_step_every: int, samples: int, e_step_dtype: str,
+         data: str | None) -> None:
     corpus = ptb.load(data)
-    tcfg = TrainConfig(device="cpu", e_step_every=e_step_every, samples=samples)
+    tcfg = TrainConfig(device="cpu", e_step_every=e_step_every, samples=samples, e_step_dtype=e_step_dtype)
     scratch = Path(tempfile.mkdtemp(prefix="modrt-bench-"))  # the trainers write nothing unless saved
     em = Trainer(ModelConfig(modules=modules, k=k), tcfg, corpus, scratch / "em", progress=False)
     dense = Trainer(ModelConfig(modules=k, k=k, method="dense"), tcfg, corpus, scratch / "dense", progress=False)
@@ -54,7 +57,8 @@ def main(modules: int, k: int, rounds: int, e_step_every: int, samples: int, dat
         run("dense", dense, n, True)
     per = {k_: times[k_] / steps[k_] for k_ in times}
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, B={tcfg.batch_size} T={tcfg.bptt} "
-          f"E={em.mcfg.embedding} H={em.mcfg.hidden} S={tcfg.samples} e_step_every={tcfg.e_step_every}")
+          f"E={em.mcfg.embedding} H={em.mcfg.hidden} S={tcfg.samples} e_step_every={tcfg.e_step_every} "
+          f"e_step_dtype={tcfg.e_step_dtype}")
     print(f"EM M={modules} K={k}: {per['em'] * 1e3:.1f} ms/step ({1 / per['em']:.2f} steps/s, E-step amortised)")
     print(f"dense M=K={k}:    {per['dense'] * 1e3:.1f} ms/step ({1 / per['dense']:.2f} steps/s)")
     print(f"ratio EM/dense: {per['em'] / per['dense']:.2f}x")

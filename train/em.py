@@ -56,13 +56,14 @@ class MStepLoss(NamedTuple):
 @torch.no_grad()
 def e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
            a_star: torch.Tensor, samples: int, generator: torch.Generator | None = None,
-           prior_weight: float = 1.0) -> EStep:
+           prior_weight: float = 1.0, dtype: torch.dtype | None = None) -> EStep:
     """Score the stored a* and S-1 fresh draws per window; keep the best.
 
     x, y: (T, B) inputs and targets; h: (B, H) state entering the window;
     a_star: (T, B, K) stored selections. The score is log p(y|x,a) + prior_weight * log p(a|x):
     1 is the paper's joint; 0 scores by the likelihood alone, the controller then acting only
     through the candidates it proposes (see docs/design-notes.md, "E-step score").
+    ``dtype``: the precision of the head's matmul in the scores (None: the model's).
     """
     was_training = model.training
     model.eval()
@@ -72,7 +73,7 @@ def e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tenso
         xs = x.repeat(1, S)  # (T, S*B): candidate s owns columns s*B .. s*B+B-1
         hs0 = h.repeat(S, 1)  # (S*B, H)
         out = model(xs, hs0, lm.sample_policy(keep=a_star, generator=generator))
-        ll = model.token_log_likelihood(out.hs, y.repeat(1, S))  # (T, S*B)
+        ll = model.token_log_likelihood(out.hs, y.repeat(1, S), dtype=dtype)  # (T, S*B)
         scores = (ll + prior_weight * out.log_pa).sum(0).view(S, B)  # (S, B)
         pick = scores.argmax(0)  # (B,) first maximum: ties keep the stored a*
         cands = out.a.view(T, S, B, -1).permute(1, 0, 2, 3)  # (S, T, B, K)

@@ -197,7 +197,8 @@ class Trainer:
             ids = data.example_ids(self.window, tc.batch_size)
             a_star = self.memory[ids, :T].long().permute(1, 0, 2).to(dev)  # (T, B, K)
             if em.e_step_due(self.window, self.epoch, tc.e_step_every):
-                e = em.e_step(self.model, x, y, self.hidden, a_star, tc.samples, prior_weight=tc.prior_weight)
+                e = em.e_step(self.model, x, y, self.hidden, a_star, tc.samples, prior_weight=tc.prior_weight,
+                              dtype=getattr(torch, tc.e_step_dtype))
                 a_star = e.best
                 self.memory[ids, :T] = a_star.permute(1, 0, 2).to(torch.int16).cpu()
                 self.interval.e_changed += int(e.changed.sum())

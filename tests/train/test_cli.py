@@ -137,6 +137,7 @@ def test_train_ptb_help_lists_every_config_field(tmp_path):
     (["--k", "3", "--modules", "2"], "cannot exceed"),
     (["--hidden", "0"], "--hidden"),
     (["--method", "dense", "--modules", "3", "--k", "1"], "must equal"),
+    (["--e-step-dtype", "float16"], "--e-step-dtype"),
 ])
 def test_bad_options_exit_2(tmp_path, args, says):
     p = modrt("train", "ptb", *args, "--out", tmp_path / "run", cwd=tmp_path)
@@ -218,10 +219,11 @@ def test_noisy_topk_refuses_combine(tmp_path):
 
 # ---- real runs ----------------------------------------------------------------------------
 
-def test_tiny_run(tmp_path, ptb_dir):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tiny_run(tmp_path, ptb_dir, dtype):
     run = tmp_path / "run"
     p = modrt("train", "ptb", *TINY, "--steps", "3", "--data", ptb_dir, "--out", run, "--threads", "1",
-              cwd=tmp_path, timeout=300)
+              "--e-step-dtype", dtype, cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("done: 3 steps")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -230,6 +232,7 @@ def test_tiny_run(tmp_path, ptb_dir):
     ckpt = torch.load(run / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 3 and len(ckpt["vocab"]) == 10_000
     assert ckpt["model_config"]["hidden"] == 16
+    assert ckpt["train_config"]["e_step_dtype"] == dtype
 
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path, ptb_dir):

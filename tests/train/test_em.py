@@ -149,3 +149,25 @@ def test_prior_weight_scales_the_controller_term(setup):
     # wins exactly where its likelihood is the highest.
     assert (runs[1.0].scores[0] < -T * CERTAIN / 2).all()
     assert torch.equal(runs[0.0].best, runs[0.0].candidates[ll.argmax(0), :, torch.arange(B)].permute(1, 0, 2))
+
+
+def test_bfloat16_scores_rank_like_float32(setup):
+    """--e-step-dtype bfloat16: the head's matmul in bfloat16, the same candidates, scores
+    within a few hundredths of a nat of float32's; a clearly better candidate still wins."""
+    model, x, y, h = setup
+    with torch.no_grad():  # modules far apart, so that candidates' scores differ clearly
+        for m, cell in enumerate(model.layer.cells):
+            for p in cell.parameters():
+                p.mul_(1 + 3 * m)
+    a_star = torch.randint(0, M, (T, B, 1), generator=torch.Generator().manual_seed(7))
+    runs = {d: em.e_step(model, x, y, h, a_star, samples=S, generator=torch.Generator().manual_seed(8),
+                         prior_weight=0.0, dtype=d) for d in (None, torch.float32, torch.bfloat16)}
+    assert torch.equal(runs[torch.float32].scores, runs[None].scores)  # float32: the model's own path
+    assert torch.equal(runs[torch.bfloat16].candidates, runs[None].candidates)
+    assert not torch.equal(runs[torch.bfloat16].scores, runs[None].scores)  # it did run in bfloat16
+    torch.testing.assert_close(runs[torch.bfloat16].scores, runs[None].scores, rtol=0, atol=0.1)
+    exact = runs[None].scores
+    top2 = exact.topk(2, dim=0).values
+    clear = (top2[0] - top2[1]) > 0.2  # windows whose best candidate leads by > 0.2 nats
+    assert clear.any()
+    assert torch.equal(runs[torch.bfloat16].scores.argmax(0)[clear], exact.argmax(0)[clear])
