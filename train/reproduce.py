@@ -69,6 +69,7 @@ METHOD_LABEL = {"em": "EM modular", "reinforce": "REINFORCE", "noisy-topk": "noi
 # visit scored by the likelihood - see docs/design-notes.md, "E-step").
 EPOCHS = 6
 SEED = 1
+WINDOWS_PER_EPOCH = 415  # PTB's training text in 35-step windows of 64 streams
 
 
 def finished(run: Path) -> dict | None:
@@ -77,12 +78,21 @@ def finished(run: Path) -> dict | None:
     if not metrics.is_file():
         return None
     last = None
-    for line in metrics.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if rec.get("kind") == "test":
-                last = rec
+    for rec in _records(metrics):
+        if rec.get("kind") == "test":
+            last = rec
     return last
+
+
+def _records(metrics: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line still being written is skipped."""
+    out = []
+    for line in metrics.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
 
 
 def claim(out: Path, name: str) -> IO | None:
@@ -102,6 +112,18 @@ def claim(out: Path, name: str) -> IO | None:
         f.close()
         return None
     return f
+
+
+def progress(run: Path) -> tuple[int, float | None] | None:
+    """(last logged step, its steps/s) of an unfinished run, or None if it logged none."""
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    last = None
+    for rec in _records(metrics):
+        if rec.get("kind") == "train":
+            last = rec
+    return None if last is None else (int(last["step"]), last.get("steps_per_s"))
 
 
 def held(out: Path, name: str) -> bool:
@@ -209,11 +231,18 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
     todo = [c for c in TABLE if not only or c.method in only]
     state = {c.name: finished(out / c.name) for c in TABLE}
     if dry_run:
+        total = steps or epochs * WINDOWS_PER_EPOCH
         for c in TABLE:
             rec = state[c.name]
             s = (f"done: test {rec['test_ppl']}" if rec else
                  "training (another process)" if held(out, c.name) else
                  "partial (will resume)" if (out / c.name / "ckpt.pt").exists() else "not started")
+            at = None if rec else progress(out / c.name)
+            if at is not None:
+                step, rate = at
+                s += f", step {step}/{total}"
+                if rate:
+                    s += f", ~{(total - step) / rate / 60:.0f} min left at {rate:.2f} steps/s"
             click.echo(f"{c.name:<22} paper {c.paper:>8.3f}   {s}")
         return
     rows = [row(c, state[c.name], epochs, seed) for c in TABLE if state[c.name]]

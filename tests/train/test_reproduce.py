@@ -42,11 +42,14 @@ def test_dry_run_and_table_from_finished_runs(tmp_path):
     _finish(runs / "reinforce-M15K1", 241.0)
     (runs / "em-M5K1").mkdir()
     (runs / "em-M5K1" / "ckpt.pt").write_bytes(b"x")
+    (runs / "em-M5K1" / "metrics.jsonl").write_text(
+        json.dumps({"kind": "train", "step": 500, "steps_per_s": 0.5}) + "\n" + '{"kind": "tra')  # a line being written
     cmd = [sys.executable, "-m", "modrt", "reproduce", "ptb", "--out", str(runs), "--results", str(results)]
     p = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     lines = {line.split()[0]: line for line in p.stdout.splitlines()}
     assert "done: test 225.5" in lines["em-M15K1"] and "partial" in lines["em-M5K1"]
+    assert "step 500/2490, ~66 min left at 0.50 steps/s" in lines["em-M5K1"]
     assert "not started" in lines["dense-M3K3"]
     rows = [rp.row(c, rp.finished(runs / c.name), 6, 1) for c in rp.TABLE if rp.finished(runs / c.name)]
     rp.write_table(results, rows, 6, 1)
