@@ -82,9 +82,9 @@ class TrainConfig:
     # E-step score: log p(y|x,a) + prior_weight * log p(a|x). 1 is the paper's joint, which on
     # PTB collapsed onto one module within 50 steps; 0 (ours) scores by the likelihood alone.
     prior_weight: float = 0.0
-    # Precision of the E-step's head matmul (its scores only rank candidates). bfloat16 runs
-    # ~6x faster on CPUs with AMX or AVX512-BF16 and on GPUs; log-likelihoods move by ~0.03
-    # nats per 35-step window, so a near-tie between candidates may resolve the other way.
+    # Precision of the E-step's head matmul (its scores only rank candidates). bfloat16: the
+    # matmul 3.4x and the scoring 1.7x faster on a CPU with AMX (measured: results/README.md);
+    # log-likelihoods moved by <= 0.02 nats per 35-step window, so near-ties may flip.
     e_step_dtype: str = "float32"
     bptt: int = 35  # T: time steps per training window
     batch_size: int = 64  # B: parallel streams (batchify)
