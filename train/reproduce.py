@@ -222,8 +222,8 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
     its checkpoint. To use two cores, run it twice side by side with --threads 1:
     each process skips the configurations the other is training.
 
-    Budget on a 2-core CPU at one thread per run: about 12-35 minutes for dense,
-    REINFORCE and noisy top-k, about 110 for EM (its E-step scores S=10 candidate
+    Budget on a 2-core CPU at one thread per run: about 12-65 minutes for dense,
+    REINFORCE and noisy top-k, 90-120 for EM (its E-step scores S=10 candidate
     selections per window).
     """
     from tqdm import tqdm
