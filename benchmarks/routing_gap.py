@@ -45,7 +45,7 @@ def main(ckpt: Path, samples: int, tokens: int, batch: int, threads: int, seed: 
     ids = corpus.split("valid")
     ids = ids[:tokens] if tokens else ids
     stream = data.batchify(ids, batch)
-    bptt = 35
+    bptt = state["train_config"]["bptt"]  # the windows it was trained on
     gen = torch.Generator().manual_seed(seed)
     h = model.init_hidden(batch)
     ll = {"greedy": 0.0, "sampled": 0.0, "oracle": 0.0}

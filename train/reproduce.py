@@ -74,25 +74,23 @@ WINDOWS_PER_EPOCH = 415  # PTB's training text in 35-step windows of 64 streams
 
 def finished(run: Path) -> dict | None:
     """The run's final test record, or None if it has not finished."""
+    return _last(run, "test")
+
+
+def _last(run: Path, kind: str) -> dict | None:
+    """The run's last metrics record of this kind; a line still being written is skipped."""
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         return None
     last = None
-    for rec in _records(metrics):
-        if rec.get("kind") == "test":
-            last = rec
-    return last
-
-
-def _records(metrics: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line still being written is skipped."""
-    out = []
     for line in metrics.read_text().splitlines():
         try:
-            out.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-    return out
+        if rec.get("kind") == kind:
+            last = rec
+    return last
 
 
 def claim(out: Path, name: str) -> IO | None:
@@ -116,13 +114,7 @@ def claim(out: Path, name: str) -> IO | None:
 
 def progress(run: Path) -> tuple[int, float | None] | None:
     """(last logged step, its steps/s) of an unfinished run, or None if it logged none."""
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    last = None
-    for rec in _records(metrics):
-        if rec.get("kind") == "train":
-            last = rec
+    last = _last(run, "train")
     return None if last is None else (int(last["step"]), last.get("steps_per_s"))
 
 
