@@ -120,16 +120,18 @@ def ptb(ctx: click.Context, **opts) -> None:
     per time step from [e_t; h_{t-1}]) -> linear head over 10,000 words.
     Training (--method em): generalised EM. The E-step scores the stored
     best selection a* of each window and S-1 draws from the controller by
-    log p(y|x,a) + log p(a|x) and keeps the best; the M-step trains the modules
-    on a* and the controller towards a*.
+    log p(y|x,a) + w log p(a|x) (w = --prior-weight; the paper's w=1 collapsed
+    onto one module on PTB, so the default is 0) and keeps the best; the M-step
+    trains the modules on a* and the controller towards a*.
     Baselines: reinforce (sampled selections; the controller by the score-function
     gradient, reward log p(y|x,a), moving-average baseline), noisy-topk (Shazeer
     et al. 2017 gating with importance and load losses; the paper used k=4) and
     dense (M = K, every module always used).
 
     \b
-    The defaults (E=128, H=256, M=15, K=1, B=64, T=35, 10 epochs) take about an
-    hour on a 2-core CPU. Quick check:  modrt train ptb --steps 300
+    The defaults (E=128, H=256, M=15, K=1, B=64, T=35, 10 epochs) take about
+    3 hours on one core of a 2-core CPU (an EM step costs ~4.7 dense steps; the
+    dense network's 10 epochs take ~20 min). Quick check:  modrt train ptb --steps 300
     """
     _require_torch()
     if opts["threads"]:

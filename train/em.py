@@ -6,7 +6,9 @@ selection found so far (T, K per modular layer).
 E-step (no gradient, dropout off): S candidates per example, candidate 0 the stored a*_n
 and 1..S-1 whole-window selections drawn from the controller while the RNN runs forward,
 all in one batched pass over (S*B) rows; each is scored by
-log p(y|x,a) + log p(a|x) summed over the window, and the best is written back. Ties keep
+log p(y|x,a) + w log p(a|x) summed over the window (w = TrainConfig.prior_weight: the
+paper's joint score at w=1; our default 0, see docs/design-notes.md), and the best is
+written back. Ties keep
 the stored a* (argmax takes the first maximum), so a* never gets worse under the current
 parameters.
 
