@@ -11,6 +11,8 @@ ones another holds. After every configuration the table is rewritten:
 
     results/ptb_table.json   one object per finished configuration
     results/ptb_table.md     our test perplexity beside the paper's
+    results/ptb_curves.png   validation perplexity per epoch, a panel per column
+                             (unfinished runs too, so far as they got)
 
 Noisy top-k is trained with k=4, as in the paper's table ("noisy top-k (k=4)"), and its
 figures sit in the columns of its M (the paper's (15,1) and (5,1) columns).
@@ -77,20 +79,26 @@ def finished(run: Path) -> dict | None:
     return _last(run, "test")
 
 
-def _last(run: Path, kind: str) -> dict | None:
-    """The run's last metrics record of this kind; a line still being written is skipped."""
+def _records(run: Path, kind: str) -> list[dict]:
+    """The run's metrics records of this kind, in order; a line still being written is skipped."""
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
-        return None
-    last = None
+        return []
+    out = []
     for line in metrics.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
         if rec.get("kind") == kind:
-            last = rec
-    return last
+            out.append(rec)
+    return out
+
+
+def _last(run: Path, kind: str) -> dict | None:
+    """The run's last metrics record of this kind, or None."""
+    recs = _records(run, kind)
+    return recs[-1] if recs else None
 
 
 def claim(out: Path, name: str) -> IO | None:
@@ -172,10 +180,70 @@ def markdown(rows: list[dict], epochs: int, seed: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(results: Path, rows: list[dict], epochs: int, seed: int) -> None:
+def write_table(results: Path, rows: list[dict], epochs: int, seed: int, out: Path | None = None) -> None:
+    """The table's JSON and Markdown, and (given the runs' parent ``out``) its curves."""
     results.mkdir(parents=True, exist_ok=True)
     (results / "ptb_table.json").write_text(json.dumps(rows, indent=1) + "\n")
     (results / "ptb_table.md").write_text(markdown(rows, epochs, seed))
+    if out is not None:
+        curves(out, results / "ptb_curves.png")
+
+
+METHOD_STYLE = {"em": ("tab:red", "o-"), "reinforce": ("tab:blue", "s-"), "noisy-topk": ("tab:green", "^-"),
+                "dense": ("black", "D--")}
+
+
+def curves(out: Path, path: Path) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """Plot every run's validation perplexity per epoch, one panel per column of the paper's
+    table, each method's line labelled with its test perplexity (or "training"). Dense
+    (1,1) is drawn in both K=1 panels and dense (3,3) in both K=3 panels, as the
+    reference a modular layer has to beat. Returns the plotted points
+    {(method, column): [(epoch, valid ppl), ...]}; draws nothing if no run has finished an
+    epoch, or if matplotlib is missing."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    labels: dict[tuple[str, str], str] = {}
+    for col in COLUMNS:
+        k = int(col.split(",")[1])
+        for c in TABLE:
+            if not (c.column == col or (c.method == "dense" and c.k == k)):
+                continue
+            points = [(int(r["epoch"]), float(r["ppl"])) for r in _records(out / c.name, "valid")]
+            if not points:
+                continue
+            done = finished(out / c.name)
+            series[(c.method, col)] = points
+            labels[(c.method, col)] = (f"{METHOD_LABEL[c.method]} ({c.modules},{c.k}): "
+                                       + (f"test {done['test_ppl']:.1f}" if done else "training"))
+    if not series:
+        return series
+    try:
+        import matplotlib
+    except ImportError:
+        return series
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey=True)
+    for ax, col in zip(axes.flat, COLUMNS, strict=True):
+        drawn = [m for m in METHOD_ORDER if (m, col) in series]
+        for method in drawn:
+            color, style = METHOD_STYLE[method]
+            ax.plot(*zip(*series[(method, col)], strict=True), style, color=color, label=labels[(method, col)], ms=4)
+        ax.set_title(f"(M,K) = ({col})")
+        ax.grid(True, alpha=0.3)
+        ax.set_xlabel("epoch")
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no run has finished an epoch yet", ha="center", va="center", transform=ax.transAxes)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("validation perplexity (greedy routing)")
+    fig.suptitle("Penn Treebank: validation perplexity per epoch (modrt reproduce ptb)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return series
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -187,7 +255,7 @@ def reproduce() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/reproduce"),
               show_default=True, help="Parent directory of the per-configuration runs.")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
-              show_default=True, help="Where ptb_table.json and ptb_table.md are written.")
+              show_default=True, help="Where ptb_table.json, ptb_table.md and ptb_curves.png are written.")
 @click.option("--only", "only", multiple=True, type=click.Choice(METHOD_ORDER),
               help="Train only these methods (repeatable). The table keeps every finished run.")
 @click.option("--epochs", type=click.IntRange(min=1), default=EPOCHS, show_default=True,
@@ -215,8 +283,9 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
     each process skips the configurations the other is training.
 
     Budget on a 2-core CPU at one thread per run: about 12-65 minutes for dense,
-    REINFORCE and noisy top-k, 90-120 for EM (its E-step scores S=10 candidate
-    selections per window).
+    REINFORCE and noisy top-k, 90-125 for EM (its E-step scores S=10 candidate
+    selections per window). Writes ptb_table.json, ptb_table.md and ptb_curves.png
+    (validation perplexity per epoch, a panel per column) under --results.
     """
     from tqdm import tqdm
 
@@ -238,7 +307,7 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
             click.echo(f"{c.name:<22} paper {c.paper:>8.3f}   {s}")
         return
     rows = [row(c, state[c.name], epochs, seed) for c in TABLE if state[c.name]]
-    write_table(results, rows, epochs, seed)
+    write_table(results, rows, epochs, seed, out)
     bar = tqdm(todo, desc="reproduce ptb", unit="run", dynamic_ncols=True, position=0)
     busy = []
     for c in bar:
@@ -266,7 +335,7 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
         # Re-read every run from disk: another `reproduce` process may have finished some.
         state = {x.name: finished(out / x.name) for x in TABLE}
         rows = [row(x, state[x.name], epochs, seed) for x in TABLE if state[x.name]]
-        write_table(results, rows, epochs, seed)
+        write_table(results, rows, epochs, seed, out)
         bar.write(f"{c.name}: valid {rec['valid_ppl']}, test {rec['test_ppl']} (paper {c.paper}), "
                   f"{rec['minutes']} min")
     bar.close()

@@ -62,6 +62,34 @@ def test_dry_run_and_table_from_finished_runs(tmp_path):
     assert "**225.5** (229.7)" in em_row and "– (236.8)" in em_row
 
 
+def test_curves_plot_every_run_by_column(tmp_path):
+    """Validation perplexity per epoch, a panel per column: dense (1,1) is the reference in
+    both K=1 panels, an unfinished run is drawn as far as it got, a run with no epoch yet is
+    left out, and write_table draws the PNG beside the table."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    _finish(runs / "em-M15K1", 225.5)
+    _finish(runs / "dense-M1K1", 240.0)
+    with open(runs / "em-M15K1" / "metrics.jsonl", "a") as f:
+        for e, ppl in [(1, 400.0), (2, 300.5)]:
+            f.write(json.dumps({"kind": "valid", "step": 415 * e, "epoch": e, "ppl": ppl}) + "\n")
+    with open(runs / "dense-M1K1" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "valid", "step": 415, "epoch": 1, "ppl": 350.0}) + "\n")
+    (runs / "reinforce-M5K3").mkdir(parents=True)
+    (runs / "reinforce-M5K3" / "metrics.jsonl").write_text(
+        json.dumps({"kind": "valid", "step": 415, "epoch": 1, "ppl": 380.0}) + "\n" + '{"kind": "val')
+    (runs / "em-M5K1").mkdir()
+    (runs / "em-M5K1" / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 50}) + "\n")
+    series = rp.curves(runs, tmp_path / "c.png")
+    assert series == {("em", "15,1"): [(1, 400.0), (2, 300.5)], ("dense", "15,1"): [(1, 350.0)],
+                      ("dense", "5,1"): [(1, 350.0)], ("reinforce", "5,3"): [(1, 380.0)]}
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rp.curves(tmp_path / "empty", tmp_path / "none.png") == {}
+    assert not (tmp_path / "none.png").exists()
+    rows = [rp.row(c, rp.finished(runs / c.name), 6, 1) for c in rp.TABLE if rp.finished(runs / c.name)]
+    rp.write_table(results, rows, 6, 1, runs)
+    assert (results / "ptb_curves.png").stat().st_size > 10_000
+
+
 @pytest.mark.slow
 def test_short_reproduction_of_the_dense_column(tmp_path, ptb_dir):
     """Two real runs end to end (dense (1,1) and (3,3)), a few steps each; then resume is a no-op."""
