@@ -17,6 +17,7 @@ from modrt._exceptions import (
     InputError,
     ModrtError,
     ProviderError,
+    TrainingError,
 )
 from modrt._version import __version__
 
@@ -45,6 +46,7 @@ __all__ = [
     "InputError",
     "ModrtError",
     "ProviderError",
+    "TrainingError",
     "__version__",
     "load",
 ]

@@ -6,6 +6,7 @@
     ├── BundleError            a bundle that fails validation (file, checksum, schema, shape)
     ├── ExportError            a checkpoint that cannot be exported, parity out of tolerance
     ├── InputError             a request or argument the model cannot take
+    ├── TrainingError          training diverged (non-finite values); the last checkpoint is kept
     └── ProviderError          an execution provider that is unknown or unavailable
 
 Lower libraries' errors (torch, onnx, onnxruntime, OS) are converted at the boundary:
@@ -38,6 +39,10 @@ class ExportError(ModrtError):
 
 class InputError(ModrtError):
     """An input (request, tensor, argument) the model cannot take."""
+
+
+class TrainingError(ModrtError):
+    """Training produced non-finite values; nothing was saved after the last good checkpoint."""
 
 
 class ProviderError(ModrtError):

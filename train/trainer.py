@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from modrt._exceptions import CheckpointError, ModrtError
+from modrt._exceptions import CheckpointError, ModrtError, TrainingError
 from modrt.data.ptb import Corpus
 from modrt.train import baselines, checkpoint, data, em
 from modrt.train import model as lm
@@ -229,6 +229,29 @@ class Trainer:
         iv.seconds += time.perf_counter() - t0
         return m.nll.item()
 
+    def _checked_step(self) -> float:
+        """``train_step``, stopping with one clear error when the numbers go non-finite (a
+        NaN loss, or the controller's probabilities, which ``torch.multinomial`` rejects)
+        before anything is saved: the checkpoint on disk stays the last good one."""
+        try:
+            loss = self.train_step()
+        except RuntimeError as exc:
+            if "inf" not in str(exc) and "nan" not in str(exc):
+                raise
+            raise self._diverged(str(exc).splitlines()[0]) from exc
+        if not math.isfinite(loss):
+            raise self._diverged(f"the training loss is {loss}")
+        return loss
+
+    def _diverged(self, what: str) -> TrainingError:
+        ckpt = self.out / "ckpt.pt"
+        kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was saved"
+        hint = "a lower --lr or a tighter --clip"
+        if self.mcfg.combine == "sum" and self.mcfg.k > 1:
+            k = self.mcfg.k
+            hint = f"--combine mean (with sum, {k} GRU states add up, so the state can grow {k}-fold a step)"
+        return TrainingError(f"training diverged at step {self.step + 1} ({what}); {kept}. Try {hint}.")
+
     # ---- the loop ----------------------------------------------------------------
     def total_steps(self) -> int:
         total = self.tcfg.epochs * self.windows
@@ -252,7 +275,7 @@ class Trainer:
             while self.step < total and self.epoch < tc.epochs:
                 if self.window == 0:
                     self.hidden = self.model.init_hidden(tc.batch_size, self.device)
-                self.losses.append(self.train_step())
+                self.losses.append(self._checked_step())
                 self.step += 1
                 self.window += 1
                 bar.update(1)

@@ -123,3 +123,36 @@ def test_checkpoint_load_refuses_any_garbage(tmp_path):
             assert "not a modrt checkpoint" in str(exc)
         else:
             raise AssertionError(f"{size} random bytes loaded as a checkpoint")
+
+
+def test_divergence_stops_with_one_clear_error_and_keeps_the_last_checkpoint(
+        tmp_path, tiny_corpus, tiny_model_config, tiny_train_config):
+    """Non-finite numbers stop training with a TrainingError naming the step, the checkpoint
+    kept and what to try; nothing is saved over the last good checkpoint. Two ways in: a NaN
+    loss (M-step) and NaN controller probabilities (the E-step's draws)."""
+    from modrt import TrainingError
+
+    corpus = tiny_corpus()
+    mcfg = tiny_model_config(modules=3, k=2, combine="sum")
+    first = Trainer(mcfg, tiny_train_config(steps=2), corpus, tmp_path / "run", progress=False)
+    first.fit()
+    good = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    for poison, cause in (("cells", "probability tensor contains"), ("controller", "probability tensor contains")):
+        t = Trainer(mcfg, tiny_train_config(steps=6), corpus, tmp_path / "run",
+                    resume=checkpoint.load(tmp_path / "run" / "ckpt.pt"), progress=False)
+        with torch.no_grad():
+            for p in getattr(t.model.layer, poison).parameters():
+                p.fill_(float("nan"))
+        with pytest.raises(TrainingError) as err:
+            t.fit()
+        msg = str(err.value)
+        assert "training diverged at step 3" in msg and cause in msg and str(tmp_path / "run" / "ckpt.pt") in msg
+        assert "--combine mean" in msg and "2-fold" in msg
+        assert (tmp_path / "run" / "ckpt.pt").read_bytes() == good
+    dense = tiny_model_config(modules=2, k=2, method="dense")  # no draws: the NaN loss path
+    fresh = Trainer(dense, tiny_train_config(steps=2), corpus, tmp_path / "fresh", progress=False)
+    with torch.no_grad():
+        for p in fresh.model.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"at step 1 \(the training loss is nan\); no checkpoint was saved\. Try a lower --lr"):
+        fresh.fit()
