@@ -154,5 +154,6 @@ def test_divergence_stops_with_one_clear_error_and_keeps_the_last_checkpoint(
     with torch.no_grad():
         for p in fresh.model.parameters():
             p.fill_(float("nan"))
-    with pytest.raises(TrainingError, match=r"at step 1 \(the training loss is nan\); no checkpoint was saved\. Try a lower --lr"):
+    nan_loss = r"at step 1 \(the training loss is nan\); no checkpoint was saved\. Try a lower --lr"
+    with pytest.raises(TrainingError, match=nan_loss):
         fresh.fit()
