@@ -20,11 +20,31 @@ def _finish(run, test_ppl: float, valid_ppl: float = 200.0) -> None:
 
 
 def test_the_table_is_the_papers():
-    assert len(rp.TABLE) == 12 and len({c.name for c in rp.TABLE}) == 12
-    cells = {(c.method, c.column): c.paper for c in rp.TABLE}
+    """The paper's 12 cells, then EM once more per column under the paper's joint E-step score."""
+    assert len(rp.TABLE) == 16 and len({c.name for c in rp.TABLE}) == 16
+    cells = {(c.key, c.column): c.paper for c in rp.TABLE}
+    assert len(cells) == 16
     assert cells[("em", "15,1")] == 229.651 and cells[("reinforce", "15,3")] == 274.060
     assert {(c.modules, c.k) for c in rp.TABLE if c.method == "noisy-topk"} == {(15, 4), (5, 4)}
     assert {(c.modules, c.k) for c in rp.TABLE if c.method == "dense"} == {(1, 1), (3, 3)}
+    joint = [c for c in rp.TABLE if c.key == "em-joint"]
+    assert [c.name for c in joint] == ["em-joint-M15K1", "em-joint-M5K1", "em-joint-M15K3", "em-joint-M5K3"]
+    assert all(c.method == "em" and c.prior_weight == 1.0 and cells[("em", c.column)] == c.paper for c in joint)
+    assert all(c.prior_weight == 0.0 for c in rp.TABLE if c.key != "em-joint")
+
+
+def test_each_em_row_trains_with_its_own_score(tmp_path, monkeypatch):
+    """The subprocess command: the E-step score is passed explicitly for both EM rows (so the
+    protocol does not follow train's default), and not at all for the other methods."""
+    seen = []
+    monkeypatch.setattr(rp.subprocess, "run", lambda cmd: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    by = {c.name: c for c in rp.TABLE}
+    for name in ("em-M5K1", "em-joint-M5K1", "reinforce-M5K1"):
+        assert rp._train(by[name], tmp_path / name, 6, 1, "cpu", 0, None, 1, True) == 0
+    em, joint, rf = seen
+    assert em[em.index("--prior-weight") + 1] == "0.0" and joint[joint.index("--prior-weight") + 1] == "1.0"
+    assert joint[joint.index("--method") + 1] == "em" and joint[joint.index("--out") + 1].endswith("em-joint-M5K1")
+    assert "--prior-weight" not in rf
 
 
 def test_finished_reads_the_last_test_record(tmp_path):
@@ -58,8 +78,64 @@ def test_dry_run_and_table_from_finished_runs(tmp_path):
     for r in table:
         assert {"method", "modules", "k", "valid_ppl", "test_ppl", "minutes", "usage_exp_entropy"} <= set(r)
     md = (results / "ptb_table.md").read_text()
-    em_row = next(line for line in md.splitlines() if line.startswith("| EM modular"))
+    em_row = next(line for line in md.splitlines() if line.startswith("| EM modular |"))
     assert "**225.5** (229.7)" in em_row and "– (236.8)" in em_row
+    joint_row = next(line for line in md.splitlines() if line.startswith("| EM modular, paper's joint"))
+    assert "– (229.7)" in joint_row
+    assert table[0]["prior_weight"] == 0.0 and "prior_weight" not in table[1]
+
+
+def test_the_committed_table_is_kept_and_extended(tmp_path):
+    """From a checkout without the run directories (a fresh clone), configurations already in
+    ptb_table.json under the same protocol count as done: the dry run says so, nothing is
+    trained again, and a new run's row joins them in TABLE's order (with its curve), while
+    entries of another protocol are dropped and trained anew."""
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    by = {c.name: c for c in rp.TABLE}
+    committed = [rp.row(by[n], {"valid_ppl": 150.0, "test_ppl": 140.0 + i, "minutes": 90.0, "step": 2490,
+                                 "usage_exp_entropy": 2.0, "modules_in_use": 3}, 6, 1)
+                 for i, n in enumerate(c.name for c in rp.TABLE[:12])]
+    committed[0]["epochs"] = 3  # another protocol: not kept
+    results.mkdir()
+    (results / "ptb_table.json").write_text(json.dumps(committed))
+    kept = rp.recorded(results, 6, 1, 0)
+    assert set(kept) == {c.name for c in rp.TABLE[1:12]}
+    assert rp.recorded(results, 6, 2, 0) == {} and rp.recorded(tmp_path / "nowhere", 6, 1, 0) == {}
+    _finish(runs / "em-joint-M5K1", 170.0)
+    with open(runs / "em-joint-M5K1" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "valid", "step": 415, "epoch": 1, "ppl": 268.0}) + "\n")
+    rows = rp.table_rows(runs, kept, 6, 1)
+    assert [rp.row_key(r) + f"-M{r['modules']}K{r['k']}" for r in rows] == [c.name for c in rp.TABLE[1:12]] + [
+        "em-joint-M5K1"]
+    assert rows[-1]["prior_weight"] == 1.0 and rows[-1]["valid_curve"] == [[1, 268.0]]
+    cmd = [sys.executable, "-m", "modrt", "reproduce", "ptb", "--out", str(runs), "--results", str(results)]
+    p = subprocess.run(cmd + ["--dry-run"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    lines = {line.split()[0]: line for line in p.stdout.splitlines()}
+    assert "done: test 141.0 (" in lines["reinforce-M15K1"] and "not started" in lines["em-M15K1"]
+    assert "done: test 170.0" in lines["em-joint-M5K1"] and "(" not in lines["em-joint-M5K1"].split("done")[1]
+    p = subprocess.run(cmd + ["--table-only", "--data", str(tmp_path / "no-ptb-here")], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and not (runs / "em-M15K1").exists(), p.stderr  # trains nothing
+    assert [r["test_ppl"] for r in json.loads((results / "ptb_table.json").read_text())] == [
+        140.0 + i for i in range(1, 12)] + [170.0]
+    # Every remaining configuration held by "another process": the real command trains nothing,
+    # rewrites the table from the kept entries and the finished run, and draws the curves.
+    locks = [rp.claim(runs, c.name) for c in rp.TABLE if c.name not in kept and c.name != "em-joint-M5K1"]
+    try:
+        p = subprocess.run(cmd + ["--quiet", "--data", str(tmp_path / "no-ptb-here")], capture_output=True, text=True,
+                           timeout=120)
+    finally:
+        for lock in locks:
+            lock.close()
+    assert p.returncode == 0, p.stderr
+    assert "reinforce-M15K1:" not in p.stdout + p.stderr  # kept, so never claimed or trained
+    assert "em-M15K1: another process is training it; skipped" in p.stdout + p.stderr  # other protocol: not kept
+    table = json.loads((results / "ptb_table.json").read_text())
+    assert len(table) == 12 and table[-1]["test_ppl"] == 170.0 and table[0]["test_ppl"] == 141.0
+    md = (results / "ptb_table.md").read_text()
+    assert "**170.0** (236.8)" in next(x for x in md.splitlines() if x.startswith("| EM modular, paper's joint"))
+    assert (results / "ptb_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_curves_plot_every_run_by_column(tmp_path):
@@ -88,6 +164,14 @@ def test_curves_plot_every_run_by_column(tmp_path):
     rows = [rp.row(c, rp.finished(runs / c.name), 6, 1) for c in rp.TABLE if rp.finished(runs / c.name)]
     rp.write_table(results, rows, 6, 1, runs)
     assert (results / "ptb_curves.png").stat().st_size > 10_000
+    # Without the run directories the table's entries draw them: a kept curve as it was, an
+    # entry from before curves were kept as its final point alone.
+    by = {c.name: c for c in rp.TABLE}
+    kept = rp.row(by["em-M15K1"], rp.finished(runs / "em-M15K1"), 6, 1, runs / "em-M15K1")
+    old = rp.row(by["reinforce-M15K1"], {"valid_ppl": 137.0, "test_ppl": 131.0, "minutes": 14.0, "step": 2490}, 6, 1)
+    series = rp.curves(tmp_path / "gone", tmp_path / "d.png", [kept, old])
+    assert series == {("em", "15,1"): [(1, 400.0), (2, 300.5)], ("reinforce", "15,1"): [(6, 137.0)]}
+    assert (tmp_path / "d.png").is_file()
 
 
 @pytest.mark.slow
@@ -125,7 +209,7 @@ def test_a_configuration_another_process_trains_is_skipped(tmp_path):
         assert "dense-M3K3: another process is training it; skipped" in p.stdout + p.stderr
         assert "still training in another process: dense-M3K3" in p.stdout
         assert not (runs / "dense-M3K3").exists()  # not started twice
-        assert len(json.loads((results / "ptb_table.json").read_text())) == 11
+        assert len(json.loads((results / "ptb_table.json").read_text())) == 15
     finally:
         lock.close()
     again = rp.claim(runs, "dense-M3K3")  # released with its holder
