@@ -303,8 +303,11 @@ def curves(out: Path, path: Path, rows: list[dict] = ()) -> dict[tuple[str, str]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    last = max(e for points in series.values() for e, _ in points)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharey=True)
     for ax, col in zip(axes.flat, COLUMNS, strict=True):
+        ax.set_xlim(0.7, last + 0.3)  # every panel on the same epochs, also one with final points only
+        ax.set_xticks(range(1, last + 1))
         drawn = [m for m in METHOD_ORDER if (m, col) in series]
         for method in drawn:
             color, style = METHOD_STYLE[method]
