@@ -187,7 +187,7 @@ def recorded(results: Path, epochs: int, seed: int, steps: int) -> dict[str, dic
     out = {}
     for r in entries if isinstance(entries, list) else []:
         try:
-            name = f"{row_key(r)}-M{r['modules']}K{r['k']}"
+            name = entry_name(r)
             same = r["epochs"] == epochs and r["seed"] == seed and (not steps or r["steps"] == steps)
         except (KeyError, TypeError):
             continue
@@ -212,6 +212,11 @@ def table_rows(out: Path, kept: dict[str, dict], epochs: int, seed: int) -> list
 def row_key(r: dict) -> str:
     """The table row (Config.key) of a ptb_table.json entry."""
     return "em-joint" if r["method"] == "em" and r.get("prior_weight") else r["method"]
+
+
+def entry_name(r: dict) -> str:
+    """The configuration (Config.name) of a ptb_table.json entry."""
+    return f"{row_key(r)}-M{r['modules']}K{r['k']}"
 
 
 def markdown(rows: list[dict], epochs: int, seed: int) -> str:
@@ -273,7 +278,7 @@ def curves(out: Path, path: Path, rows: list[dict] = ()) -> dict[tuple[str, str]
     labelled "final only". Returns the plotted points {(row, column): [(epoch, valid
     ppl), ...]} (row: Config.key); draws nothing if no run has finished an epoch, or if
     matplotlib is missing."""
-    entries = {f"{row_key(r)}-M{r['modules']}K{r['k']}": r for r in rows}
+    entries = {entry_name(r): r for r in rows}
     series: dict[tuple[str, str], list[tuple[int, float]]] = {}
     labels: dict[tuple[str, str], str] = {}
     for col in COLUMNS:
@@ -380,17 +385,18 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
 
     todo = [c for c in TABLE if not only or c.key in only]
     kept = recorded(results, epochs, seed, steps)
-    state = {c.name: finished(out / c.name) or kept.get(c.name) for c in TABLE}
+    on_disk = {c.name: finished(out / c.name) for c in TABLE}
+    state = {name: rec or kept.get(name) for name, rec in on_disk.items()}
     if dry_run:
         total = steps or epochs * WINDOWS_PER_EPOCH
         for c in TABLE:
             rec = state[c.name]
-            where = "" if finished(out / c.name) else f" ({results / 'ptb_table.json'})"
+            at = None if rec else progress(out / c.name)
+            where = "" if on_disk[c.name] else f" ({results / 'ptb_table.json'})"
             s = (f"done: test {rec['test_ppl']}{where}" if rec else
                  "training (another process)" if held(out, c.name) else
                  "partial (will resume)" if (out / c.name / "ckpt.pt").exists() else
-                 "started, no checkpoint yet" if progress(out / c.name) else "not started")
-            at = None if rec else progress(out / c.name)
+                 "started, no checkpoint yet" if at else "not started")
             if at is not None:
                 step, rate = at
                 s += f", step {step}/{total}"
