@@ -23,8 +23,9 @@ import click
 import torch
 
 from modrt.data import ptb
-from modrt.export.exporter import load_model
-from modrt.train import data, em
+from modrt.train.checkpoint import load_model
+from modrt.train import data
+from modrt.train.methods import em
 from modrt.train import model as lm
 
 

@@ -30,17 +30,6 @@ GRAPH_ATOL = 1e-4  # per graph, on its sample input
 PPL_RTOL = 1e-3  # model level: perplexity, PyTorch vs ONNX Runtime (routed and dense)
 
 
-def load_model(ckpt_path: str | Path) -> tuple[ModularLM, dict[str, Any]]:
-    ckpt = checkpoint.load(ckpt_path)
-    try:
-        cfg = ModelConfig(**ckpt["model_config"])
-        model = ModularLM(cfg)
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{ckpt_path}: model does not rebuild from its config ({str(exc)[:200]})") from exc
-    return model.eval(), ckpt
-
-
 def _prepare_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: exists and is not a directory")
@@ -76,7 +65,10 @@ def _graph_parity(g: G.GraphDef, data: bytes) -> float:
 def export(ckpt_path: str | Path, out: str | Path, force: bool = False, progress: bool = True,
            data: str | Path | None = None, parity_tokens: int = 2000) -> bundle.Manifest:
     out = Path(out)
-    model, ckpt = load_model(ckpt_path)
+    model, ckpt = checkpoint.load_model(ckpt_path)
+    if not model.cfg.exportable:
+        raise ExportError(f"{ckpt_path}: a {model.cfg.method}-routed model is a training baseline; the bundle "
+                          "format holds controllers of [e_t; h] (export em, reinforce, noisy-topk or dense)")
     cfg = model.cfg
     if cfg.task != "ptb":
         raise ExportError(f"{ckpt_path}: task {cfg.task!r} has no exporter yet")

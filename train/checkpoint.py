@@ -20,7 +20,8 @@ from modrt._exceptions import CheckpointError
 from modrt._version import __version__
 
 FORMAT = "modrt-checkpoint"
-VERSION = 1
+# 2: the method's own state under "method" (EM's a* memory, REINFORCE's baseline).
+VERSION = 2
 
 
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -59,6 +60,21 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
     return ckpt
+
+
+def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
+    """The model a checkpoint holds, rebuilt from its config (eval mode), and the checkpoint.
+    Used by training (``--resume``), export and inspect; any fault is one ``CheckpointError``."""
+    from modrt.train.config import ModelConfig
+    from modrt.train.model import ModularLM
+
+    ckpt = load(path, map_location)
+    try:
+        model = ModularLM(ModelConfig(**ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: model does not rebuild from its config ({str(exc)[:200]})") from exc
+    return model.eval(), ckpt
 
 
 def rng_state() -> dict[str, Any]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from modrt._exceptions import CheckpointError, ModrtError
-from modrt.train.config import METHODS, RESUMABLE_CHANGES, ModelConfig, TrainConfig
+from modrt.train.config import EM_ONLY, E_STEPS, METHODS, RESUMABLE_CHANGES, ModelConfig, TrainConfig
 
 _M = ModelConfig()
 _T = TrainConfig()
@@ -43,7 +43,8 @@ def _check_writable(out: Path) -> None:
 @train.command("ptb")
 @click.option("--method", type=click.Choice(METHODS), default=_M.method, show_default=True,
               help="em: the paper's generalised EM. dense: the same network with every module used "
-                   "(M = K). reinforce / noisy-topk: the paper's baselines.")
+                   "(M = K). reinforce / noisy-topk: the paper's baselines. hash: each word to fixed "
+                   "modules, a frequency-balanced table (Roller et al. 2021); not exportable.")
 @click.option("--modules", "-M", type=click.IntRange(min=1), default=None,
               help="M, modules in the modular layer.  [default: 15; dense: K]")
 @click.option("--k", "-K", type=click.IntRange(min=1), default=None,
@@ -61,6 +62,20 @@ def _check_writable(out: Path) -> None:
 @click.option("--prior-weight", type=click.FloatRange(min=0), default=_T.prior_weight, show_default=True,
               help="E-step score: log p(y|x,a) + w * log p(a|x). 1 is the paper's joint; 0 scores candidates "
                    "by their likelihood alone (they are still drawn from the controller).")
+@click.option("--e-step", type=click.Choice(E_STEPS), default=_T.e_step, show_default=True,
+              help="EM's search. window: S whole-window candidates (a* and S-1 controller draws), the "
+                   "best by the window's score. position: walk the window, at each step keep the best of "
+                   "a*_t and S-1 draws (K=1, S>=M: every module) by that step's score, then accept the "
+                   "path only if its window score beats a*'s (never worse).")
+@click.option("--balance-rate", type=click.FloatRange(min=0), default=_T.balance_rate, show_default=True,
+              help="EM: loss-free balancing (Wang et al. 2024). A per-module bias on the E-step's scores, "
+                   "moved this many nats per E-step towards under-used modules; no loss term. 0: off.")
+@click.option("--warm-start", type=click.IntRange(min=0), default=_T.warm_start, show_default=True,
+              help="EM: train modules 0..K-1 densely for this many steps, then copy them into every module "
+                   "with small noise (sparse upcycling) and start EM. 0: off.")
+@click.option("--prior-anneal", type=click.IntRange(min=0), default=_T.prior_anneal, show_default=True,
+              help="EM: raise the prior weight linearly from 0 to --prior-weight over this many steps "
+                   "(after any warm start). 0: off.")
 @click.option("--e-step-dtype", type=click.Choice(["float32", "bfloat16"]), default=_T.e_step_dtype,
               show_default=True,
               help="Precision of the E-step's head matmul (its scores only rank candidates). bfloat16 "
@@ -185,6 +200,11 @@ def _configs(opts: dict) -> tuple[ModelConfig, TrainConfig]:
             raise click.UsageError("--combine does not apply to noisy-topk: its gates weight the modules")
         m["combine"] = "gate"
     t = {f.name: opts[f.name] for f in fields(TrainConfig) if f.name in opts}
+    if opts["method"] != "em":
+        for name, default in EM_ONLY.items():
+            if t.get(name, default) != default:
+                raise click.UsageError(f"--{name.replace('_', '-')} is an EM option; --method {opts['method']} "
+                                       "does not use it")
     try:
         return ModelConfig(modules=modules, **m), TrainConfig(**t)
     except ValueError as exc:

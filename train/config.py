@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-METHODS = ("em", "dense", "reinforce", "noisy-topk")
+METHODS = ("em", "dense", "reinforce", "noisy-topk", "hash")
+E_STEPS = ("window", "position")
 COMBINE_RULES = ("sum", "mean", "gate")
 DEVICES = ("auto", "cpu", "cuda")
 E_STEP_DTYPES = ("float32", "bfloat16")
@@ -65,6 +66,12 @@ class ModelConfig:
         return "topk" if self.method == "noisy-topk" else "slots"
 
     @property
+    def exportable(self) -> bool:
+        """Whether the bundle format can hold this model (hash routing's token-keyed table
+        is not a controller graph of [e_t; h])."""
+        return self.method != "hash"
+
+    @property
     def routed(self) -> bool:
         """Whether a controller picks modules (False: the dense baseline uses all M = K)."""
         return self.method != "dense"
@@ -86,6 +93,19 @@ class TrainConfig:
     # matmul 3.4x and the scoring 1.7x faster on a CPU with AMX (measured: results/README.md);
     # log-likelihoods moved by <= 0.02 nats per 35-step window, so near-ties may flip.
     e_step_dtype: str = "float32"
+    # EM's E-step search (docs/design-notes.md, "E-step variants"). "window": S whole-window
+    # candidates (a* and S-1 controller draws), the best by the window's score. "position":
+    # walk the window step by step, keep the best of a*_t and S-1 draws at each step by that
+    # step's score, accept the new path only if its window score is not below a*'s.
+    e_step: str = "window"
+    # EM: loss-free balancing (Wang et al. 2024): a per-module bias added to the E-step's
+    # scores (not to any loss), moved by this many nats per E-step against the module's load.
+    balance_rate: float = 0.0
+    # EM: train a dense cell (modules 0..K-1 on every row) for this many steps, then copy it
+    # into every module with small noise (sparse upcycling, Komatsuzaki et al. 2023).
+    warm_start: int = 0
+    # EM: the prior weight rises linearly from 0 to prior_weight over this many steps.
+    prior_anneal: int = 0
     bptt: int = 35  # T: time steps per training window
     batch_size: int = 64  # B: parallel streams (batchify)
     eval_batch_size: int = 10  # streams for validation / test perplexity
@@ -113,6 +133,10 @@ class TrainConfig:
             raise ValueError(f"prior_weight must not be negative, got {self.prior_weight}")
         if self.importance_weight < 0 or self.load_weight < 0:
             raise ValueError("importance_weight and load_weight must not be negative")
+        if self.e_step not in E_STEPS:
+            raise ValueError(f"e_step {self.e_step!r} unknown; choose one of {', '.join(E_STEPS)}")
+        if self.balance_rate < 0 or self.warm_start < 0 or self.prior_anneal < 0:
+            raise ValueError("balance_rate, warm_start and prior_anneal must not be negative")
         if self.e_step_dtype not in E_STEP_DTYPES:
             raise ValueError(f"e_step_dtype {self.e_step_dtype!r} unknown; choose one of {', '.join(E_STEP_DTYPES)}")
         if self.device not in DEVICES:
@@ -132,5 +156,9 @@ def from_dict(cls, d: dict):
         raise ValueError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
     return cls(**d)
 
+
+# TrainConfig fields only EM reads, with their defaults: other methods refuse them.
+EM_ONLY = {"samples": 10, "e_step_every": 1, "prior_weight": 0.0, "e_step": "window", "balance_rate": 0.0,
+           "warm_start": 0, "prior_anneal": 0, "e_step_dtype": "float32"}
 
 __all__ = ["ModelConfig", "TrainConfig", "asdict", "from_dict", "METHODS", "RESUMABLE_CHANGES"]

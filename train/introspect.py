@@ -181,7 +181,7 @@ def inspect_command(ckpt: Path, out: Path | None, split: str, tokens: int, words
         raise ModrtError(f"modrt inspect needs PyTorch and matplotlib: pip install 'modrt[train]' "
                          f"({exc.name} is missing)") from exc
     from modrt.data import ptb
-    from modrt.export.exporter import load_model
+    from modrt.train.checkpoint import load_model
 
     model, state = load_model(ckpt)  # one-line errors for missing / wrong checkpoints
     cfg = model.cfg

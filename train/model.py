@@ -29,6 +29,8 @@ from modrt.train.config import ModelConfig
 # Floats of logits scored at once by ``token_log_likelihood`` (24 MB): below glibc's largest
 # mmap threshold (32 MB), so the buffer is reused from the heap instead of faulted in anew.
 LOGITS_CHUNK = 6_000_000
+# ModularGRU computes every module on every row (and masks) when M * H is at most this.
+ALL_MODULES_MAX = 1024
 
 # policy(t, log_probs (B, K, M)) -> selection (B, K)
 Policy = Callable[[int, torch.Tensor], torch.Tensor]
@@ -48,6 +50,13 @@ class RecurrentOutput(NamedTuple):
 
 def given(a: torch.Tensor) -> Policy:
     """Follow fixed selections a (T, B, K): the M-step's a*."""
+    return lambda t, lp: a[t]
+
+
+def hashed(table: torch.Tensor, x: torch.Tensor) -> Policy:
+    """Hash routing (Roller et al. 2021): row b at step t takes the modules table[x[t, b]]
+    (table (V, K)), whatever the state; no controller."""
+    a = table[x]  # (T, B, K)
     return lambda t, lp: a[t]
 
 
@@ -83,7 +92,7 @@ class ModularGRU(nn.Module):
             for lin in (self.controller, self.noise):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
-        elif cfg.routed:
+        elif cfg.routed and cfg.method != "hash":
             self.controller = nn.Linear(E + H, M * K)
 
     def scores(self, e_t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -111,6 +120,40 @@ class ModularGRU(nn.Module):
         weights = torch.zeros_like(clean).scatter(1, a[:, :k], F.softmax(top[:, :k], dim=1))
         p_in = prob_in_top_k(clean, noisy, std, top, k) if std is not None and k < M else None
         return a[:, :k], weights, F.log_softmax(clean, dim=1).unsqueeze(1), p_in
+
+    @property
+    def compute_all(self) -> bool:
+        """Whether a step computes every module on every row and masks (one batched matmul
+        per step) instead of dispatching rows to modules (M small matmuls). The values are
+        the same; for small cells the per-module Python calls dominate (profiled at H=32:
+        ``benchmarks/train_step_cost.py``), for large ones the M-fold arithmetic does."""
+        return self.cfg.modules * self.cfg.hidden <= ALL_MODULES_MAX
+
+    def stacked(self) -> tuple[torch.Tensor, ...]:
+        """Every cell's weights side by side: W_ih (M*3H, E), b_ih, W_hh (M*3H, H), b_hh."""
+        c = self.cells
+        return (torch.cat([m.weight_ih for m in c]), torch.cat([m.bias_ih for m in c]),
+                torch.cat([m.weight_hh for m in c]), torch.cat([m.bias_hh for m in c]))
+
+    def all_states(self, gi_t: torch.Tensor, h: torch.Tensor, w_hh: torch.Tensor,
+                   b_hh: torch.Tensor) -> torch.Tensor:
+        """Every module's new state from the input projections gi_t (B, M*3H) (as
+        ``GRUCell``: gates r, z, n). -> (B, M, H)."""
+        B, H, M = h.shape[0], self.cfg.hidden, self.cfg.modules
+        gi = gi_t.view(B, M, 3, H)
+        gh = F.linear(h, w_hh, b_hh).view(B, M, 3, H)
+        r = torch.sigmoid(gi[:, :, 0] + gh[:, :, 0])
+        z = torch.sigmoid(gi[:, :, 1] + gh[:, :, 1])
+        n = torch.tanh(gi[:, :, 2] + r * gh[:, :, 2])
+        return n + z * (h.unsqueeze(1) - n)  # (1 - z) * n + z * h
+
+    def mask(self, a: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The combine weights (B, M) of selection a (B, K): 1 (sum) or 1/distinct (mean)
+        on each distinct selected module, or the gate weights."""
+        if weights is not None:
+            return weights
+        m = torch.zeros(a.shape[0], self.cfg.modules, device=a.device).scatter_(1, a, 1.0)
+        return m / m.sum(1, keepdim=True) if self.cfg.combine == "mean" else m
 
     def step(self, e_t: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
              weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,20 +188,29 @@ class ModularGRU(nn.Module):
                 lps.append(lp)
             return RecurrentOutput(torch.stack(hs), h, torch.stack(sel), e.new_zeros(T, B),
                                    torch.stack(lps), importance, load)
+        routed = self.controller is not None  # hash routing: no controller, the policy decides
         if not self.cfg.routed:
             a = torch.arange(K, device=e.device).expand(B, K)
+        if self.compute_all:
+            w_ih, b_ih, w_hh, b_hh = self.stacked()
+            gi = F.linear(e, w_ih, b_ih)  # (T, B, M*3H): every module's input side at once
         for t in range(T):
-            if self.cfg.routed:
+            if routed:
                 lp = self.scores(e[t], h)  # (B, K, M)
                 a = policy(t, lp)  # (B, K)
                 log_pa.append(routing.log_prob(lp, a))
                 lps.append(lp)
-            h = self.step(e[t], h, a)
+            elif self.cfg.routed:  # hash routing: the policy reads the tokens, not the scores
+                a = policy(t, None)
+            if self.compute_all:
+                h = torch.einsum("bm,bmh->bh", self.mask(a), self.all_states(gi[t], h, w_hh, b_hh))
+            else:
+                h = self.step(e[t], h, a)
             hs.append(h)
             sel.append(a)
         hs_t = torch.stack(hs)  # (T, B, H)
         a_t = torch.stack(sel)  # (T, B, K)
-        if self.cfg.routed:
+        if routed:
             return RecurrentOutput(hs_t, h, a_t, torch.stack(log_pa), torch.stack(lps))
         return RecurrentOutput(hs_t, h, a_t, e.new_zeros(T, B), None)
 
@@ -188,6 +240,8 @@ class ModularLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        if cfg.method == "hash":  # filled from the training text's word counts (methods.hash)
+            self.register_buffer("hash_table", torch.arange(cfg.vocab_size * cfg.k).view(-1, cfg.k) % cfg.modules)
 
     def init_hidden(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.zeros(batch, self.cfg.hidden, device=device)
@@ -195,6 +249,8 @@ class ModularLM(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor, policy: Policy | None = None) -> RecurrentOutput:
         """Run the recurrence over tokens x (T, B) from state h (B, H); no head."""
         e = self.drop(self.embed(x))  # (T, B, E)
+        if self.cfg.method == "hash":
+            policy = hashed(self.hash_table, x)
         return self.layer(e, h, policy)
 
     def logits(self, hs: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """The training loop: EM (or a baseline) over PTB windows, with checkpoints.
 
-One step = one window of B streams. EM: (on every ``e_step_every``-th visit of the
-window, staggered over windows: ``em.e_step_due``) the E-step updates a* for those B
-examples, then one M-step updates all parameters. REINFORCE, noisy top-k and dense: one
-gradient step on their objective (``baselines``). The hidden state carries across windows
+One step = one window of B streams through the run's method (``methods``: EM, REINFORCE,
+noisy top-k, hash, dense), which returns its losses (EM runs its E-step there when due),
+then one gradient step on their sum. The hidden state carries across windows
 and restarts at each epoch. Validation perplexity (greedy routing) after
 every epoch, test perplexity at the end. ``metrics.jsonl`` gets one line per log interval
 and per evaluation; ``ckpt.pt`` is written at epoch ends, every ``ckpt_every`` steps, on
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from modrt._exceptions import CheckpointError, ModrtError, TrainingError
 from modrt.data.ptb import Corpus
-from modrt.train import baselines, checkpoint, data, em
+from modrt.train import checkpoint, data, methods
 from modrt.train import model as lm
 from modrt.train.config import ModelConfig, TrainConfig
 
@@ -116,11 +115,8 @@ class Trainer:
         self.windows = data.num_windows(self.train_data, train_cfg.bptt)
         self.model = lm.ModularLM(model_cfg).to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
-        B, T, K, M = train_cfg.batch_size, train_cfg.bptt, model_cfg.k, model_cfg.modules
-        # a* memory: one (T, K) selection per example n = window * B + stream, uniform at random.
-        self.memory = (torch.randint(0, M, (self.windows * B, T, K), dtype=torch.int16)
-                       if model_cfg.method == "em" else None)
-        self.baseline = baselines.MovingAverage(train_cfg.baseline_decay)  # REINFORCE
+        B, M = train_cfg.batch_size, model_cfg.modules
+        self.method = methods.build(self.model, model_cfg, train_cfg, self.windows, self.train_data)
         self.step = self.epoch = self.window = 0
         self.hidden = self.model.init_hidden(B, self.device)
         self.metrics: list[dict[str, Any]] = []
@@ -139,8 +135,7 @@ class Trainer:
             "vocab": self.vocab,
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
-            "memory": self.memory,
-            "baseline": baselines.baseline_state(self.baseline),
+            "method": self.method.state(),
             "step": self.step,
             "epoch": self.epoch,
             "window": self.window,
@@ -165,9 +160,7 @@ class Trainer:
             raise CheckpointError("checkpoint vocabulary differs from this data set's: cannot continue")
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
-        self.memory = ckpt["memory"]
-        b = ckpt.get("baseline") or {}
-        self.baseline = baselines.MovingAverage(self.tcfg.baseline_decay, b.get("value"))
+        self.method.load_state(ckpt["method"])
         self.step, self.epoch, self.window = ckpt["step"], ckpt["epoch"], ckpt["window"]
         self.hidden = ckpt["hidden"].to(self.device)
         self.interval = _Interval(self.mcfg.modules, ckpt["interval"])
@@ -187,47 +180,43 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------
     def train_step(self) -> float:
-        """One window: E-step (when due), then one M-step. Returns the M-step nll."""
+        """One window -> the method's losses -> backward -> optimiser step -> log.
+        Returns the step's nll."""
         tc, dev = self.tcfg, self.device
         x, y = (t.to(dev) for t in data.window(self.train_data, self.window, tc.bptt))
-        T = x.shape[0]
         t0 = time.perf_counter()
-        a_star = None
-        if self.memory is not None:
-            ids = data.example_ids(self.window, tc.batch_size)
-            a_star = self.memory[ids, :T].long().permute(1, 0, 2).to(dev)  # (T, B, K)
-            if em.e_step_due(self.window, self.epoch, tc.e_step_every):
-                e = em.e_step(self.model, x, y, self.hidden, a_star, tc.samples, prior_weight=tc.prior_weight,
-                              dtype=getattr(torch, tc.e_step_dtype))
-                a_star = e.best
-                self.memory[ids, :T] = a_star.permute(1, 0, 2).to(torch.int16).cpu()
-                self.interval.e_changed += int(e.changed.sum())
-                self.interval.e_total += e.changed.numel()
-        method = self.mcfg.method
-        if method == "reinforce":
-            m = baselines.reinforce_loss(self.model, x, y, self.hidden, self.baseline)
-        elif method == "noisy-topk":
-            m = baselines.noisy_topk_loss(self.model, x, y, self.hidden, tc.importance_weight, tc.load_weight)
-        else:  # em (on a*) or dense
-            m = em.m_step_loss(self.model, x, y, self.hidden, a_star)
+        w = methods.Window(x, y, self.hidden, self.window, self.epoch, self.step)
+        m = self.method.losses(w)
         self.opt.zero_grad(set_to_none=True)
-        m.loss.backward()
+        m.total.backward()
+        st = methods.stats(m.out, self.mcfg.modules)
+        self._drop_unused_grads(st["usage"])
         if tc.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip)
         self.opt.step()
-        if method == "reinforce":
-            self.baseline.update(float(m.reward.mean()))
+        self.method.after_step(w, m)
         self.hidden = m.out.h_last.detach()
-        st = em.stats(m.out, self.mcfg.modules)
         iv = self.interval
         iv.nll += m.nll.item()
-        iv.ctrl += m.controller.item()
+        iv.ctrl += m.auxiliary.item()
         iv.ent_ex += float(st["entropy_example"])
         iv.ent_b += float(st["entropy_batch"])
         iv.usage += st["usage"].cpu()
+        iv.e_changed += m.info.get("e_changed", 0)
+        iv.e_total += m.info.get("e_total", 0)
         iv.steps += 1
         iv.seconds += time.perf_counter() - t0
         return m.nll.item()
+
+    def _drop_unused_grads(self, usage: torch.Tensor) -> None:
+        """A module no row selected in this window gets no gradient (None, as when rows are
+        dispatched to modules), so Adam leaves it alone, also when the layer computed every
+        module and masked (``ModularGRU.compute_all``: there its gradient is exactly 0)."""
+        if not self.model.layer.compute_all:
+            return
+        for m in (usage == 0).nonzero().flatten().tolist():
+            for p in self.model.layer.cells[m].parameters():
+                p.grad = None
 
     def _checked_step(self) -> float:
         """``train_step``, stopping with one clear error when the numbers go non-finite (a

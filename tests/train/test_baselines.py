@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from modrt.train import baselines
+from modrt.train.methods import noisy_topk, reinforce
 from modrt.train import model as lm
 from modrt.train.trainer import Trainer
 
@@ -27,7 +27,7 @@ def _exact_and_sampled_gradients(baseline: float, n: int, batches: int, seed: in
         lp = torch.log_softmax(theta, -1)
         a = torch.multinomial(lp.exp(), n, replacement=True, generator=gen)  # (2, n)
         log_pa = lp[0, a[0]] + lp[1, a[1]]  # (n,)
-        (g,) = torch.autograd.grad(baselines.reinforce_surrogate(log_pa, R[a[0], a[1]], baseline), theta)
+        (g,) = torch.autograd.grad(reinforce.reinforce_surrogate(log_pa, R[a[0], a[1]], baseline), theta)
         grads.append(-g)  # the surrogate is minimised: its gradient is minus the ascent direction
     return exact, torch.stack(grads)
 
@@ -50,7 +50,7 @@ def test_a_baseline_near_the_mean_reward_lowers_the_variance():
 
 
 def test_moving_average_baseline():
-    b = baselines.MovingAverage(0.9)
+    b = reinforce.MovingAverage(0.9)
     assert b.value is None
     b.update(-5.0)
     assert b.value == -5.0
@@ -76,10 +76,10 @@ def test_load_loss_matches_a_hand_computed_case():
     load = p.sum(0)  # [0.9468, 1.0222, 0.2255]
     mean = sum(load.tolist()) / 3
     cv2 = sum((x - mean) ** 2 for x in load.tolist()) / 3 / mean**2
-    assert baselines.cv_squared(load).item() == pytest.approx(cv2, rel=1e-5)
+    assert noisy_topk.cv_squared(load).item() == pytest.approx(cv2, rel=1e-5)
     assert cv2 == pytest.approx(0.2410, abs=1e-3)  # by hand: mean 0.7315, variance 0.1290
     importance = torch.tensor([1.0, 1.0, 0.0])
-    loss = baselines.balance_loss(importance, load, 0.1, 0.1)
+    loss = noisy_topk.balance_loss(importance, load, 0.1, 0.1)
     assert loss.item() == pytest.approx(0.1 * 0.5 + 0.1 * cv2, rel=1e-5)  # CV(1,1,0)^2 = (2/9)/(4/9)
 
 
@@ -124,4 +124,4 @@ def test_baselines_learn_a_repetitive_corpus(tmp_path, tiny_corpus, tiny_model_c
                       tmp_path / "run", progress=False)
     summary = trainer.fit()
     assert summary["valid_ppl"] < 5  # uniform over the 10 words: 10
-    assert trainer.memory is None  # no a* memory outside EM
+    assert "memory" not in trainer.method.state()  # no a* memory outside EM

@@ -12,7 +12,7 @@ from modrt.train import checkpoint
 from modrt.train.trainer import Trainer
 
 CKPT_KEYS = {"format", "version", "model_config", "train_config", "vocab", "model", "optimizer",
-             "memory", "step", "epoch", "rng", "metrics"}
+             "method", "step", "epoch", "rng", "metrics"}
 
 
 def _train_losses(out: Path) -> list[float]:
@@ -42,20 +42,32 @@ def test_dense_baseline_trains(tmp_path, tiny_corpus, tiny_model_config, tiny_tr
     mcfg = tiny_model_config(modules=2, k=2, method="dense")
     trainer = Trainer(mcfg, tiny_train_config(steps=3), tiny_corpus(), tmp_path / "run",
                       progress=False)
-    assert trainer.memory is None
+    assert trainer.method.state() == {}
     summary = trainer.fit()
     assert summary["step"] == 3 and summary["modules_in_use"] == 2
 
 
-@pytest.mark.parametrize("method", ["em", "reinforce", "noisy-topk"])
+# Every method, and EM with every E-step variant on at once (warm start ends at step 3,
+# before the stop at 7; the prior anneals over the steps after it).
+EM_VARIANTS = {"e_step": "position", "samples": 3, "balance_rate": 0.05, "warm_start": 3, "prior_anneal": 6,
+               "prior_weight": 1.0}
+
+
+@pytest.mark.parametrize("method", ["em", "em-variants", "reinforce", "noisy-topk", "hash", "dense"])
 def test_stop_and_resume_is_exact(tmp_path, tiny_corpus, tiny_model_config, tiny_train_config, method):
     # 37 rows of 4 streams, T=5: 8 windows per epoch, the last one a single step; 14 steps
     # cross an epoch end (validation, hidden state reset) on either side of the stop.
     corpus = tiny_corpus(vocab=10, train=148, repeat=False)
-    extra = {"k": 2, "combine": "gate"} if method == "noisy-topk" else {}
+    extra = {"noisy-topk": {"k": 2, "combine": "gate"}, "dense": {"modules": 1}}.get(method, {})
+    train_extra = EM_VARIANTS if method == "em-variants" else {}
+    method = "em" if method == "em-variants" else method
     # dropout: the RNG state must carry over (and REINFORCE's draws, noisy top-k's noise)
     mcfg = tiny_model_config(vocab_size=10, dropout=0.3, method=method, **extra)
     N = 14
+    _config = tiny_train_config
+
+    def tiny_train_config(**kw):
+        return _config(**train_extra, **kw)
 
     whole = Trainer(mcfg, tiny_train_config(steps=N), corpus, tmp_path / "whole", progress=False)
     assert whole.windows == 8
@@ -77,12 +89,14 @@ def test_stop_and_resume_is_exact(tmp_path, tiny_corpus, tiny_model_config, tiny
     assert second.step == whole.step == N and second.epoch == whole.epoch == 1
     for name, p in whole.model.state_dict().items():
         assert torch.equal(p, second.model.state_dict()[name]), name
+    a, b = whole.method.state(), second.method.state()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
     if method == "em":
-        assert torch.equal(whole.memory, second.memory)
-    else:
-        assert whole.memory is None and second.memory is None
-    assert whole.baseline.value == second.baseline.value
-    assert (whole.baseline.value is not None) == (method == "reinforce")
+        assert a["memory"].shape == (whole.windows * 4, 5, 1)
+    if method == "reinforce":
+        assert a["baseline"] is not None
     # Wall time adds up over both sessions of the resumed run.
     final = checkpoint.load(tmp_path / "resumed" / "ckpt.pt")
     assert ckpt["seconds"] > 0 and final["seconds"] > ckpt["seconds"]
@@ -101,7 +115,7 @@ def test_checkpoint_is_weights_only(tmp_path, tiny_corpus, tiny_model_config, ti
     assert ckpt["model_config"]["hidden"] == 16 and ckpt["train_config"]["bptt"] == 5
     assert ckpt["vocab"] == list(corpus.vocab)
     assert ckpt["step"] == 2
-    assert ckpt["memory"].shape == (trainer.windows * 4, 5, 1)
+    assert ckpt["method"]["memory"].shape == (trainer.windows * 4, 5, 1)
     assert set(ckpt["model"]) == set(trainer.model.state_dict())
     assert [m["kind"] for m in ckpt["metrics"]] == ["train", "train", "test"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt.pt.tmp")]  # atomic write

@@ -1,0 +1,185 @@
+"""modrt.train.methods: the E-step variants, balancing, warm start, hash routing, the
+all-modules step, and the options' validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from modrt.train import model as lm
+from modrt.train.config import ModelConfig, TrainConfig
+from modrt.train.methods import Window, build, em, hash
+
+T, B, M, V = 6, 8, 4, 12
+
+
+def _setup(tiny_model_config, k=1, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = lm.ModularLM(tiny_model_config(vocab_size=V, modules=M, k=k, dropout=0.0, **kw))
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randint(0, V, (T, B), generator=g)
+    y = torch.randint(0, V, (T, B), generator=g)
+    h = torch.randn(B, model.cfg.hidden, generator=g)
+    return model, x, y, h
+
+
+@pytest.mark.parametrize("k,samples", [(1, 4), (1, 2), (2, 3)])
+@pytest.mark.parametrize("prior_weight", [0.0, 1.0])
+def test_position_e_step_never_lowers_the_window_score(tiny_model_config, k, samples, prior_weight):
+    model, x, y, h = _setup(tiny_model_config, k=k)
+    g = torch.Generator().manual_seed(3)
+    a = torch.randint(0, M, (T, B, k), generator=g)
+    accepted = 0
+    for _ in range(4):
+        before = em.window_scores(model, x, y, h, a, prior_weight)
+        e = em.position_e_step(model, x, y, h, a, samples, generator=g, prior_weight=prior_weight)
+        after = em.window_scores(model, x, y, h, e.best, prior_weight)
+        assert (after >= before - 1e-5).all()
+        # a changed window took the path, whose score the search reported
+        changed = e.changed
+        torch.testing.assert_close(after[changed], e.scores[1][changed], atol=1e-4, rtol=0)
+        torch.testing.assert_close(e.scores[0], before, atol=1e-4, rtol=0)
+        accepted += int(changed.sum())
+        a = e.best
+    assert accepted > 0  # from random a*, the search finds better paths
+
+
+def test_position_e_step_keeps_a_star_when_nothing_is_better(tiny_model_config):
+    # The controller is certain of module 2 and a* is module 2 everywhere: under the joint
+    # score every other module costs ~40 nats of prior per step, so nothing beats a*.
+    model, x, y, h = _setup(tiny_model_config)
+    with torch.no_grad():
+        model.layer.controller.weight.zero_()
+        model.layer.controller.bias.zero_()
+        model.layer.controller.bias[2] = 40.0
+    a = torch.full((T, B, 1), 2)
+    e = em.position_e_step(model, x, y, h, a, samples=M, prior_weight=1.0)
+    assert not e.changed.any() and torch.equal(e.best, a)
+
+
+def test_position_e_step_finds_a_one_position_gain(tiny_model_config):
+    # Likelihood score; a* = the stored path with one position set to its worst module:
+    # the per-position search sees every module at every step (K=1, S >= M).
+    model, x, y, h = _setup(tiny_model_config)
+    a = torch.zeros(T, B, 1, dtype=torch.long)
+    e = em.position_e_step(model, x, y, h, a, samples=M, prior_weight=0.0)
+    greedy_path = e.candidates[1]
+    # every step of the path is that step's best module from the path's state
+    out = model(x, h, lm.given(greedy_path))
+    assert torch.isfinite(out.hs).all()
+    assert e.changed.any()
+
+
+def test_balancing_bias_lowers_the_largest_modules_share(tiny_model_config):
+    # A constructed collapse: the controller puts 6 nats on module 0, so the joint score's
+    # E-step sends everything there; the loss-free bias moves a* off it within a few E-steps.
+    model, x, y, h = _setup(tiny_model_config)
+    with torch.no_grad():
+        model.layer.controller.bias.zero_()
+        model.layer.controller.bias[0] = 6.0
+    g = torch.Generator().manual_seed(4)
+    a = torch.zeros(T, B, 1, dtype=torch.long)
+
+    def share(bias, a):
+        for _ in range(3):
+            a = em.position_e_step(model, x, y, h, a, samples=M, generator=g, prior_weight=1.0, bias=bias).best
+        return float((a == 0).float().mean()), a
+
+    collapsed, _ = share(None, a)
+    assert collapsed == 1.0
+    bias = torch.zeros(M)
+    for _ in range(30):  # the EM method's update: bias += rate * sign(mean load - load)
+        a = em.position_e_step(model, x, y, h, a, samples=M, generator=g, prior_weight=1.0, bias=bias).best
+        load = torch.bincount(a.flatten(), minlength=M).float()
+        bias += 0.5 * torch.sign(load.mean() - load)
+    assert float((a == 0).float().mean()) < 0.6
+
+
+def test_window_e_step_bias_enters_the_score(tiny_model_config):
+    model, x, y, h = _setup(tiny_model_config)
+    a = torch.zeros(T, B, 1, dtype=torch.long)
+    bias = torch.tensor([-100.0, 0.0, 0.0, 0.0])  # module 0 is barred
+    e = em.e_step(model, x, y, h, a, samples=6, generator=torch.Generator().manual_seed(0), bias=bias)
+    assert e.changed.all()
+
+
+def test_one_module_equals_a_plain_gru(tiny_model_config):
+    # M = K = 1: the modular layer is a GRU; the all-modules step and nn.GRU agree.
+    torch.manual_seed(0)
+    x, h = torch.randint(0, V, (T, B)), torch.randn(B, 16)
+    model = lm.ModularLM(tiny_model_config(vocab_size=V, modules=1, k=1, dropout=0.0))
+    assert model.layer.compute_all
+    gru = torch.nn.GRU(model.cfg.embedding, model.cfg.hidden)
+    cell = model.layer.cells[0]
+    with torch.no_grad():
+        for a, b in (("weight_ih_l0", "weight_ih"), ("weight_hh_l0", "weight_hh"),
+                     ("bias_ih_l0", "bias_ih"), ("bias_hh_l0", "bias_hh")):
+            getattr(gru, a).copy_(getattr(cell, b))
+        out = model(x, h, lm.greedy_policy())
+        ref, last = gru(model.embed(x), h.unsqueeze(0))
+    torch.testing.assert_close(out.hs, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.h_last, last[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k,combine", [(1, "mean"), (2, "mean"), (2, "sum")])
+def test_all_modules_step_equals_dispatch(tiny_model_config, k, combine, monkeypatch):
+    model, x, y, h = _setup(tiny_model_config, k=k, combine=combine)
+    a = torch.randint(0, M, (T, B, k), generator=torch.Generator().manual_seed(9))
+    assert model.layer.compute_all
+    fast = model(x, h, lm.given(a))
+    monkeypatch.setattr(lm, "ALL_MODULES_MAX", 0)
+    assert not model.layer.compute_all
+    slow = model(x, h, lm.given(a))
+    torch.testing.assert_close(fast.hs, slow.hs, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fast.log_pa, slow.log_pa)
+
+
+def test_hash_table_is_frequency_balanced():
+    counts = torch.tensor([100, 60, 50, 40, 30, 20, 10, 5, 5, 0])
+    table = hash.balanced_table(counts, modules=3, k=1)
+    load = torch.zeros(3).index_add_(0, table[:, 0], counts.float())
+    assert load.tolist() == [105.0, 110.0, 105.0]  # 100 | 60+30+20 | 50+40+10+5; the last 5 and 0 to module 0/2
+    two = hash.balanced_table(counts, modules=3, k=2)
+    assert (two[:, 0] != two[:, 1]).all()  # K distinct modules per word
+
+
+def test_hash_routing_follows_the_current_word(tiny_model_config):
+    mcfg = tiny_model_config(vocab_size=V, modules=M, k=1, method="hash")
+    model = lm.ModularLM(mcfg)
+    tokens = torch.randint(0, V, (50, 4))
+    method = build(model, mcfg, TrainConfig(bptt=T, batch_size=B), 1, tokens)
+    x, y = torch.randint(0, V, (T, B)), torch.randint(0, V, (T, B))
+    losses = method.losses(Window(x, y, model.init_hidden(B), 0, 0, 0))
+    assert torch.equal(losses.out.a[..., 0], model.hash_table[x, 0])
+    assert model.layer.controller is None and losses.aux == {}
+    assert not mcfg.exportable
+
+
+def test_warm_start_copies_the_dense_cell(tiny_model_config):
+    mcfg = tiny_model_config(vocab_size=V, modules=M, k=1, dropout=0.0)
+    model = lm.ModularLM(mcfg)
+    method = build(model, mcfg, TrainConfig(bptt=T, batch_size=B, warm_start=2), 1)
+    x, y = torch.randint(0, V, (T, B)), torch.randint(0, V, (T, B))
+    h = model.init_hidden(B)
+    dense = method.losses(Window(x, y, h, 0, 0, 1))
+    assert (dense.out.a == 0).all() and dense.aux == {}  # the dense phase: module 0, no controller loss
+    method.losses(Window(x, y, h, 0, 0, 2))  # step 2: upcycled, then EM
+    c = model.layer.cells
+    for m in range(1, M):
+        diff = (c[m].weight_hh - c[0].weight_hh).abs()
+        assert 0 < diff.max() < 0.1  # a copy plus small noise
+    assert method.state()["upcycled"]
+
+
+def test_prior_anneal(tiny_model_config):
+    mcfg = tiny_model_config(vocab_size=V, modules=M, k=1)
+    method = build(lm.ModularLM(mcfg), mcfg, TrainConfig(prior_weight=1.0, prior_anneal=10, warm_start=4), 1)
+    assert [method.prior_weight(s) for s in (0, 4, 9, 14, 100)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+
+
+def test_config_refuses_unknown_variants():
+    with pytest.raises(ValueError, match="e_step 'viterbi' unknown"):
+        TrainConfig(e_step="viterbi")
+    with pytest.raises(ValueError, match="must not be negative"):
+        TrainConfig(balance_rate=-1)
+    assert ModelConfig(method="hash").exportable is False

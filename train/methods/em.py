@@ -1,0 +1,255 @@
+"""Generalised EM with a partial (Viterbi) E-step (Kirsch et al. 2018, §3; DESIGN.md §3),
+and its E-step variants (docs/design-notes.md, "E-step variants").
+
+For each example n (one BPTT window of one stream) a memory keeps a*_n, the best
+selection found so far (T, K per modular layer).
+
+E-step (no gradient, dropout off): S candidates per example, candidate 0 the stored a*_n
+and 1..S-1 whole-window selections drawn from the controller while the RNN runs forward,
+all in one batched pass over (S*B) rows; each is scored by
+log p(y|x,a) + w log p(a|x) summed over the window (w = TrainConfig.prior_weight: the
+paper's joint score at w=1; our default 0, see docs/design-notes.md), and the best is
+written back. Ties keep
+the stored a* (argmax takes the first maximum), so a* never gets worse under the current
+parameters.
+
+Variants, each a TrainConfig option; none adds a term to the M-step's loss:
+
+- ``e_step="position"``: a per-position search along the window (``position_e_step``);
+- ``balance_rate``: loss-free balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load
+  Balancing Strategy for Mixture-of-Experts"): a per-module bias added to the E-step's
+  scores, moved against each module's load after every E-step, with no gradient;
+- ``warm_start``: sparse upcycling (Komatsuzaki et al. 2023): a dense cell trained first,
+  then copied into every module with small noise;
+- ``prior_anneal``: the prior weight raised linearly from 0 over the first steps.
+
+M-step: one gradient step on -mean log p(y|x,a*) - mean log p(a*|x): the first trains the
+modules (only the selected ones get gradient) and the rest of the network, the second
+trains the controller towards a*.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from modrt.train import model as lm
+from modrt.train import routing
+from modrt.train.methods import Losses, Method, Window, nll_of
+
+# Warm start: the copies differ from the dense cell by Gaussian noise of this std.
+UPCYCLE_NOISE = 0.01
+
+
+def e_step_due(window: int, epoch: int, every: int) -> bool:
+    """Whether window ``window`` gets an E-step in epoch ``epoch``.
+
+    Each example (window) is E-stepped on every ``every``-th of its visits, staggered over
+    windows: in epoch e the windows w with (w + e) % every == 0, so across ``every``
+    consecutive epochs every window gets exactly one. (Keying on the global step instead,
+    step % every with step = e * W + w, aliases with the W windows of an epoch: with PTB's
+    W = 415 and every = 10 only the windows w = 0 and 5 (mod 10) were ever E-stepped, and
+    80% of the a* memory kept its random initialisation for the whole run.)
+    """
+    return (window + epoch) % every == 0
+
+
+class EStep(NamedTuple):
+    best: torch.Tensor  # (T, B, K) the new a*
+    changed: torch.Tensor  # (B,) bool: a* replaced by a better candidate
+    scores: torch.Tensor  # (S, B) log p(y, a | x) of every candidate
+    candidates: torch.Tensor  # (S, T, B, K) candidate 0 is the stored a*
+
+
+@torch.no_grad()
+def e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
+           a_star: torch.Tensor, samples: int, generator: torch.Generator | None = None,
+           prior_weight: float = 1.0, dtype: torch.dtype | None = None,
+           bias: torch.Tensor | None = None) -> EStep:
+    """Score the stored a* and S-1 fresh draws per window; keep the best.
+
+    x, y: (T, B) inputs and targets; h: (B, H) state entering the window;
+    a_star: (T, B, K) stored selections. The score is log p(y|x,a) + prior_weight * log p(a|x):
+    1 is the paper's joint; 0 scores by the likelihood alone, the controller then acting only
+    through the candidates it proposes (see docs/design-notes.md, "E-step score").
+    ``dtype``: the precision of the head's matmul in the scores (None: the model's).
+    ``bias`` (M,): added to a candidate's score once per step for each distinct module it
+    uses there (balancing; None: none).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        T, B = x.shape
+        S = samples
+        xs = x.repeat(1, S)  # (T, S*B): candidate s owns columns s*B .. s*B+B-1
+        hs0 = h.repeat(S, 1)  # (S*B, H)
+        out = model(xs, hs0, lm.sample_policy(keep=a_star, generator=generator))
+        ll = model.token_log_likelihood(out.hs, y.repeat(1, S), dtype=dtype)  # (T, S*B)
+        step_scores = ll + prior_weight * out.log_pa
+        if bias is not None:
+            step_scores = step_scores + bias_term(out.a, bias)
+        scores = step_scores.sum(0).view(S, B)  # (S, B)
+        pick = scores.argmax(0)  # (B,) first maximum: ties keep the stored a*
+        cands = out.a.view(T, S, B, -1).permute(1, 0, 2, 3)  # (S, T, B, K)
+        best = cands[pick, :, torch.arange(B, device=x.device)]  # (B, T, K)
+        best = best.permute(1, 0, 2).contiguous()  # (T, B, K)
+        changed = (best != a_star).any(2).any(0)  # (B,)
+        return EStep(best, changed, scores, cands)
+    finally:
+        model.train(was_training)
+
+
+def bias_term(a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The balancing bias of selections a (..., K): the sum of bias over each one's
+    distinct modules. -> (...)."""
+    M = bias.numel()
+    mask = torch.zeros(*a.shape[:-1], M, device=a.device).scatter_(-1, a, 1.0)
+    return mask @ bias
+
+
+@torch.no_grad()
+def window_scores(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, a: torch.Tensor,
+                  prior_weight: float, dtype: torch.dtype | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Each window's score under selections a (T, B, K): sum_t log p(y_t|x,a) +
+    prior_weight * log p(a_t|x) (+ bias). -> (B,)."""
+    out = model(x, h, lm.given(a))
+    s = model.token_log_likelihood(out.hs, y, dtype=dtype) + prior_weight * out.log_pa
+    if bias is not None:
+        s = s + bias_term(a, bias)
+    return s.sum(0)
+
+
+@torch.no_grad()
+def position_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
+                    a_star: torch.Tensor, samples: int, generator: torch.Generator | None = None,
+                    prior_weight: float = 1.0, dtype: torch.dtype | None = None,
+                    bias: torch.Tensor | None = None) -> EStep:
+    """A per-position (greedy Viterbi-style) search for a better a*.
+
+    Walk the window: at step t, from the state the path has reached, score each candidate
+    selection c by that step's log p(y_t | x, c) + prior_weight * log p(c | x) (+ bias),
+    keep the best and follow its new state. Candidates: a*_t first, then (K=1 and S >= M)
+    every module, else S-1 draws from the controller. The new path replaces a* only if its
+    window score is above a*'s, so the E-step never lowers a window's score; ties keep a*.
+    A whole-window draw must win back the whole window's prior to replace a*; one position's
+    change here needs to pay only for itself.
+    ``scores`` holds (2, B): a*'s window score, then the path's. ``candidates`` (2, T, B, K).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        T, B = x.shape
+        K, M = model.cfg.k, model.cfg.modules
+        layer = model.layer
+        star = window_scores(model, x, y, h, a_star, prior_weight, dtype, bias)  # (B,)
+        e = model.embed(x)  # (T, B, E); eval: no dropout
+        everyone = K == 1 and samples >= M
+        if layer.compute_all:
+            w_ih, b_ih, w_hh, b_hh = layer.stacked()
+            gi = F.linear(e, w_ih, b_ih)
+        path = torch.empty_like(a_star)
+        total = torch.zeros(B, device=x.device)
+        rows = torch.arange(B, device=x.device)
+        for t in range(T):
+            lp = layer.scores(e[t], h)  # (B, K, M)
+            if everyone:
+                rest = torch.arange(M, device=x.device).view(1, M, 1).expand(B, M, 1)
+            else:
+                rest = torch.stack([routing.sample(lp, generator) for _ in range(samples - 1)], 1)
+            cand = torch.cat([a_star[t].unsqueeze(1), rest], 1)  # (B, C, K)
+            C = cand.shape[1]
+            if layer.compute_all:
+                states = layer.all_states(gi[t], h, w_hh, b_hh)  # (B, M, H)
+                masks = layer.mask(cand.reshape(B * C, K)).view(B, C, M)
+                new = torch.einsum("bcm,bmh->bch", masks, states)
+            else:
+                new = torch.stack([layer.step(e[t], h, cand[:, c]) for c in range(C)], 1)  # (B, C, H)
+            ll = model.token_log_likelihood(new.reshape(1, B * C, -1), y[t].repeat_interleave(C).view(1, -1),
+                                            dtype=dtype).view(B, C)
+            prior = routing.log_prob(lp.unsqueeze(1).expand(B, C, K, M).reshape(B * C, K, M),
+                                     cand.reshape(B * C, K)).view(B, C)
+            score = ll + prior_weight * prior
+            if bias is not None:
+                score = score + bias_term(cand, bias)
+            pick = score.argmax(1)  # first maximum: a*_t on ties
+            path[t] = cand[rows, pick]
+            h = new[rows, pick]
+            total += score[rows, pick]
+        better = total > star
+        best = torch.where(better.view(1, B, 1), path, a_star)
+        changed = (best != a_star).any(2).any(0)
+        return EStep(best, changed, torch.stack([star, total]), torch.stack([a_star, path]))
+    finally:
+        model.train(was_training)
+
+
+def m_step_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
+                a_star: torch.Tensor) -> Losses:
+    """The M-step objective for one window: -mean log p(y|x,a*) - mean log p(a*|x)."""
+    out = model(x, h, lm.given(a_star))
+    return Losses(nll_of(model, out, y), {"controller": -out.log_pa.mean()}, out)
+
+
+class EM(Method):
+    """Owns the a* memory (one (T, K) selection per example n = window * B + stream,
+    uniform at random at first), the E-step schedule and variant, the balancing bias and
+    the warm start."""
+
+    name = "em"
+
+    def __init__(self, model, mcfg, tcfg, windows):
+        super().__init__(model, mcfg, tcfg, windows)
+        B, T, K, M = tcfg.batch_size, tcfg.bptt, mcfg.k, mcfg.modules
+        self.memory = torch.randint(0, M, (windows * B, T, K), dtype=torch.int16)
+        self.bias = torch.zeros(M)
+        self.upcycled = tcfg.warm_start == 0
+
+    def prior_weight(self, step: int) -> float:
+        tc = self.tcfg
+        if not tc.prior_anneal:
+            return tc.prior_weight
+        return tc.prior_weight * min(1.0, max(0, step - tc.warm_start) / tc.prior_anneal)
+
+    def losses(self, w: Window) -> Losses:
+        tc, dev = self.tcfg, w.x.device
+        T, B = w.x.shape
+        K = self.mcfg.k
+        if w.step < tc.warm_start:  # the dense phase: modules 0..K-1 on every row, no controller loss
+            a = torch.arange(K, device=dev).expand(T, B, K)
+            out = self.model(w.x, w.h, lm.given(a))
+            return Losses(nll_of(self.model, out, w.y), {}, out)
+        if not self.upcycled:
+            self.upcycle()
+        ids = slice(w.index * B, (w.index + 1) * B)
+        a_star = self.memory[ids, :T].long().permute(1, 0, 2).to(dev)  # (T, B, K)
+        info = {}
+        if e_step_due(w.index, w.epoch, tc.e_step_every):
+            search = position_e_step if tc.e_step == "position" else e_step
+            bias = self.bias.to(dev) if tc.balance_rate else None
+            e = search(self.model, w.x, w.y, w.h, a_star, tc.samples, prior_weight=self.prior_weight(w.step),
+                       dtype=getattr(torch, tc.e_step_dtype), bias=bias)
+            a_star = e.best
+            self.memory[ids, :T] = a_star.permute(1, 0, 2).to(torch.int16).cpu()
+            if tc.balance_rate:
+                load = torch.bincount(a_star.flatten().cpu(), minlength=self.mcfg.modules).float()
+                self.bias += tc.balance_rate * torch.sign(load.mean() - load)
+            info = {"e_changed": int(e.changed.sum()), "e_total": e.changed.numel()}
+        return m_step_loss(self.model, w.x, w.y, w.h, a_star)._replace(info=info)
+
+    @torch.no_grad()
+    def upcycle(self) -> None:
+        """Copy the dense phase's cells 0..K-1 into every module, plus small noise."""
+        cells, K = self.model.layer.cells, self.mcfg.k
+        for m in range(K, self.mcfg.modules):
+            for p, src in zip(cells[m].parameters(), cells[m % K].parameters(), strict=True):
+                p.copy_(src + UPCYCLE_NOISE * torch.randn_like(src))
+        self.upcycled = True
+
+    def state(self) -> dict[str, Any]:
+        return {"memory": self.memory, "bias": self.bias, "upcycled": self.upcycled}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.memory, self.bias, self.upcycled = state["memory"], state["bias"], bool(state["upcycled"])

@@ -1,0 +1,41 @@
+"""Hash routing (Roller et al., "Hash Layers For Large Sparse Models", NeurIPS 2021): each
+word always goes to the same K modules, a fixed table chosen before training so that every
+module gets about the same share of the training text (words by falling frequency, each to
+the K least-loaded modules so far). No controller, nothing learned about routing: if a
+hash-routed layer cannot beat dense at equal compute, a learned router is unlikely to.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+from modrt.train.methods import Losses, Method, Window, nll_of
+
+
+def balanced_table(counts: torch.Tensor, modules: int, k: int) -> torch.Tensor:
+    """(V,) word counts -> (V, K) distinct module ids; greedy least-loaded by frequency.
+    Ties go to the lower module id, so the table is deterministic."""
+    heap = [(0, m) for m in range(modules)]
+    table = torch.zeros(counts.numel(), k, dtype=torch.long)
+    for word in torch.argsort(counts, descending=True, stable=True).tolist():
+        picked = [heapq.heappop(heap) for _ in range(k)]
+        for slot, (load, m) in enumerate(picked):
+            table[word, slot] = m
+            heapq.heappush(heap, (load + int(counts[word]), m))
+    return table
+
+
+class Hash(Method):
+    name = "hash"
+
+    def __init__(self, model, mcfg, tcfg, windows, train_tokens: torch.Tensor | None = None):
+        super().__init__(model, mcfg, tcfg, windows)
+        if train_tokens is not None:
+            counts = torch.bincount(train_tokens.flatten().cpu(), minlength=mcfg.vocab_size)
+            model.hash_table.copy_(balanced_table(counts, mcfg.modules, mcfg.k))
+
+    def losses(self, w: Window) -> Losses:
+        out = self.model(w.x, w.h)
+        return Losses(nll_of(self.model, out, w.y), {}, out)

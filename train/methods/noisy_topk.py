@@ -1,0 +1,51 @@
+"""Noisy top-k gating, the paper's second baseline.
+
+Noisy top-k (Shazeer et al. 2017): the gating network's noisy top-k (``ModularGRU.gate``)
+picks and weights the modules; the loss adds their balance terms,
+
+    w_importance * CV(Importance)^2 + w_load * CV(Load)^2
+
+with Importance the gate mass per module and Load the smooth count of how often each
+module is in the top k, over all positions of the batch; CV = std / mean (population std).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from modrt.train import model as lm
+from modrt.train.methods import Losses, Method, Window
+
+
+def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """Squared coefficient of variation of a 1-D tensor: var / mean^2 (0 for one element)."""
+    if x.numel() <= 1:
+        return x.new_zeros(())
+    return x.float().var(unbiased=False) / (x.float().mean() ** 2 + eps)
+
+
+def balance_loss(importance: torch.Tensor, load: torch.Tensor | None, w_importance: float,
+                 w_load: float) -> torch.Tensor:
+    """Shazeer et al.'s importance and load losses. (M,), (M,) -> scalar."""
+    loss = w_importance * cv_squared(importance)
+    if load is not None:
+        loss = loss + w_load * cv_squared(load)
+    return loss
+
+
+def noisy_topk_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
+                    w_importance: float, w_load: float) -> Losses:
+    out = model(x, h)
+    logits = model.logits(out.hs)  # (T, B, V)
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    load = out.load if model.cfg.k < model.cfg.modules else None
+    aux = balance_loss(out.importance, load, w_importance, w_load)
+    return Losses(nll, {"balance": aux}, out)
+
+
+class NoisyTopK(Method):
+    name = "noisy-topk"
+
+    def losses(self, w: Window) -> Losses:
+        return noisy_topk_loss(self.model, w.x, w.y, w.h, self.tcfg.importance_weight, self.tcfg.load_weight)
