@@ -23,10 +23,10 @@ import click
 import torch
 
 from modrt.data import ptb
-from modrt.train.checkpoint import load_model
 from modrt.train import data
-from modrt.train.methods import em
 from modrt.train import model as lm
+from modrt.train.checkpoint import load_model
+from modrt.train.methods import em
 
 
 @click.command()

@@ -20,10 +20,9 @@ import torch
 from tqdm import tqdm
 
 from modrt import bundle
-from modrt._exceptions import CheckpointError, ExportError
+from modrt._exceptions import ExportError
 from modrt.export import graphs as G
 from modrt.train import checkpoint
-from modrt.train.config import ModelConfig
 from modrt.train.model import ModularLM, greedy_policy
 
 GRAPH_ATOL = 1e-4  # per graph, on its sample input

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from modrt._exceptions import CheckpointError, ModrtError
-from modrt.train.config import EM_ONLY, E_STEPS, METHODS, RESUMABLE_CHANGES, ModelConfig, TrainConfig
+from modrt.train.config import E_STEPS, EM_ONLY, METHODS, RESUMABLE_CHANGES, ModelConfig, TrainConfig
 
 _M = ModelConfig()
 _T = TrainConfig()

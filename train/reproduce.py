@@ -467,3 +467,12 @@ def _train(c: Config, run: Path, epochs: int, seed: int, device: str, steps: int
         return subprocess.run(cmd).returncode
     except KeyboardInterrupt:
         return 130
+
+
+def _register_small() -> None:
+    from modrt.train.small import ptb_small
+
+    reproduce.add_command(ptb_small)
+
+
+_register_small()

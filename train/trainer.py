@@ -41,22 +41,30 @@ def resolve_device(name: str) -> torch.device:
 
 @torch.no_grad()
 def evaluate(model: lm.ModularLM, tokens: torch.Tensor, bptt: int,
-             device: torch.device) -> tuple[float, torch.Tensor]:
+             device: torch.device, entropy: list[float] | None = None) -> tuple[float, torch.Tensor]:
     """Mean negative log-likelihood per token (nats) with greedy routing, and how often
-    each module was selected. tokens: (N, B) -> (nll, usage (M,))."""
+    each module was selected. tokens: (N, B) -> (nll, usage (M,)). Given a list,
+    ``entropy`` gets the controller's mean per-example entropy (nats; how decided it is)."""
     was = model.training
     model.eval()
     h = model.init_hidden(tokens.shape[1], device)
     total, count = 0.0, 0
     usage = torch.zeros(model.cfg.modules, dtype=torch.long)
+    ent, ent_n = 0.0, 0
     for w in range(data.num_windows(tokens, bptt)):
         x, y = (t.to(device) for t in data.window(tokens, w, bptt))
         out = model(x, h, lm.greedy_policy())
         total -= model.token_log_likelihood(out.hs, y).sum().item()
         count += y.numel()
         usage += torch.bincount(out.a.flatten().cpu(), minlength=model.cfg.modules)
+        if out.log_probs is not None:
+            lp = out.log_probs
+            ent -= float((lp.exp() * lp).sum(-1).mean(-1).sum())  # slots averaged, positions summed
+            ent_n += lp.shape[0] * lp.shape[1]
         h = out.h_last
     model.train(was)
+    if entropy is not None:
+        entropy.append(ent / ent_n if ent_n else 0.0)
     return total / count, usage
 
 
@@ -296,7 +304,8 @@ class Trainer:
             self._log(self.interval.record(self.step, self.epoch))
             self.interval = _Interval(self.mcfg.modules)
         vloss, _ = evaluate(self.model, self.valid_data, tc.bptt, self.device)
-        tloss, usage = evaluate(self.model, self.test_data, tc.bptt, self.device)
+        ent: list[float] = []
+        tloss, usage = evaluate(self.model, self.test_data, tc.bptt, self.device, ent)
         summary = {"kind": "test", "step": self.step, "epoch": self.epoch,
                    "valid_ppl": round(math.exp(vloss), 3), "test_ppl": round(math.exp(tloss), 3),
                    "minutes": round(self.elapsed() / 60, 2), "seconds": round(self.elapsed(), 3)}
@@ -304,6 +313,7 @@ class Trainer:
         p = usage.double() / usage.sum()
         summary["test_module_usage"] = usage.tolist()
         summary["modules_in_use"] = int((usage > 0).sum())
+        summary["controller_exp_entropy"] = round(math.exp(ent[0]), 3)
         summary["usage_exp_entropy"] = round(float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum())), 3)
         self._log(summary)
         self.save()

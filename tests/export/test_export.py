@@ -15,8 +15,8 @@ import modrt
 from modrt import bundle
 from modrt.evaluate import perplexity, split_ids
 from modrt.export import graphs as G
-from modrt.train.checkpoint import load_model
 from modrt.train import data as tdata
+from modrt.train.checkpoint import load_model
 from modrt.train.trainer import evaluate
 
 

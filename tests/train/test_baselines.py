@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from modrt.train.methods import noisy_topk, reinforce
 from modrt.train import model as lm
+from modrt.train.methods import noisy_topk, reinforce
 from modrt.train.trainer import Trainer
 
 

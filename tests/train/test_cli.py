@@ -138,6 +138,11 @@ def test_train_ptb_help_lists_every_config_field(tmp_path):
     (["--hidden", "0"], "--hidden"),
     (["--method", "dense", "--modules", "3", "--k", "1"], "must equal"),
     (["--e-step-dtype", "float16"], "--e-step-dtype"),
+    (["--e-step", "viterbi"], "--e-step"),
+    (["--method", "reinforce", "--balance-rate", "0.1"], "--balance-rate is an EM option"),
+    (["--method", "hash", "--e-step", "position"], "--e-step is an EM option"),
+    (["--method", "dense", "--modules", "1", "--warm-start", "5"], "--warm-start is an EM option"),
+    (["--warm-start", "-1"], "--warm-start"),
 ])
 def test_bad_options_exit_2(tmp_path, args, says):
     p = modrt("train", "ptb", *args, "--out", tmp_path / "run", cwd=tmp_path)
@@ -158,11 +163,12 @@ def test_resume_random_bytes(tmp_path, ptb_dir):
 
 def test_resume_other_format_version(tmp_path, tiny_ckpt, ptb_dir):
     ckpt = torch.load(tiny_ckpt, weights_only=True)
-    ckpt["version"] = 99
-    other = tmp_path / "ckpt.pt"
-    torch.save(ckpt, other)
-    line = one_error_line(modrt("train", "ptb", "--resume", other, "--data", ptb_dir, cwd=tmp_path))
-    assert "version 99" in line
+    for old in (99, 1):  # 1: before the methods' own state (``ckpt["method"]``)
+        ckpt["version"] = old
+        other = tmp_path / "ckpt.pt"
+        torch.save(ckpt, other)
+        line = one_error_line(modrt("train", "ptb", "--resume", other, "--data", ptb_dir, cwd=tmp_path))
+        assert f"version {old}" in line and "reads version 2" in line
 
 
 def test_resume_with_changed_architecture(tmp_path, tiny_ckpt, ptb_dir):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modrt.train.methods import em
 from modrt.train import model as lm
+from modrt.train.methods import em
 
 T, B, S, M, V = 4, 6, 5, 4, 12
 CERTAIN = 40.0  # controller bias: one module has probability 1 - 3e-18, the others e^-40

@@ -183,3 +183,16 @@ def test_config_refuses_unknown_variants():
     with pytest.raises(ValueError, match="must not be negative"):
         TrainConfig(balance_rate=-1)
     assert ModelConfig(method="hash").exportable is False
+
+
+def test_export_refuses_a_hash_checkpoint(tmp_path, tiny_corpus, tiny_model_config, tiny_train_config):
+    from modrt._exceptions import ExportError
+    from modrt.export.exporter import export
+    from modrt.train.trainer import Trainer
+
+    mcfg = tiny_model_config(method="hash")
+    trainer = Trainer(mcfg, tiny_train_config(steps=2), tiny_corpus(), tmp_path / "run", progress=False)
+    summary = trainer.fit()
+    assert summary["modules_in_use"] >= 2  # the balanced table spreads the words
+    with pytest.raises(ExportError, match="training baseline"):
+        export(tmp_path / "run" / "ckpt.pt", tmp_path / "bundle", progress=False)
