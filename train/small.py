@@ -34,12 +34,12 @@ ROWS = {
     "hash-M15K1": (15, 1, ["--method", "hash"]),
     "reinforce-M15K1": (15, 1, ["--method", "reinforce"]),
     "em-window-M15K1": (15, 1, ["--method", "em", *JOINT]),
-    "em-window-balance-M15K1": (15, 1, ["--method", "em", *JOINT, "--balance-rate", "0.01"]),
+    "em-window-balance-M15K1": (15, 1, ["--method", "em", *JOINT, "--balance-rate", "0.3"]),
     "em-position-M15K1": (15, 1, ["--method", "em", *JOINT, "--e-step", "position", "--samples", "4"]),
     "em-position-balance-M15K1": (15, 1, ["--method", "em", *JOINT, "--e-step", "position", "--samples", "4",
-                                          "--balance-rate", "0.01"]),
+                                          "--balance-rate", "0.3"]),
     "em-warm-position-balance-M15K1": (15, 1, ["--method", "em", *JOINT, "--e-step", "position", "--samples",
-                                               "4", "--balance-rate", "0.01", "--warm-start", "100"]),
+                                               "4", "--balance-rate", "0.3", "--warm-start", "100"]),
 }
 
 
