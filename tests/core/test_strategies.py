@@ -85,7 +85,7 @@ def test_fused_declines_recurrent_modules(lm_bundle):
     with pytest.raises(InputError, match="strategy 'fused' cannot run layer layer0: recurrent modules"):
         modrt.load(lm_bundle(), strategy="fused")
     model = modrt.load(lm_bundle(), strategy="auto")  # auto falls back without a word
-    assert model.strategy_for(1) in ("host", "graph")
+    assert model.strategy_for(1) in ("host", "graph", "graph-loop")  # by timing: any but fused
 
 
 def test_width_changing_modules(ff_bundle, mlp_reference):
