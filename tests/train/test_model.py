@@ -101,8 +101,9 @@ def test_greedy_policy_picks_the_argmax(tiny_model_config):
 
 
 def test_token_log_likelihood_is_the_same_in_any_chunking(tiny_model_config, monkeypatch):
-    """The default chunking (by LOGITS_CHUNK) scores what one chunk per step and the whole
-    window at once score: log_softmax(head(h))[y] per token."""
+    """The default chunking (by CPU_LOGITS_FLOATS) scores what one row per chunk, a ragged
+    chunking and the whole window at once score: log_softmax(head(h))[y] per token, with the
+    same gradient."""
     torch.manual_seed(4)
     cfg = tiny_model_config(modules=3, k=1, vocab_size=12)
     model = lm.ModularLM(cfg).eval()
@@ -111,7 +112,14 @@ def test_token_log_likelihood_is_the_same_in_any_chunking(tiny_model_config, mon
     with torch.no_grad():
         hs = model(x, model.init_hidden(B), lm.greedy_policy()).hs
         want = torch.log_softmax(model.head(hs), -1).gather(-1, y[..., None])[..., 0]
-        for chunk in (None, 1, 3, T):
-            torch.testing.assert_close(model.token_log_likelihood(hs, y, chunk), want)
-        monkeypatch.setattr(lm, "LOGITS_CHUNK", 2 * B * 12)  # two steps per chunk, the last one short
+        for rows in (None, 1, 3, 2 * B, T * B):
+            torch.testing.assert_close(model.token_log_likelihood(hs, y, rows), want)
+        monkeypatch.setattr(lm, "CPU_LOGITS_FLOATS", 4 * 12)  # four rows per chunk, the last one short
+        assert model.head_rows(hs.device) == 4
         torch.testing.assert_close(model.token_log_likelihood(hs, y), want)
+    grads = []
+    for rows in (4, T * B):
+        model.zero_grad()
+        model.token_log_likelihood(hs, y, rows).sum().backward()
+        grads.append(model.head.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from modrt.train import model as lm
 from modrt.train.config import ModelConfig, TrainConfig
@@ -73,7 +72,7 @@ class Method:
 
 def nll_of(model: lm.ModularLM, out: lm.RecurrentOutput, y: torch.Tensor) -> torch.Tensor:
     """-mean log p(y | ...) per token of a forward pass (with gradient)."""
-    return F.cross_entropy(model.logits(out.hs).flatten(0, 1), y.flatten())
+    return -model.token_log_likelihood(out.hs, y).mean()
 
 
 def stats(out: lm.RecurrentOutput, modules: int) -> dict[str, torch.Tensor]:

@@ -167,8 +167,7 @@ def position_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: to
                 new = torch.einsum("bcm,bmh->bch", masks, states)
             else:
                 new = torch.stack([layer.step(e[t], h, cand[:, c]) for c in range(C)], 1)  # (B, C, H)
-            ll = model.token_log_likelihood(new.reshape(1, B * C, -1), y[t].repeat_interleave(C).view(1, -1),
-                                            dtype=dtype).view(B, C)
+            ll = distinct_log_likelihood(model, new, y[t], cand, M, dtype)
             prior = routing.log_prob(lp.unsqueeze(1).expand(B, C, K, M).reshape(B * C, K, M),
                                      cand.reshape(B * C, K)).view(B, C)
             score = ll + prior_weight * prior
@@ -184,6 +183,24 @@ def position_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: to
         return EStep(best, changed, torch.stack([star, total]), torch.stack([a_star, path]))
     finally:
         model.train(was_training)
+
+
+def distinct_log_likelihood(model: lm.ModularLM, states: torch.Tensor, y_t: torch.Tensor,
+                            cand: torch.Tensor, modules: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """log p(y_t | state) of every candidate (B, C), the head run once per distinct
+    selection of a row: draws from a decided controller repeat each other and a*_t, and
+    the head is most of the E-step's cost at small sizes. states (B, C, H), y_t (B,),
+    cand (B, C, K) -> (B, C); a repeated candidate gets its first occurrence's value."""
+    B, C, K = cand.shape
+    key = torch.zeros(B, C, dtype=torch.long, device=cand.device)
+    for k_, col in enumerate(cand.sort(-1).values.unbind(-1)):  # a selection is a set of modules
+        key += col * modules ** k_
+    first = (key.unsqueeze(2) == key.unsqueeze(1)).int().argmax(2)  # (B, C): index of the first equal
+    keep = first == torch.arange(C, device=cand.device)  # (B, C) the distinct ones
+    b, c = keep.nonzero(as_tuple=True)
+    ll = torch.empty(B, C, device=states.device)
+    ll[b, c] = model.token_log_likelihood(states[b, c].unsqueeze(0), y_t[b].unsqueeze(0), dtype=dtype)[0]
+    return ll.gather(1, first)
 
 
 def m_step_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
