@@ -7,11 +7,18 @@
     ├── ExportError            a checkpoint that cannot be exported, parity out of tolerance
     ├── InputError             a request or argument the model cannot take
     ├── TrainingError          training diverged (non-finite values); the last checkpoint is kept
-    └── ProviderError          an execution provider that is unknown or unavailable
+    ├── ProviderError          an execution provider that is unknown or unavailable
+    │   (modrt.serve.errors: the ones only the server raises)
+    ├── ModelNotFoundError     a model or version the server does not serve (404)
+    ├── PayloadTooLargeError   a request body over the server's limit (413)
+    └── NotReadyError          the server is starting or draining (503)
+        └── BatcherClosedError the batcher stopped under a request (shutdown)
 
 Lower libraries' errors (torch, onnx, onnxruntime, OS) are converted at the boundary:
-``raise DataError(f"...: {exc}") from exc``. The CLI catches ``ModrtError`` and prints
-one line; the server maps each class to a status code.
+``raise DataError(f"...: {exc}") from exc``; onnxruntime's in one place,
+``modrt.runtime.errors`` (running a graph -> InputError or ModrtError, loading one ->
+BundleError). The CLI catches ``ModrtError`` and prints one line; the server maps each
+class to a status code (``modrt.serve.errors.STATUS``).
 """
 
 from __future__ import annotations

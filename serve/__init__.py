@@ -2,8 +2,9 @@
 
     modrt serve OUT/ --port 9000
 
-    app.py        FastAPI routes, errors -> status codes
-    fastpath.py   the infer routes on bare ASGI (the hot path)
+    app.py        FastAPI routes (metadata, health, stats, metrics, OpenAPI)
+    errors.py     serve's exceptions, the status of every error, the handlers
+    fastpath.py   the infer route on bare ASGI (the hot path)
     dataplane.py  metadata, readiness, validated inference (no HTTP)
     batcher.py    dynamic batching
     binary.py     JSON header + binary tensor data bodies

@@ -2,33 +2,23 @@
 
 Handlers are thin: each calls the data plane and returns its pydantic answer. The infer
 routes are answered before routing by ``fastpath.InferRoute`` (the hot path, on the bare
-ASGI interface); here they are declared for the OpenAPI document only. Errors
-are JSON ``{"error": "..."}`` (the field tritonclient reads) with the status a v2 client
-expects:
-
-    InputError (malformed body, tensors, dtypes, shapes, ids)   400
-    ModelNotFoundError, unknown route                          404
-    PayloadTooLargeError (over --max-request-bytes)            413
-    NotReadyError (starting or draining)                       503
-    anything else                                              500 (the server stays up)
+ASGI interface), the one infer route there is; the OpenAPI document describes them
+(``_openapi``). Errors and their statuses: ``errors.py``.
 """
 
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import Response
 
-from modrt._exceptions import ModrtError
 from modrt._version import __version__
-from modrt.serve import binary
-from modrt.serve.dataplane import DataPlane, NotReadyError
-from modrt.serve.fastpath import InferRoute, status_of
+from modrt.serve import binary, errors
+from modrt.serve.dataplane import DataPlane
+from modrt.serve.errors import NotReadyError
+from modrt.serve.fastpath import INFER_PATH, InferRoute
 from modrt.serve.protocol import (
     ErrorResponse,
     InferenceRequest,
@@ -39,13 +29,7 @@ from modrt.serve.protocol import (
     StatsResponse,
 )
 
-log = logging.getLogger("modrt.serve")
-
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 503)}
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 503)}
 
 
 def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20) -> FastAPI:
@@ -63,27 +47,11 @@ def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20) -> FastAPI
                   description="KServe v2 / Open Inference Protocol over modrt's routed runtime, with the "
                               "binary tensor data and statistics extensions.")
 
-    @app.exception_handler(ModrtError)
-    async def _modrt_error(request: Request, exc: ModrtError) -> JSONResponse:
-        code = status_of(exc)
-        if request.url.path.endswith("/infer"):
-            plane.metrics.observe_failure(code)
-        return _error(code, str(exc))
+    def on_failure(status: int, path: str) -> None:
+        if status >= 500 or INFER_PATH.fullmatch(path):
+            plane.metrics.observe_failure(status)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        msg = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return _error(exc.status_code, msg)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, f"invalid request: {exc.errors()[:3]}")
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        plane.metrics.observe_failure(500)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
+    errors.install(app, on_failure)
 
     # --- health and metadata ---------------------------------------------------------
 
@@ -135,34 +103,27 @@ def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20) -> FastAPI
     async def metrics() -> Response:
         return Response(plane.metrics.render(), media_type=plane.metrics.content_type)
 
-    # --- inference -------------------------------------------------------------------
-
-    async def _infer(request: Request, name: str, version: str | None) -> Response:
-        raise AssertionError("the infer routes are answered by fastpath.InferRoute")  # for the OpenAPI doc
-
-    infer_doc = dict(response_model=InferenceResponse, responses=ERRORS, openapi_extra=_infer_body(),
-                     response_class=Response)
-
-    @app.post("/v2/models/{name}/infer", summary="Inference (JSON or binary tensor data)", **infer_doc)
-    async def infer(name: str, request: Request) -> Response:
-        return await _infer(request, name, None)
-
-    @app.post("/v2/models/{name}/versions/{version}/infer", summary="Inference on one version", **infer_doc)
-    async def infer_version(name: str, version: str, request: Request) -> Response:
-        return await _infer(request, name, version)
-
     app.openapi = lambda: _openapi(app)
     app.add_middleware(InferRoute, plane=plane, max_request_bytes=max_request_bytes)
     return app
 
 
-def _infer_body() -> dict:
-    """The infer request body for OpenAPI: the route reads it by hand (JSON + binary)."""
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                     "description": f"JSON header of {binary.HEADER} bytes, then tensors"},
-    }}}
+def _infer_operation(summary: str, params: list[str]) -> dict:
+    """The OpenAPI operation of an infer route (``fastpath.InferRoute`` answers it)."""
+    error = {"description": "Error", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    return {"post": {
+        "summary": summary, "operationId": "infer_" + "_".join(params),
+        "parameters": [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in params],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                         "description": f"JSON header of {binary.HEADER} bytes, then tensors"},
+        }},
+        "responses": {"200": {"description": "Inference response (JSON, or binary tensor data)", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceResponse"}}}},
+            **{str(c): error for c in ERRORS}},
+    }}
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -172,8 +133,16 @@ def _openapi(app: FastAPI) -> dict:
         req = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
         schemas.update(req.pop("$defs", {}))
         schemas["InferenceRequest"] = req
+        for model in (InferenceResponse, ErrorResponse):
+            s = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(s.pop("$defs", {}))
+            schemas[model.__name__] = s
+        doc["paths"]["/v2/models/{name}/infer"] = _infer_operation(
+            "Inference (JSON or binary tensor data)", ["name"])
+        doc["paths"]["/v2/models/{name}/versions/{version}/infer"] = _infer_operation(
+            "Inference on one version", ["name", "version"])
         app.openapi_schema = doc
     return app.openapi_schema
 
 
-__all__ = ["create_app", "status_of"]
+__all__ = ["create_app"]

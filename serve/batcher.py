@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from modrt.serve.errors import BatcherClosedError
+
 RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
 
 
@@ -64,10 +66,6 @@ class BatchConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
-
-
-class BatcherClosedError(RuntimeError):
-    """``submit`` on a batcher that is stopping or stopped (the server answers 503)."""
 
 
 class Batcher:
@@ -114,7 +112,7 @@ class Batcher:
 
     async def submit(self, x: np.ndarray) -> Result:
         if not self.running:
-            raise BatcherClosedError("the batcher is not running (the server is stopping)")
+            raise BatcherClosedError("the model is not ready (the server is stopping)")
         job = _Job(x, tuple(x.shape[1:]), asyncio.get_running_loop().create_future())
         self._pending.append(job)
         self._rows += job.rows

@@ -26,7 +26,8 @@ from modrt._exceptions import InputError, ModrtError
 from modrt._version import __version__
 from modrt.runtime.model import Model
 from modrt.serve import binary
-from modrt.serve.batcher import BatchConfig, Batcher, BatcherClosedError
+from modrt.serve.batcher import BatchConfig, Batcher
+from modrt.serve.errors import ModelNotFoundError, NotReadyError
 from modrt.serve.metrics import Metrics
 from modrt.serve.protocol import (
     DTYPES,
@@ -41,18 +42,6 @@ from modrt.serve.stats import Stats
 
 VERSION = "1"  # a bundle is one model version
 EXTENSIONS = ["binary_tensor_data", "statistics"]
-
-
-class ModelNotFoundError(ModrtError):
-    """A model (or version) this server does not serve: 404."""
-
-
-class NotReadyError(ModrtError):
-    """The server is starting or draining: 503."""
-
-
-class PayloadTooLargeError(ModrtError):
-    """A request body over ``--max-request-bytes``: 413."""
 
 
 class DataPlane:
@@ -153,10 +142,7 @@ class DataPlane:
             req, x = self.parse(body, header_length)
             wanted = self._requested(req)
             result = await self.batcher.submit(x)
-        except BatcherClosedError:  # it stopped between the readiness check and now (shutdown)
-            self.stats.request_failed(time.perf_counter_ns() - t0)
-            raise NotReadyError(f"model {self.name!r} is not ready (the server is stopping)") from None
-        except ModrtError:
+        except ModrtError:  # BatcherClosedError too: it stopped after the readiness check (shutdown)
             self.stats.request_failed(time.perf_counter_ns() - t0)
             raise
         outs = result.outputs
@@ -260,4 +246,4 @@ def _pydantic_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-__all__ = ["DataPlane", "ModelNotFoundError", "NotReadyError", "PayloadTooLargeError"]
+__all__ = ["DataPlane"]

@@ -6,35 +6,20 @@ its OpenAPI document). Profiled at concurrency 32, FastAPI's routing, request ob
 dependency solving and response classes cost about a third of the event loop's time per
 request; this path reads the body, calls the data plane, and sends the bytes it returns.
 
-Statuses are those of ``app.py``: 400 bad request, 404 unknown model, 413 body over the
-limit, 503 not ready or stopping, 500 anything else (logged; the server stays up).
+Errors are answered by ``errors.answer``, as the app's handlers answer them (statuses:
+``errors.py``).
 """
 
 from __future__ import annotations
 
-import logging
 import re
 
-import orjson
+from modrt.serve import binary, errors
+from modrt.serve.dataplane import DataPlane
+from modrt.serve.errors import PayloadTooLargeError
 
-from modrt._exceptions import InputError, ModrtError
-from modrt.serve import binary
-from modrt.serve.dataplane import DataPlane, ModelNotFoundError, NotReadyError, PayloadTooLargeError
-
-log = logging.getLogger("modrt.serve")
-
-STATUS: dict[type[Exception], int] = {
-    InputError: 400, ModelNotFoundError: 404, PayloadTooLargeError: 413, NotReadyError: 503,
-}
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 _BINARY_HEADER = binary.HEADER.lower().encode("latin-1")
-
-
-def status_of(exc: Exception) -> int:
-    for cls in type(exc).__mro__:
-        if cls in STATUS:
-            return STATUS[cls]
-    return 500
 
 
 class ClientGone(Exception):
@@ -72,18 +57,13 @@ class InferRoute:
             headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
         except ClientGone:
             return
-        except ModrtError as exc:
-            status, content, headers = self._error(status_of(exc), str(exc))
-        except Exception as exc:  # noqa: BLE001 - a bug answers 500 and the server goes on
-            log.exception("internal error on POST %s", scope["path"])
-            status, content, headers = self._error(500, f"internal error: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - answered (a bug: 500, logged) and the server goes on
+            status, content = errors.answer(exc, f"POST {scope['path']}")
+            plane.metrics.observe_failure(status)
+            headers = [(b"content-type", b"application/json")]
         headers.append((b"content-length", str(len(content)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
-
-    def _error(self, status: int, message: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        self.plane.metrics.observe_failure(status)
-        return status, orjson.dumps({"error": message}), [(b"content-type", b"application/json")]
 
     async def _body(self, receive, declared: bytes | None) -> bytes:
         """The body, refused with 413 as soon as it is known to exceed the limit."""
@@ -105,4 +85,4 @@ class InferRoute:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-__all__ = ["INFER_PATH", "InferRoute", "STATUS", "status_of"]
+__all__ = ["INFER_PATH", "InferRoute"]

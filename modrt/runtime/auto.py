@@ -130,7 +130,8 @@ def thread_variant(name: str, layer: Any, config: SessionConfig) -> str | None:
 def build(name: str, directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
           sessions: Sessions, config: SessionConfig):
     """The layer ``spec`` under strategy ``name`` (host | graph | fused | graph-loop, the
-    composed ones optionally ``@threads``); InputError if it declines."""
+    composed ones optionally ``@threads``); InputError if it declines the layer. Anything
+    else it raises is a failure, not a decline: ``choose`` reports it (``_try_build``)."""
     if name == "host":
         return host.HostLayer(spec, sessions)
     base, n = split(name)
@@ -142,12 +143,35 @@ def build(name: str, directory: str | os.PathLike, manifest: Manifest, spec: Lay
     plist: list = sessions[spec.controller].providers  # what the bundle's sessions run on
     if plist[0] == prov.PROVIDERS["cuda"]:  # the same device and options as theirs
         plist = prov.providers_for(plist[0], manifest.graphs[spec.controller], sessions.provider_config, None)
+    return kinds[name](directory, manifest, spec, config, plist)
+
+
+def _try_build(name: str, directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
+               sessions: Sessions, config: SessionConfig, declined: dict[str, str]) -> Any | None:
+    """``build`` for auto's candidates: a strategy that declines the layer (InputError) is
+    left out quietly; one that fails any other way (a composition tool, onnxruntime loading
+    the composed graph, a bug) is left out with its reason logged at warning level. Either
+    way the reason goes into ``declined`` (and the choice cache)."""
     try:
-        return kinds[name](directory, manifest, spec, config, plist)
+        return build(name, directory, manifest, spec, sessions, config)
+    except InputError as exc:
+        declined[name] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - reported, never silent; the others still run the layer
+        declined[name] = why = f"failed to build: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        log.warning("auto: %s: strategy %s dropped: %s", spec.name, name, why)
+    return None
+
+
+def _build_chosen(name: str, directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
+                  sessions: Sessions, config: SessionConfig) -> Any:
+    """``build`` for a strategy the user named: a failure that is not modrt's own error
+    becomes one line naming the strategy, the layer and the cause (chained)."""
+    try:
+        return build(name, directory, manifest, spec, sessions, config)
     except ModrtError:
         raise
-    except Exception as exc:  # onnx's composition tools on a graph they do not expect
-        raise InputError(f"strategy {name!r} cannot run layer {spec.name}: composing its graphs failed "
+    except Exception as exc:
+        raise ModrtError(f"strategy {name!r} failed to build layer {spec.name} "
                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
 
 
@@ -186,8 +210,8 @@ class ByBatch:
 
     def runner(self, batch: int) -> Callable:
         """``f(feeds, None) -> (out, a)`` for this batch size, the cheapest call there is:
-        a composed layer's ``raw`` session run (no error conversion: on an exception, call
-        ``pick(batch)`` to have it reported), else the layer itself. Cached in ``runners``."""
+        a composed layer's ``raw`` session run (its caller converts its errors:
+        ``errors.convert``), else the layer itself. Cached in ``runners``."""
         f = self.runners.get(batch)
         if f is None:
             layer = self.pick(batch)
@@ -348,7 +372,7 @@ def choose(directory: str | os.PathLike, manifest: Manifest, sessions: Sessions,
     if strategy not in STRATEGIES:
         raise InputError(f"strategy {strategy!r} unknown; choose one of {', '.join(STRATEGIES)}")
     if strategy != "auto":
-        return {l.name: fixed(strategy, l, build(strategy, directory, manifest, l, sessions, config))
+        return {l.name: fixed(strategy, l, _build_chosen(strategy, directory, manifest, l, sessions, config))
                 for l in manifest.layers}
     auto = auto or AutoConfig()
     key, what = cache_key(directory, sessions.used, config, auto)
@@ -358,8 +382,10 @@ def choose(directory: str | os.PathLike, manifest: Manifest, sessions: Sessions,
         try:
             out = {l.name: ByBatch(l, cached[l.name], {s: build(s, directory, manifest, l, sessions, config)
                                                       for _, s in cached[l.name]}) for l in manifest.layers}
-        except ModrtError as exc:  # the machine changed under the same key: measure again
+        except InputError as exc:  # the machine changed under the same key: measure again
             log.info("auto: cached choice does not build (%s); measuring", exc)
+        except Exception as exc:  # noqa: BLE001 - reported; measuring reports each strategy again
+            log.warning("auto: cached choice failed to build (%s: %s); measuring", type(exc).__name__, exc)
         else:
             for name, layer in out.items():
                 log.info("auto: %s: %s (cached, %s)", name, layer.describe(), path)
@@ -379,17 +405,15 @@ def choose(directory: str | os.PathLike, manifest: Manifest, sessions: Sessions,
             for name in ("graph", "fused") + (("graph-loop",) if windows else ()):
                 if name == "graph-loop" and "graph" not in layers:
                     continue
-                try:
-                    layers[name] = build(name, directory, manifest, spec, sessions, config)
-                except ModrtError as exc:
-                    declined[name] = str(exc)
+                built = _try_build(name, directory, manifest, spec, sessions, config, declined)
+                if built is None:
                     continue
-                other = thread_variant(name, layers[name], config)
+                layers[name] = built
+                other = thread_variant(name, built, config)
                 if other is not None:
-                    try:
-                        layers[other] = build(other, directory, manifest, spec, sessions, config)
-                    except ModrtError as exc:
-                        declined[other] = str(exc)
+                    built = _try_build(other, directory, manifest, spec, sessions, config, declined)
+                    if built is not None:
+                        layers[other] = built
         for name, why in declined.items():
             log.debug("auto: %s: %s declined: %s", spec.name, name, why)
         if len(layers) == 1:

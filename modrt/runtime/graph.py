@@ -35,8 +35,8 @@ import numpy as np
 
 from modrt._exceptions import BundleError, InputError
 from modrt.bundle import LayerSpec, Manifest
+from modrt.runtime import errors
 from modrt.runtime.sessions import SessionConfig, session_options
-from modrt.runtime.sessions import _convert as convert
 
 if TYPE_CHECKING:
     import onnx
@@ -179,12 +179,10 @@ def session(model: onnx.ModelProto, config: SessionConfig, providers: Providers,
     if len(raw) > MAX_PROTO_BYTES:
         raise InputError(f"{what}: the composed graph is over 2 GiB; use the host strategy")
     work = max((int(np.prod(t.dims)) * 4 for t in _all_initializers(model.graph)), default=0)
-    try:
-        return ort.InferenceSession(raw, session_options(config, work), providers=provider_names(providers),
+    options = session_options(config, work)
+    with errors.loading(f"{what}, its composed graph"):
+        return ort.InferenceSession(raw, options, providers=provider_names(providers),
                                     provider_options=[{} if isinstance(p, str) else p[1] for p in providers])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors
-        raise BundleError(f"{what}: onnxruntime cannot load the composed graph "
-                          f"({' '.join(str(exc).split())[:300]})") from exc
 
 
 def fast_run(session: Any):
@@ -307,16 +305,17 @@ class ComposedLayer:
         self.session = session(model, config, providers, f"layer {spec.name} ({self.kind} strategy)")
         self._names = [manifest.graphs[spec.module_graphs[0]].outputs[0].name, SEL]
         self._run = fast_run(self.session)
-        # raw(feeds, None) -> [out, a]: the run without __call__'s frame and error conversion,
-        # for Model.run's fast path (which retries through __call__ to report an error)
+        # raw(feeds, None) -> [out, a]: the run without __call__'s frame, for Model.run's fast
+        # path (which converts its errors as __call__ does)
         self.raw = functools.partial(self._run, self._names)
+        self.where = f"{spec.name} ({self.kind})"
 
     def __call__(self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
         try:
             y, a = self._run(self._names, feeds, None)
-        except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
-            raise convert(f"{self.spec.name} ({self.kind})", exc) from exc
+        except Exception as exc:  # errors.running's conversion, inline on this hot path
+            raise errors.convert(self.where, exc) from exc
         if out is not None:
             out[...] = y
             return out, a

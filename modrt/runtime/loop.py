@@ -22,6 +22,7 @@ import numpy as np
 
 from modrt._exceptions import InputError
 from modrt.bundle import LayerSpec, Manifest
+from modrt.runtime import errors
 from modrt.runtime import graph as g
 from modrt.runtime.sessions import SessionConfig
 
@@ -98,10 +99,9 @@ class LoopLayer:
 
     def run_sequence(self, x_tm: np.ndarray, h0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """x_tm (T, B, E), h0 (B, H) -> hs (T, B, H), sel (T, B, K) int32, h_last (B, H)."""
-        try:
-            hs, sel, h_last = self._run(self._names, {X_TM: x_tm, self.spec.state: h0}, None)
-        except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
-            raise g.convert(f"{self.spec.name} ({self.kind})", exc) from exc
+        feeds = {X_TM: x_tm, self.spec.state: h0}
+        with errors.running(f"{self.spec.name} ({self.kind})"):
+            hs, sel, h_last = self._run(self._names, feeds, None)
         return hs, sel, h_last
 
     def __call__(self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None

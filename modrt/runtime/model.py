@@ -20,7 +20,7 @@ import numpy as np
 
 from modrt import bundle
 from modrt._exceptions import BundleError, InputError
-from modrt.runtime import auto, host
+from modrt.runtime import auto, errors, host
 from modrt.runtime.auto import STRATEGIES, AutoConfig
 from modrt.runtime.loop import LoopLayer
 from modrt.runtime.providers import PROVIDERS, ProviderConfig
@@ -67,11 +67,13 @@ class Model:
         self._tail = tuple(self.input.shape[1:]) if -1 not in self.input.shape[1:] else None
         self._single = (m.topology == "feedforward" and not self._pre and not self._post
                         and len(self._mid) == 1 and self._mid[0] in layer_names)
-        self._fast = None  # (input name, D, cached runners .get, runner(), output name): run()'s shortcut
+        # run()'s shortcut: (input name, D, cached runners .get, runner(), output name, layer name)
+        self._fast = None
         if (self._single and not self._trt and len(self.input.shape) == 2 and self.input.shape[1] > 0
                 and self.output.name != "logits"):
             layer = self._routed[self._mid[0]]
-            self._fast = (self.input.name, self.input.shape[1], layer.runners.get, layer.runner, self.output.name)
+            self._fast = (self.input.name, self.input.shape[1], layer.runners.get, layer.runner, self.output.name,
+                          f"layer {self._mid[0]}")
 
     # --- public --------------------------------------------------------------------
 
@@ -90,15 +92,16 @@ class Model:
         if fast is not None and tokens is None and h is None and len(inputs) == 1:
             # One feed-forward layer, a well-formed float32 batch: the ~20 µs small-layer
             # call must not pay ~2 µs of Python for checks the general path makes.
-            name, D, cached, runner, out_name = fast
+            name, D, cached, runner, out_name, where = fast
             x = inputs.get(name)
             if type(x) is _ND and x.dtype is _F32 and x.ndim == 2:  # (ORT takes any strides)
                 B, d = x.shape
                 if d == D and B:
+                    f = cached(B) or runner(B)
                     try:
-                        y, a = (cached(B) or runner(B))({name: x}, None)
-                    except Exception:  # noqa: BLE001 - the general path runs it again and reports it
-                        return self._run(self._routed, tokens, h, inputs)
+                        y, a = f({name: x}, None)
+                    except Exception as exc:  # errors.running's conversion, inline on this hot path
+                        raise errors.convert(where, exc) from exc
                     # (B, 1, K) int32; graph and fused give int32 already
                     return {out_name: y, "modules": (a if a.dtype is _I32 else a.astype(_I32))[:, None]}
         return self._run(self._routed, tokens, h, inputs)

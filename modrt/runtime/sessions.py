@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from modrt._exceptions import BundleError, InputError, ModrtError, ProviderError
+from modrt._exceptions import ProviderError
 from modrt.bundle import GraphSpec, Manifest
+from modrt.runtime import errors
 from modrt.runtime import providers as prov
 
 if TYPE_CHECKING:
@@ -139,22 +140,12 @@ class Graph:
     def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
             return self._run(self.output_names, feeds)
-        except ValueError as exc:  # missing/unknown input names
-            raise InputError(f"graph {self.name!r}: {exc}") from exc
-        except Exception as exc:  # onnxruntime's pybind errors derive from Exception only
-            raise _convert(self.name, exc) from exc
+        except Exception as exc:  # errors.running's conversion, inline on this hot path
+            raise errors.convert(f"graph {self.name!r}", exc) from exc
 
     @property
     def providers(self) -> list[str]:
         return list(self.session.get_providers())
-
-
-def _convert(name: str, exc: Exception) -> ModrtError:
-    kind = type(exc).__name__
-    msg = " ".join(str(exc).split())  # one line
-    if kind in ("InvalidArgument", "InvalidGraph"):
-        return InputError(f"graph {name!r}: {msg}")
-    return ModrtError(f"graph {name!r} failed ({kind}): {msg}")
 
 
 class Sessions(Mapping[str, Graph]):
@@ -183,19 +174,10 @@ class Sessions(Mapping[str, Graph]):
             spec = manifest.graphs[name]
             path = Path(directory) / spec.file
             plist = prov.providers_for(self.provider, spec, self.provider_config, cache)
-            try:
-                sess = ort.InferenceSession(
-                    str(path), session_options(self.config, self._work_bytes(path)),
-                    providers=[p for p, _ in plist], provider_options=[o for _, o in plist])
-            except ModrtError:
-                raise
-            except Exception as exc:  # onnxruntime: InvalidGraph, Fail, RuntimeError, ...
-                msg = " ".join(str(exc).split())
-                if "global thread pool" in msg:
-                    raise ProviderError(
-                        "this process already uses ONNX Runtime's global thread pool; "
-                        "load every bundle with thread_pool='global'") from exc
-                raise BundleError(f"{path}: onnxruntime cannot load it ({msg})") from exc
+            options = session_options(self.config, self._work_bytes(path))
+            with errors.loading(str(path)):
+                sess = ort.InferenceSession(str(path), options, providers=[p for p, _ in plist],
+                                            provider_options=[o for _, o in plist])
             self._graphs[name] = Graph(name, spec, sess)
 
     def _work_bytes(self, path: Path) -> int:

@@ -147,7 +147,10 @@ def test_explicit_strategy_that_declines_is_one_line(lm_bundle):
     assert len(lines) == 1 and "strategy 'fused' cannot run layer layer0: recurrent modules" in lines[0]
 
 
-def test_a_graph_that_cannot_be_composed_falls_back_to_host(ff_bundle, monkeypatch, cache):
+def test_a_strategy_that_fails_to_build_is_dropped_with_a_warning(ff_bundle, monkeypatch, cache, caplog):
+    """A failure that is not a decline (here the composition tool raising) is no InputError:
+    named, it is one error naming the cause; under auto the strategy is dropped and the
+    reason logged at warning level, and the layer runs on what built."""
     from modrt.runtime import fused, graph
 
     def boom(*args, **kwargs):
@@ -156,11 +159,24 @@ def test_a_graph_that_cannot_be_composed_falls_back_to_host(ff_bundle, monkeypat
     monkeypatch.setattr(graph, "compose", boom)
     monkeypatch.setattr(fused, "compose", boom)
     d = ff_bundle(modules=4, k=1, dims=DIMS)
-    with pytest.raises(modrt.InputError, match="strategy 'graph' cannot run layer layer0: composing its graphs"):
+    with pytest.raises(modrt.ModrtError, match=r"strategy 'graph' failed to build layer layer0 "
+                                               r"\(ValueError: unexpected node\)") as e:
         modrt.load(d, strategy="graph")
-    model = modrt.load(d)
+    assert not isinstance(e.value, modrt.InputError)
+    with caplog.at_level("WARNING", logger="modrt"):
+        model = modrt.load(d)
     assert model.choice == {"layer0": "host for batch 1+"}
+    dropped = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("strategy graph dropped: failed to build: ValueError: unexpected node" in m for m in dropped), dropped
+    assert any("strategy fused dropped" in m for m in dropped), dropped
     _equal_to_dense(model)
+
+
+def test_a_strategy_that_declines_is_not_a_warning(lm_bundle, cache, caplog):
+    with caplog.at_level("DEBUG", logger="modrt"):
+        modrt.load(lm_bundle(modules=3, k=1), threads=1)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("fused declined" in r.getMessage() for r in caplog.records)
 
 
 def test_recurrent_bundles_measure_the_loop_over_windows(lm_bundle, cache):

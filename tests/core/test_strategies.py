@@ -256,9 +256,9 @@ def test_slot_reshape_needs_proof(ff_bundle):
     assert fused._slot_reshape(other_axis, "log_probs", 17, 8) is None
 
 
-def test_fast_path_strides_and_fallback(ff_bundle):
+def test_fast_path_strides_and_failure(ff_bundle):
     """Model.run's shortcut: any strides go straight to the session; an exception there is
-    retried through the general path, which reports it (or, here, succeeds)."""
+    reported (converted as every run boundary converts), never re-run on the general path."""
     d = ff_bundle(modules=8, k=1, dims=DIMS)
     for strategy in ("fused", "graph", "host"):
         model = modrt.load(d, strategy=strategy)
@@ -274,8 +274,8 @@ def test_fast_path_strides_and_fallback(ff_bundle):
             raise RuntimeError("boom")
 
         layer.runners[5] = broken
-        again = model.run(x=x)
-        np.testing.assert_array_equal(again["y"], r["y"])
+        with pytest.raises(modrt.ModrtError, match=r"layer layer0 failed \(RuntimeError\): boom"):
+            model.run(x=x)
 
 
 def _variant(bundle_dir, name: str):

@@ -138,8 +138,7 @@ def test_request_after_the_batcher_stopped_is_503_not_500(lm_model):
     """The shutdown race: a request that passed the readiness check while the batcher stops."""
     import asyncio
 
-    from modrt.serve.app import status_of
-    from modrt.serve.dataplane import NotReadyError
+    from modrt.serve.errors import NotReadyError, status_of
 
     plane = DataPlane(lm_model, "lm", BatchConfig())
 
