@@ -4,7 +4,8 @@ Where the data comes from, first match wins:
 
 1. ``--data DIR`` (a directory holding ``ptb.train.txt``..., or one holding ``ptb/``);
 2. the ``MODRT_DATA`` environment variable (same rules);
-3. the user cache, ``$XDG_CACHE_HOME/modrt/ptb`` (``~/.cache/modrt/ptb``);
+3. the user cache, ``<cache>/ptb`` (``modrt._cache``: ``$MODRT_CACHE``, else
+   ``$XDG_CACHE_HOME/modrt``, else ``~/.cache/modrt``);
 4. in a development checkout, ``../shared/data/ptb`` beside the checkout;
 5. otherwise Mikolov's ``simple-examples.tgz`` is downloaded into the user cache and
    every file is checked against the sha256 below.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from modrt import _cache
 from modrt._exceptions import DataError
 
 SPLITS = ("train", "valid", "test")
@@ -58,8 +60,7 @@ class Corpus:
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "modrt" / "ptb"
+    return _cache.cache_dir("ptb")
 
 
 def _checkout_dir() -> Path | None:

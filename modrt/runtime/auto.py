@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from modrt._cache import CACHE_ENV, cache_dir
 from modrt._exceptions import InputError, ModrtError
 from modrt._version import __version__
 from modrt.bundle import LayerSpec, Manifest
@@ -57,7 +58,6 @@ BUILDABLE = ("host", "graph", "fused", "graph-loop")
 THREADED = ("graph", "fused")  # composed strategies auto also measures at another thread count
 CANDIDATES = 2  # in the cache key: what auto measures (2: THREADED at both thread counts)
 WINDOW = 8  # time steps per measured call when auto compares whole windows (recurrent)
-CACHE_ENV = "MODRT_CACHE"  # base cache directory; the choices go under <it>/strategy
 
 
 @dataclass(frozen=True)
@@ -77,13 +77,6 @@ class AutoConfig:
             raise ValueError(f"need seconds > 0 and max_calls >= 1, got {self.seconds}, {self.max_calls}")
         if not self.batches or list(self.batches) != sorted(set(self.batches)) or self.batches[0] < 1:
             raise ValueError(f"batches must be distinct positive sizes in ascending order, got {self.batches}")
-
-
-def cache_dir() -> Path:
-    """``$MODRT_CACHE``, else ``$XDG_CACHE_HOME/modrt``, else ``~/.cache/modrt``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modrt"
 
 
 # --- one layer per strategy -------------------------------------------------------------
@@ -376,7 +369,7 @@ def choose(directory: str | os.PathLike, manifest: Manifest, sessions: Sessions,
                 for l in manifest.layers}
     auto = auto or AutoConfig()
     key, what = cache_key(directory, sessions.used, config, auto)
-    path = cache_dir() / "strategy" / f"{key}.json"
+    path = cache_dir("strategy", f"{key}.json")
     cached = _read_cache(path, manifest.layers) if auto.cache else None
     if cached is not None:
         try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modrt._cache import cache_dir
 from modrt._exceptions import ProviderError
 from modrt.bundle import GraphSpec, Manifest
 
@@ -99,8 +100,7 @@ def default_cache_dir(bundle_dir: str | os.PathLike, manifest: Manifest) -> Path
     """A user cache directory keyed by the bundle's contents (the graphs' sha256s), so the
     bundle directory itself stays read-only and a re-exported bundle gets new engines."""
     key = hashlib.sha256("".join(sorted(g.sha256 for g in manifest.graphs.values())).encode())
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "modrt" / "tensorrt"
-    return base / f"{Path(bundle_dir).resolve().name}-{key.hexdigest()[:16]}"
+    return cache_dir("tensorrt", f"{Path(bundle_dir).resolve().name}-{key.hexdigest()[:16]}")
 
 
 def profile_shapes(spec: GraphSpec, cfg: ProviderConfig) -> dict[str, str]:

@@ -84,6 +84,7 @@ def test_tensorrt_and_cuda_options_are_complete(tmp_path):
 def test_cache_dir_is_keyed_by_bundle_contents(ff_bundle, tmp_path, monkeypatch):
     from modrt import bundle
 
+    monkeypatch.delenv("MODRT_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     a, b = ff_bundle(k=1), ff_bundle(k=2)
     da = prov.default_cache_dir(a, bundle.load(a))
@@ -97,3 +98,17 @@ def test_cache_dir_is_keyed_by_bundle_contents(ff_bundle, tmp_path, monkeypatch)
 def test_provider_config_validation(bad):
     with pytest.raises(ValueError):
         prov.ProviderConfig(**bad)
+
+
+def test_one_cache_dir_for_engines_choices_and_data(ff_bundle, tmp_path, monkeypatch):
+    """$MODRT_CACHE moves every cache modrt keeps: TensorRT engines, auto's choices, PTB."""
+    from modrt import bundle
+    from modrt.data import ptb
+    from modrt.runtime import auto
+
+    monkeypatch.setenv("MODRT_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    a = ff_bundle(k=1)
+    assert prov.default_cache_dir(a, bundle.load(a)).parent == tmp_path / "c" / "tensorrt"
+    assert auto.cache_dir() == tmp_path / "c"
+    assert ptb.cache_dir() == tmp_path / "c" / "ptb"

@@ -33,6 +33,7 @@ def _marker(dest: Path) -> Path:
 def clean_env(monkeypatch, tmp_path):
     """No MODRT_DATA, an empty user cache, no checkout fallback: nothing to find."""
     monkeypatch.delenv("MODRT_DATA", raising=False)
+    monkeypatch.delenv("MODRT_CACHE", raising=False)  # the user cache under XDG_CACHE_HOME
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(ptb, "_checkout_dir", lambda: tmp_path / "no-checkout")
     return monkeypatch
