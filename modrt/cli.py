@@ -2,7 +2,9 @@
 
 Sub-commands live in their own packages and are imported only when invoked, so
 ``modrt --help`` is fast and works without torch. Every ``ModrtError`` a command raises
-is printed as one red line (exit 1); click's usage errors exit 2.
+is printed as one red line (exit 1); click's usage errors exit 2. The parameter types the
+sub-commands share (``--provider``, ``--strategy``) are in ``modrt._cli_types``: a
+sub-command imports them from there, never from this module, which dispatches to it.
 """
 
 from __future__ import annotations
@@ -20,33 +22,6 @@ class UserError(click.ClickException):
 
     def show(self, file=None) -> None:  # noqa: D401 - click's signature
         click.secho(f"error: {self.format_message()}", fg="red", err=True)
-
-
-class ProviderType(click.ParamType):
-    """``--provider auto|tensorrt|cuda|cpu``; anything else is a usage error (exit 2) that
-    lists what this onnxruntime build offers."""
-
-    name = "provider"
-    CHOICES = ("auto", "tensorrt", "cuda", "cpu")
-
-    def convert(self, value, param, ctx):
-        v = str(value).lower()
-        if v in self.CHOICES:
-            return v
-        try:
-            import onnxruntime
-
-            have = ", ".join(onnxruntime.get_available_providers())
-        except ImportError:
-            have = "none (onnxruntime is not installed)"
-        self.fail(f"{value!r} is not one of {', '.join(self.CHOICES)} (this onnxruntime offers: {have})",
-                  param, ctx)
-
-    def get_metavar(self, param, ctx=None):  # noqa: D102 - click API
-        return "[auto|tensorrt|cuda|cpu]"
-
-
-PROVIDER = ProviderType()
 
 
 class LazyGroup(click.Group):

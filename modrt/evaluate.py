@@ -15,8 +15,8 @@ from typing import Any
 import click
 import numpy as np
 
+from modrt._cli_types import PROVIDER
 from modrt._exceptions import BundleError
-from modrt.cli import PROVIDER
 
 
 def _nll(logits: np.ndarray, y: np.ndarray) -> np.ndarray:

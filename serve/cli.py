@@ -12,9 +12,8 @@ import socket
 
 import click
 
+from modrt._cli_types import PROVIDER, STRATEGY, STRATEGY_HELP
 from modrt._exceptions import ModrtError
-from modrt.bench import STRATEGY, STRATEGY_HELP
-from modrt.cli import PROVIDER
 from modrt.serve.config import LOG_LEVELS, ServeConfig
 
 

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from modrt._exceptions import InputError, ModrtError
 from modrt._version import __version__
 from modrt.runtime.model import Model
+from modrt.runtime.signature import Tensor
 from modrt.serve import binary
 from modrt.serve.batcher import BatchConfig, Batcher
 from modrt.serve.errors import ModelNotFoundError, NotReadyError
@@ -52,27 +53,12 @@ class DataPlane:
         self.name = name or str(model.manifest.task.get("name", "model"))
         self.batch_config = batch = batch or BatchConfig()
         self.ready = False
-        m = model.manifest
-        L, K = len(m.layers), model.K
-        self.metrics = Metrics(self.name, [l.name for l in m.layers])
+        self.signature = sig = model.signature  # metadata and validation: the model's own
+        self.metrics = Metrics(self.name, [l.name for l in model.manifest.layers])
         self.stats = Stats(self.name, VERSION)
         self.batcher = Batcher(self._run, batch, on_batch=self._on_batch)
-        inp, out = model.input, model.output
-        if m.topology == "recurrent":
-            self.inputs = [TensorMetadata(name="tokens", datatype="INT64", shape=[-1, -1])]
-            self.outputs = [
-                TensorMetadata(name="logits", datatype="FP32", shape=[-1, -1, out.shape[-1]]),
-                TensorMetadata(name="next_token", datatype="INT64", shape=[-1, -1]),
-                TensorMetadata(name="modules", datatype="INT32", shape=[-1, -1, L, K]),
-            ]
-            self.vocab = int(out.shape[-1])
-        else:
-            self.inputs = [TensorMetadata(name=inp.name, datatype="FP32", shape=[-1, *inp.shape[1:]])]
-            self.outputs = [TensorMetadata(name=out.name, datatype="FP32", shape=[-1, *out.shape[1:]])]
-            if out.name == "logits":
-                self.outputs.append(TensorMetadata(name="label", datatype="INT64", shape=[-1]))
-            self.outputs.append(TensorMetadata(name="modules", datatype="INT32", shape=[-1, L, K]))
-            self.vocab = 0
+        self.inputs = [_metadata(t) for t in sig.inputs]
+        self.outputs = [_metadata(t) for t in sig.outputs]
         self._outputs = {t.name: t for t in self.outputs}
 
     # --- lifecycle -------------------------------------------------------------------
@@ -183,23 +169,12 @@ class DataPlane:
         inp = req.inputs[0]
         if inp.datatype != want.datatype:
             raise InputError(f"input {inp.name!r}: datatype {inp.datatype}, the model expects {want.datatype}")
-        self._check_shape(inp.name, inp.shape, want.shape)
-        x, used = binary.decode_input(inp, tail, 0)
+        t = self.signature.check_shape(inp.name, inp.shape)  # before decoding: nothing allocated
+        x, used = binary.decode_input(inp, tail, 0)  # counts elements (negative dims, overflow)
         if used != len(tail):
             raise InputError(f"{len(tail) - used} bytes of binary data after the tensors were not used")
-        if self.vocab and x.size:
-            lo, hi = int(x.min()), int(x.max())
-            if lo < 0 or hi >= self.vocab:
-                raise InputError(f"token ids must be in [0, {self.vocab}), got values in [{lo}, {hi}]")
+        self.signature.check_bounds(t, x)
         return req, x
-
-    @staticmethod
-    def _check_shape(name: str, shape: list[int], want: list[int]) -> None:
-        binary.element_count(shape, name)  # negative dims, overflow
-        if len(shape) != len(want) or any(w not in (-1, g) for w, g in zip(want, shape, strict=True)):
-            raise InputError(f"input {name!r}: shape {shape} does not match the model's {want} (-1: any)")
-        if any(d == 0 for d in shape):
-            raise InputError(f"input {name!r}: shape {shape} is empty")
 
     def _requested(self, req: InferenceRequest) -> list[tuple[str, bool]]:
         """[(output name, binary?)]: the requested outputs, or all of them."""
@@ -226,16 +201,17 @@ class DataPlane:
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """The routed runtime on one merged batch (runs in the batcher's thread)."""
-        if self.model.topology == "recurrent":
-            out = self.model.run(tokens=x)
-        else:
-            out = self.model.run(**{self.inputs[0].name: x})
+        out = self.model.run(**{self.signature.input.name: x})
         self.metrics.observe_routing(out["modules"])  # once per batch, off the event loop
         return {k: v for k, v in out.items() if k in self._outputs}
 
     def _on_batch(self, rows: int, timings: list) -> None:
         self.stats.execution(rows, timings)
         self.metrics.observe_batch(rows)
+
+
+def _metadata(t: Tensor) -> TensorMetadata:
+    return TensorMetadata(name=t.name, datatype=DTYPES.name_of(t.dtype), shape=list(t.shape))
 
 
 def _pydantic_message(exc: ValidationError) -> str:

@@ -31,11 +31,11 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import click
 
 from modrt._exceptions import ModrtError
+from modrt.train.locks import claim, held
 
 
 @dataclass(frozen=True)
@@ -119,40 +119,10 @@ def _last(run: Path, kind: str) -> dict | None:
     return recs[-1] if recs else None
 
 
-def claim(out: Path, name: str) -> IO | None:
-    """An exclusive lock on configuration ``name`` (held while the returned file is open),
-    or None if another process holds it. The operating system drops the lock when its
-    holder exits, however it exits. Without ``fcntl`` (not POSIX) every claim succeeds."""
-    locks = out / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    f = open(locks / f"{name}.lock", "a")  # noqa: SIM115 - the lock lives as long as the file
-    try:
-        import fcntl
-    except ImportError:
-        return f
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        return None
-    return f
-
-
 def progress(run: Path) -> tuple[int, float | None] | None:
     """(last logged step, its steps/s) of an unfinished run, or None if it logged none."""
     last = _last(run, "train")
     return None if last is None else (int(last["step"]), last.get("steps_per_s"))
-
-
-def held(out: Path, name: str) -> bool:
-    """Whether another process is training configuration ``name`` now."""
-    if not (out / ".locks" / f"{name}.lock").exists():
-        return False
-    lock = claim(out, name)
-    if lock is None:
-        return True
-    lock.close()
-    return False
 
 
 def row(cfg: Config, rec: dict, epochs: int, seed: int, run: Path | None = None) -> dict:

@@ -181,7 +181,7 @@ def ptb_small(out: Path, results: Path, only: tuple[str, ...], seeds: list[int],
     epoch; EM with the window E-step (S=10) ~2.8 s a step, the position E-step (S=4)
     ~1.6 s: the full table (8 rows x 3 seeds x 6 epochs) is about 2 core-days.
     """
-    from modrt.train.reproduce import claim
+    from modrt.train.locks import claim
 
     if not table_only:
         for name in only or ROWS:

@@ -21,6 +21,7 @@ import numpy as np
 from modrt import bundle
 from modrt._exceptions import BundleError, InputError
 from modrt.runtime import auto, errors, host
+from modrt.runtime import signature as sig
 from modrt.runtime.auto import STRATEGIES, AutoConfig
 from modrt.runtime.loop import LoopLayer
 from modrt.runtime.providers import PROVIDERS, ProviderConfig
@@ -62,6 +63,9 @@ class Model:
         self.input = entry.spec.inputs[0]  # the one tensor a user feeds (besides state)
         exit_ = self._post[-1] if self._post else sessions[m.layer(m.stages[last]).module_graphs[0]]
         self.output = exit_.spec.outputs[0]
+        # What run() takes and returns (the server's metadata and validation too).
+        self.signature = sig.derive(m, self.input, self.output)
+        self._argmax = next((t.name for t in self.signature.outputs if t.name in sig.ARGMAX_OUTPUT.values()), None)
         # The per-call path is hot (a small layer runs in ~20 µs): settle what can be once.
         self._trt = sessions.provider == PROVIDERS["tensorrt"]
         self._tail = tuple(self.input.shape[1:]) if -1 not in self.input.shape[1:] else None
@@ -70,7 +74,7 @@ class Model:
         # run()'s shortcut: (input name, D, cached runners .get, runner(), output name, layer name)
         self._fast = None
         if (self._single and not self._trt and len(self.input.shape) == 2 and self.input.shape[1] > 0
-                and self.output.name != "logits"):
+                and self._argmax is None):
             layer = self._routed[self._mid[0]]
             self._fast = (self.input.name, self.input.shape[1], layer.runners.get, layer.runner, self.output.name,
                           f"layer {self._mid[0]}")
@@ -156,8 +160,10 @@ class Model:
                 logits, modules, h_last = _recurrent_loop(self._pre, stack[0], self._post, tok, h0[0])
             else:
                 logits, modules, h_last = host.recurrent(self._pre, stack, self._post, tok, h0, self.K)
-            return {"logits": logits, "next_token": logits.argmax(-1), "modules": modules,
-                    "h_last": h_last[0] if len(h_last) == 1 else h_last}
+            out = {"logits": logits, "modules": modules, "h_last": h_last[0] if len(h_last) == 1 else h_last}
+            if self._argmax is not None:
+                out[self._argmax] = logits.argmax(-1)
+            return out
         if tokens is not None or h is not None:
             raise InputError(f"a feed-forward bundle takes {self.input.name}=, not tokens= or h=")
         x = self._features(inputs)
@@ -167,15 +173,15 @@ class Model:
         if self._single:  # one modular layer and nothing around it: no stage loop
             y, a = _pick(layers[self._mid[0]], B)({self.input.name: x})
             out = {self.output.name: y, "modules": a.astype(np.int32, copy=False)[:, None]}  # (B, 1, K)
-            if self.output.name == "logits":
-                out["label"] = y.argmax(-1)
+            if self._argmax is not None:
+                out[self._argmax] = y.argmax(-1)
             return out
         stages = self._pre + [_pick(layers[s], B) if s in layers else self.sessions[s] for s in self._mid]
         stages += self._post
         y, modules = host.feedforward(stages, {self.input.name: x}, self.K)
         out = {self.output.name: y, "modules": modules}
-        if self.output.name == "logits":
-            out["label"] = y.argmax(-1)
+        if self._argmax is not None:
+            out[self._argmax] = y.argmax(-1)
         return out
 
     def _check_profile(self, batch: int, seq: int) -> None:
@@ -191,16 +197,7 @@ class Model:
     def _tokens(self, tokens: Any) -> np.ndarray:
         if tokens is None:
             raise InputError("tokens= is required: int64 (batch, time) token ids")
-        t = np.asarray(tokens)
-        if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
-            raise InputError(f"tokens must be a non-empty 2-D array (batch, time), got shape {t.shape}")
-        if not np.issubdtype(t.dtype, np.integer):
-            raise InputError(f"tokens must be integers, got {t.dtype}")
-        V = self.output.shape[-1]
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or (V > 0 and hi >= V):
-            raise InputError(f"token ids must be in [0, {V}), got values in [{lo}, {hi}]")
-        return np.ascontiguousarray(t, dtype=np.int64)
+        return self.signature.check({"tokens": tokens})["tokens"]
 
     def _h0(self, h: Any, batch: int) -> list[np.ndarray]:
         layers = self.manifest.layers
@@ -225,17 +222,7 @@ class Model:
             if (type(x) is np.ndarray and x.dtype == np.float32 and x.shape[1:] == self._tail
                     and x.shape[0] > 0 and x.flags.c_contiguous):
                 return x
-        if set(inputs) != {name}:
-            raise InputError(f"this bundle takes exactly one input, {name}=; got {sorted(inputs) or 'none'}")
-        x = np.asarray(inputs[name])
-        want = self.input.shape
-        if x.ndim != len(want) or any(w not in (-1, g) for w, g in zip(want[1:], x.shape[1:], strict=True)):
-            raise InputError(f"{name} must have shape {list(want)} (-1: any), got {list(x.shape)}")
-        if x.shape[0] == 0:
-            raise InputError(f"{name} has an empty batch")
-        if not np.issubdtype(x.dtype, np.floating):
-            raise InputError(f"{name} must be floating point, got {x.dtype}")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return self.signature.check(inputs)[name]
 
 
 _ND = np.ndarray

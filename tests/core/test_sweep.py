@@ -7,7 +7,7 @@ import csv
 import pytest
 from click.testing import CliRunner
 
-from modrt import sweep
+from modrt.bench import sweep
 from modrt.cli import cli
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modrt.train.methods import Losses, Method, Window, nll_of
+from modrt.train.methods.base import Losses, Method, Window, nll_of
 
 
 class Dense(Method):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from modrt.train import model as lm
 from modrt.train import routing
-from modrt.train.methods import Losses, Method, Window, nll_of
+from modrt.train.methods.base import Losses, Method, Window, nll_of
 
 # Warm start: the copies differ from the dense cell by Gaussian noise of this std.
 UPCYCLE_NOISE = 0.01

@@ -11,7 +11,7 @@ import heapq
 
 import torch
 
-from modrt.train.methods import Losses, Method, Window, nll_of
+from modrt.train.methods.base import Losses, Method, Window, nll_of
 
 
 def balanced_table(counts: torch.Tensor, modules: int, k: int) -> torch.Tensor:

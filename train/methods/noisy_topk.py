@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from modrt.train import model as lm
-from modrt.train.methods import Losses, Method, Window
+from modrt.train.methods.base import Losses, Method, Window
 
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:

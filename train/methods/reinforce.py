@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from modrt.train import model as lm
-from modrt.train.methods import Losses, Method, Window
+from modrt.train.methods.base import Losses, Method, Window
 
 
 class MovingAverage:

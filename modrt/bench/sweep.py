@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from modrt._exceptions import InputError
+from modrt.bench.report import run as run_bundle
+from modrt.bench.timing import BenchConfig
 
 CSV_FIELDS = ("modules", "k", "width", "dims", "batch", "strategy", "routed_p50_us", "dense_p50_us",
               "ort_moe_p50_us", "routed_over_dense", "routed_over_ort_moe")
@@ -49,9 +51,10 @@ class SweepConfig:
         return d, width, d
 
 
-def run(sweep: SweepConfig, bench_cfg, log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+def run(sweep: SweepConfig, bench_cfg: BenchConfig,
+        log: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """Bench every (configuration, width); one row per batch size."""
-    from modrt import bench, synthetic
+    from modrt import synthetic
 
     cfg = replace(bench_cfg, torch=False, bound=False)
     rows = []
@@ -61,7 +64,7 @@ def run(sweep: SweepConfig, bench_cfg, log: Callable[[str], None] = lambda s: No
             log(f"sweep: M={M} K={K} dims={','.join(map(str, dims))}")
             with tempfile.TemporaryDirectory(prefix="modrt-sweep-") as tmp:
                 synthetic.build(tmp, modules=M, k=K, dims=dims, seed=sweep.seed, combine=sweep.combine)
-                report = bench.run(tmp, cfg, {"synthetic": True, "dims": list(dims)}, progress=False)
+                report = run_bundle(tmp, cfg, {"synthetic": True, "dims": list(dims)}, progress=False)
             for r in report["results"]:
                 routed, dense, moe = (r[v]["p50_us"] if r[v] else None for v in ("routed", "dense", "ort_moe"))
                 rows.append({

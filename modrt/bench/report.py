@@ -1,0 +1,175 @@
+"""One bundle benchmarked (``run``: DESIGN.md §8's report) and the report as a table.
+
+For each batch size the variants (routed, dense, bound, torch, ort_moe; see
+``modrt.peers``) are timed by ``modrt.bench.timing.measure`` over a pool of distinct
+inputs. Latency is per call (one batch; for a recurrent bundle one window of ``--seq``
+tokens); ``infer_per_s`` counts rows (batch x calls / s), as perf_analyzer counts
+inferences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from modrt._version import __version__
+from modrt.bench.timing import BenchConfig, measure, stats
+
+VARIANTS = ("routed", "dense", "bound", "torch", "ort_moe")
+RATIOS = (("dense", "routed"), ("routed", "bound"), ("routed", "ort_moe"), ("routed", "torch"))
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on this platform
+        return None
+
+
+def _cycling(f: Callable[[Any], object], pool: list) -> Callable[[], object]:
+    it = itertools.cycle(pool)
+    return lambda: f(next(it))
+
+
+def run(
+    bundle_dir: str | os.PathLike,
+    cfg: BenchConfig,
+    config: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Benchmark one bundle; returns the report (DESIGN.md §8's JSON shape)."""
+    import onnxruntime as ort
+    from tqdm import tqdm
+
+    from modrt import peers, synthetic
+    from modrt.runtime import load
+    from modrt.runtime.sessions import SessionConfig
+
+    scfg = SessionConfig(threads=cfg.threads, thread_pool=cfg.thread_pool)
+    model = load(bundle_dir, provider=cfg.provider, strategy=cfg.strategy, session_config=scfg)
+    m = model.manifest
+    layer = m.layers[0]
+    recurrent = m.topology == "recurrent"
+    weights = None if recurrent else synthetic.read_weights(bundle_dir, m)
+    skipped: dict[str, str] = {}
+    makers: dict[str, Callable[[np.ndarray], object]] = {
+        "routed": (lambda v: model.run(tokens=v)) if recurrent else (lambda v: model.run(x=v)),
+        "dense": (lambda v: model.run_dense(tokens=v)) if recurrent else (lambda v: model.run_dense(x=v)),
+    }
+    if cfg.bound:
+        makers["bound"] = peers.make_bound(model)
+    else:
+        skipped["bound"] = "disabled"
+    for name, enabled, make in (
+        ("torch", cfg.torch, lambda: peers.make_torch(weights, layer.k, layer.combine, scfg.intra_threads)),
+        ("ort_moe", cfg.ort_moe, lambda: peers.make_ort_moe(
+            weights, layer.k, scfg, model.sessions[layer.controller].providers)),
+    ):
+        if recurrent:
+            skipped[name] = "feed-forward bundles only"
+        elif not enabled:
+            skipped[name] = "disabled"
+        else:
+            if name == "torch":  # torch's OpenMP threads must not spin between its calls
+                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+            fn, why = make()
+            if fn is None:
+                skipped[name] = why
+            else:
+                makers[name] = fn
+    load_before = _load_average()
+    rng = np.random.default_rng(cfg.seed)
+    results, parity = [], {}
+    bar = tqdm(total=len(cfg.batches) * len(makers), unit="measurement", disable=not progress,
+               file=sys.stderr, leave=False)
+    with bar:
+        for B in cfg.batches:
+            # A pool of different inputs, cycled: consecutive calls route to different
+            # modules, as consecutive requests do. One input repeated would keep the
+            # selected modules' weights in cache (measured: a 32 MB module, 1.25 ms per
+            # call repeated, 2.3 ms cycling over 16) and flatter routing unfairly.
+            if recurrent:
+                V = model.output.shape[-1]
+                pool = [rng.integers(0, V, (B, cfg.seq), dtype=np.int64) for _ in range(cfg.inputs)]
+                got, ref = model.run(tokens=pool[0]), model.run_dense(tokens=pool[0])
+                key = "logits"
+            else:
+                D = model.input.shape[1]
+                pool = [rng.standard_normal((B, D), dtype=np.float32) for _ in range(cfg.inputs)]
+                got, ref = model.run(x=pool[0]), model.run_dense(x=pool[0])
+                key = model.output.name
+            parity[B] = float(np.abs(got[key] - ref[key]).max())
+            if not np.array_equal(got["modules"], ref["modules"]):
+                parity[B] = float("inf")  # a different routing decision: report it loudly
+            bar.set_postfix(batch=B)
+            fns = {k: _cycling(f, pool) for k, f in makers.items()}
+            samples = measure(fns, cfg, on_done=lambda name: bar.update(1))
+            row: dict[str, Any] = {"batch": B}
+            for v in VARIANTS:
+                row[v] = stats(samples[v], B, cfg.seq if recurrent else None) if v in samples else None
+            row["strategy"] = model.strategy_for(B)
+            results.append(row)
+    return {
+        "modrt_version": __version__,
+        "onnxruntime": ort.__version__,
+        "provider": model.provider,
+        "threads": scfg.intra_threads,
+        "config": {
+            **(config or {"bundle": str(bundle_dir)}),
+            "topology": m.topology, "modules": layer.modules, "k": layer.k,
+            "combine": layer.combine, **({"seq": cfg.seq} if recurrent else {}),
+            "batches": list(cfg.batches), "seconds": cfg.seconds,
+            "thread_pool": cfg.thread_pool, "skipped": skipped,
+            "strategy": cfg.strategy, "strategy_choice": model.choice,
+            "ort_moe_exact": layer.k == 1 and layer.combine == "sum",
+            "parity_max_abs_diff": {str(b): d for b, d in parity.items()},
+            # Other processes' load, before and after: read the numbers in its light.
+            "load_average": [load_before, _load_average()],
+        },
+        "results": results,
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a plain-text table: p50 (p99) per variant, then ratios and rows/s."""
+    c = report["config"]
+    head = (f"modrt bench  {'synthetic ' if c.get('synthetic') else ''}{c['topology']}  "
+            f"M={c['modules']} K={c['k']} {c['combine']}"
+            + (f"  dims={','.join(map(str, c['dims']))}" if "dims" in c else "")
+            + (f"  seq={c['seq']}" if "seq" in c else "")
+            + f"\nprovider={report['provider']}  threads={report['threads']}  "
+            f"onnxruntime={report['onnxruntime']}  modrt={report['modrt_version']}  "
+            f"strategy={c.get('strategy', '-')}"
+            + (f"  load average {c['load_average'][0]} -> {c['load_average'][1]}"
+               if c.get("load_average") and None not in c["load_average"] else ""))
+    lines = [head, "", "latency µs: p50 (p99)"]
+    cols = [v for v in VARIANTS if any(r[v] for r in report["results"])]
+    lines.append(f"{'batch':>6}" + "".join(f"{v:>22}" for v in cols) + "  routed strategy")
+    for r in report["results"]:
+        lines.append(f"{r['batch']:>6}" + "".join(
+            f"{r[v]['p50_us']:>12,.0f} ({r[v]['p99_us']:>7,.0f})" for v in cols) + f"  {r['strategy']}")
+    ratios = [(a, b) for a, b in RATIOS if a in cols and b in cols]
+    lines += ["", "ratios of p50 (dense/routed: the speed-up; routed/x below 1: routed is faster)",
+              f"{'batch':>6}" + "".join(f"{a + '/' + b:>17}" for a, b in ratios)]
+    for r in report["results"]:
+        lines.append(f"{r['batch']:>6}" + "".join(
+            f"{r[a]['p50_us'] / r[b]['p50_us']:>16.2f}x" for a, b in ratios))
+    unit = "tokens/s" if "seq" in c else "infer/s (rows)"
+    key = "tokens_per_s" if "seq" in c else "infer_per_s"
+    lines += ["", f"throughput, {unit}", f"{'batch':>6}" + "".join(f"{v:>14}" for v in cols)]
+    for r in report["results"]:
+        lines.append(f"{r['batch']:>6}" + "".join(f"{r[v][key]:>14,.0f}" for v in cols))
+    if c.get("skipped"):
+        lines += [""] + [f"{k}: skipped ({why})" for k, why in c["skipped"].items()]
+    bad = {b: d for b, d in c.get("parity_max_abs_diff", {}).items() if not d <= 1e-3}
+    if bad:
+        lines.append(f"WARNING: routed differs from dense at batch(es) {bad}")
+    return "\n".join(lines)
+
+
+__all__ = ["RATIOS", "VARIANTS", "format_table", "run"]

@@ -1,0 +1,133 @@
+"""A model's signature: what ``Model.run`` takes and returns, derived once from the bundle.
+
+    sig = model.signature
+    sig.inputs    (Tensor("tokens", "int64", (-1, -1), bounds=(0, 10000)),)
+    sig.outputs   (Tensor("logits", "float32", (-1, -1, 10000)),
+                   Tensor("next_token", "int64", (-1, -1), derived="argmax of logits"),
+                   Tensor("modules", "int32", (-1, -1, 1, 1), derived="the routing decisions"))
+    feeds = sig.check({"tokens": t})   # validated once: names, dtype kind, shape, bounds
+
+The outputs a graph does not compute are declared by the bundle's task: a language model
+(``task.kind == "language-model"``) answers ``next_token``, a classifier
+(``"classification"``) ``label`` - both the argmax of ``logits`` over its last axis;
+every model answers ``modules`` (B, [T,] L, K). Servers take their metadata and their
+validation from here, so a new topology needs no server change. ``-1`` in a shape: any
+size. (A bundle without a task kind whose feed-forward output is named ``logits`` is
+read as a classifier, as before kinds were recorded.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from modrt._exceptions import InputError
+from modrt.bundle import Manifest, TensorSpec
+
+# task kind -> the output derived as argmax(logits, -1)
+ARGMAX_OUTPUT = {"language-model": "next_token", "classification": "label"}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input or output: its name, numpy dtype name, shape (-1: any size)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    bounds: tuple[int, int] | None = None  # integer inputs: values in [lo, hi)
+    values: str = "values"  # what its values are called in an error (e.g. "token ids")
+    derived: str | None = None  # an output modrt computes beside the graphs, and how
+
+    def describe(self) -> str:
+        return f"{self.dtype} {list(self.shape)}"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Inputs and outputs of a model (``Model.signature``), and ``check`` of its inputs."""
+
+    topology: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+
+    @property
+    def input(self) -> Tensor:
+        """The one tensor a caller feeds."""
+        return self.inputs[0]
+
+    def output(self, name: str) -> Tensor:
+        for t in self.outputs:
+            if t.name == name:
+                return t
+        raise InputError(f"unknown output {name!r}; the model has {[t.name for t in self.outputs]}")
+
+    def check_shape(self, name: str, shape: tuple[int, ...] | list[int]) -> Tensor:
+        """The input ``name`` exists, and ``shape`` fits it (rank, fixed sizes, no empty axis)."""
+        want = self.input
+        if name != want.name:
+            raise InputError(f"this model takes exactly one input, {want.name!r} ({want.describe()}); "
+                             f"got {name!r}")
+        if len(shape) != len(want.shape) or any(w not in (-1, g) for w, g in zip(want.shape, shape, strict=True)):
+            raise InputError(f"input {name!r} must have shape {list(want.shape)} (-1: any; a {len(want.shape)}-D "
+                             f"array), got {list(shape)}")
+        if any(d == 0 for d in shape):
+            raise InputError(f"input {name!r}: shape {list(shape)} is empty")
+        return want
+
+    def check(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``inputs`` validated: exactly the declared names, the dtype kind (integer ids,
+        floating features), the shape and the bounds; returned contiguous in the declared
+        dtype. Raises InputError naming what is wrong."""
+        want = self.input
+        if set(inputs) != {want.name}:
+            raise InputError(f"this model takes exactly one input, {want.name}= ({want.describe()}); "
+                             f"got {sorted(inputs) or 'none'}")
+        x = np.asarray(inputs[want.name])
+        self.check_shape(want.name, x.shape)
+        kind = np.dtype(want.dtype).kind
+        if kind in "iu" and not np.issubdtype(x.dtype, np.integer):
+            raise InputError(f"input {want.name!r} must be integers, got {x.dtype}")
+        if kind == "f" and not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"input {want.name!r} must be floating point, got {x.dtype}")
+        self.check_bounds(want, x)
+        return {want.name: np.ascontiguousarray(x, dtype=want.dtype)}
+
+    @staticmethod
+    def check_bounds(t: Tensor, x: np.ndarray) -> None:
+        if t.bounds is None or not x.size:
+            return
+        lo, hi = int(x.min()), int(x.max())
+        if lo < t.bounds[0] or hi >= t.bounds[1]:
+            raise InputError(f"{t.values} must be in [{t.bounds[0]}, {t.bounds[1]}), "
+                             f"got values in [{lo}, {hi}]")
+
+
+def derive(manifest: Manifest, first: TensorSpec, last: TensorSpec) -> Signature:
+    """The signature of a bundle whose first graph takes ``first`` and whose last graph
+    gives ``last`` (the ends of its stages)."""
+    L, K = len(manifest.layers), max(l.k for l in manifest.layers)
+    kind = manifest.task.get("kind")
+    routing = "the routing decisions: module ids per layer and slot"
+    if manifest.topology == "recurrent":
+        V = int(last.shape[-1])
+        inputs = (Tensor("tokens", "int64", (-1, -1), bounds=(0, V) if V > 0 else None, values="token ids"),)
+        outs = [Tensor("logits", "float32", (-1, -1, V))]
+        lead: tuple[int, ...] = (-1, -1)
+    else:
+        inputs = (Tensor(first.name, "float32", (-1, *first.shape[1:])),)
+        outs = [Tensor(last.name, "float32", (-1, *last.shape[1:]))]
+        lead = (-1,)
+        if kind is None and last.name == "logits":
+            kind = "classification"
+    argmax = ARGMAX_OUTPUT.get(kind or "")
+    if argmax is not None and outs[0].name == "logits":
+        outs.append(Tensor(argmax, "int64", lead, derived="argmax of logits over its last axis"))
+    outs.append(Tensor("modules", "int32", (*lead, L, K), derived=routing))
+    return Signature(manifest.topology, inputs, tuple(outs))
+
+
+__all__ = ["ARGMAX_OUTPUT", "Signature", "Tensor", "derive"]
