@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from modrt.runtime.layer import Layer
 from modrt.runtime.model import Model
 from modrt.runtime.sessions import SessionConfig, session_options
 from modrt.synthetic import Weights
@@ -27,52 +28,54 @@ if TYPE_CHECKING:
 Peer = Callable[[np.ndarray], object]
 
 
+class BoundLayer(Layer):
+    """The equal-compute bound of one modular layer: K module graphs on the whole batch,
+    no controller and no combine (the state passed on is the last one's output). Which K
+    rotates from call to call (and step to step), so that their weights come from memory
+    as often as the routed run's do; always the same K would sit in cache and make the
+    bound look better than any routing could be."""
+
+    kind = "bound"
+
+    def __init__(self, spec, graphs: list):
+        self.spec = spec
+        self.graphs = graphs
+        self.inputs = list(graphs[0].input_names)
+        self._turn = itertools.count()
+        self._a = {}  # batch -> the (B, K) selection reported (zeros: no routing)
+
+    def __call__(self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None):
+        K, n = self.spec.k, len(self.graphs)
+        i = next(self._turn) * K
+        for j in range(K):
+            y = self.graphs[(i + j) % n](feeds)[0]
+        if out is not None:
+            out[...] = y
+            y = out
+        B = y.shape[0]
+        a = self._a.get(B)
+        if a is None:
+            a = self._a[B] = np.zeros((B, K), np.int64)
+        return y, a
+
+
 def make_bound(model: Model) -> Peer:
-    """K module graphs on the whole batch (recurrent: per step, plus embedding and head).
-
-    Which K modules rotates from call to call (and step to step), so that their weights
-    come from memory as often as the routed run's do; always the same K would sit in
-    cache and make the bound look better than any routing could be.
-    """
+    """K module graphs on the whole batch per modular layer (recurrent: per step), with
+    the bundle's other stages, through the same ``Pipeline`` as the routed run."""
     m = model.manifest
-    layer = m.layers[0]
-    K = layer.k
-    graphs = [model.sessions[g] for g in layer.module_graphs]
-    turn = itertools.count()
-
-    def pick() -> list:
-        i = next(turn) * K
-        return [graphs[(i + j) % len(graphs)] for j in range(K)]
-
+    layers = [BoundLayer(l, [model.sessions[g] for g in l.module_graphs])
+              for l in (m.layer(n) for n in model.pipeline.layer_names)]
+    pipe = model.pipeline
     if m.topology == "feedforward":
-        name = graphs[0].input_names[0]
+        name = model.input.name
 
         def bound_ff(x: np.ndarray) -> None:
-            for g in pick():
-                g({name: x})
+            pipe.feedforward(layers, x, name)
 
         return bound_ff
-    pre = [model.sessions[s] for s in m.stages[: m.stages.index(layer.name)]]
-    post = [model.sessions[s] for s in m.stages[m.stages.index(layer.name) + 1:]]
-    h_name = layer.state
-    e_name = next(n for n in graphs[0].input_names if n != h_name)
-    H = next(t.shape[-1] for t in graphs[0].spec.inputs if t.name == h_name)
 
     def bound_rnn(tokens: np.ndarray) -> None:
-        cur = tokens
-        for g in pre:
-            cur = g({g.input_names[0]: cur})[0]
-        B, T = tokens.shape
-        x_tm = np.ascontiguousarray(np.swapaxes(cur, 0, 1))  # (T, B, E)
-        h = np.zeros((B, H), np.float32)
-        hs = np.empty((T, B, H), np.float32)
-        for t in range(T):
-            for g in pick():
-                hs[t] = g({e_name: x_tm[t], h_name: h})[0]
-            h = hs[t]
-        cur = np.ascontiguousarray(np.swapaxes(hs, 0, 1))  # (B, T, H)
-        for g in post:
-            g({g.input_names[0]: cur})
+        pipe.run_recurrent(layers, tokens, model._h0(None, tokens.shape[0]))
 
     return bound_rnn
 

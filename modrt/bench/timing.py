@@ -1,21 +1,21 @@
 """The timing loop of ``modrt bench``: what to measure (``BenchConfig``), the interleaved
 measurement (``measure``) and the latency statistics of one variant (``stats``).
 
-Variants are measured *interleaved*: round after round, each runs for a short block
-(``BenchConfig.block``), until every one has had its time budget (``seconds``). Background
-load then hits all of them alike, so the ratios hold even when absolute numbers are noisy.
+Variants are measured *interleaved* (``modrt.runtime.timing``, the loop auto's choice uses
+too): round after round, each runs for a short block (``BenchConfig.block``), until every
+one has had its time budget (``seconds``). Background load then hits all of them alike, so
+the ratios hold even when absolute numbers are noisy.
 """
 
 from __future__ import annotations
 
-import gc
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from modrt.runtime.auto import STRATEGIES
+from modrt.runtime.timing import interleaved
 
 STRATEGY_CHOICES = STRATEGIES  # auto | host | graph | fused
 
@@ -55,38 +55,10 @@ def measure(
     cfg: BenchConfig,
     on_done: Callable[[str], None] = lambda name: None,
 ) -> dict[str, np.ndarray]:
-    """Interleaved timing; returns the per-call latencies in ns of every variant."""
-    for f in fns.values():
-        for _ in range(cfg.warmup):
-            f()
-    samples: dict[str, list[int]] = {k: [] for k in fns}
-    spent = dict.fromkeys(fns, 0)
-    budget, block = int(cfg.seconds * 1e9), int(cfg.block * 1e9)
-    active = list(fns)
-    clock = time.perf_counter_ns
-    gc_was = gc.isenabled()
-    gc.disable()  # a collection inside one timed call is noise, not the runtime's cost
-    try:
-        while active:
-            for name in list(active):
-                f, s = fns[name], samples[name]
-                end = clock() + block
-                while True:
-                    t0 = clock()
-                    f()
-                    dt = clock() - t0
-                    s.append(dt)
-                    spent[name] += dt
-                    if (spent[name] >= budget and len(s) >= cfg.min_iters) or len(s) >= cfg.max_iters:
-                        active.remove(name)
-                        on_done(name)
-                        break
-                    if clock() >= end:
-                        break
-    finally:
-        if gc_was:
-            gc.enable()
-    return {k: np.asarray(v, dtype=np.int64) for k, v in samples.items()}
+    """Interleaved timing (``runtime.timing.interleaved``); the per-call latencies in ns of
+    every variant."""
+    return interleaved(fns, int(cfg.seconds * 1e9), int(cfg.block * 1e9), min_calls=cfg.min_iters,
+                       max_calls=cfg.max_iters, warmup=cfg.warmup, on_done=on_done)
 
 
 def stats(ns: np.ndarray, batch: int, seq: int | None = None) -> dict[str, float]:

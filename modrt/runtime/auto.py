@@ -29,6 +29,7 @@ load and keeps the fastest per batch range.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ from modrt._cache import CACHE_ENV, cache_dir
 from modrt._exceptions import InputError, ModrtError
 from modrt._version import __version__
 from modrt.bundle import LayerSpec, Manifest
-from modrt.runtime import fused, graph, host, loop
+from modrt.runtime import fused, graph, host, loop, timing
 from modrt.runtime import providers as prov
 from modrt.runtime.sessions import SessionConfig, Sessions, cores
 
@@ -180,8 +181,8 @@ class ByBatch:
         self.ranges = ranges  # [(largest batch or None for any, strategy[@threads])], ascending
         self.layers = layers  # strategy -> built layer
         self.inputs = next(iter(layers.values())).inputs
-        self._picked: dict[int, Any] = {}  # batch -> layer: one dict lookup on the hot path
-        self.runners: dict[int, Callable] = {}  # batch -> runner(batch), filled by it
+        # The one per-batch cache: batch -> (layer, runner), one dict lookup on the hot path.
+        self.cache: dict[int, tuple[Any, Callable]] = {}
 
     def variant_for(self, batch: int) -> str:
         """The layer run at this batch size: a strategy, ``@threads`` where auto chose those."""
@@ -193,25 +194,26 @@ class ByBatch:
     def strategy_for(self, batch: int) -> str:
         return split(self.variant_for(batch))[0]
 
-    def pick(self, batch: int):
-        layer = self._picked.get(batch)
-        if layer is None:
+    def entry(self, batch: int) -> tuple[Any, Callable]:
+        """(layer, runner) for this batch size, remembered in ``cache`` (up to
+        ``CACHED_BATCHES``). The runner is ``f(feeds, None) -> (out, a)``, the cheapest
+        call there is: a composed layer's ``raw`` session run (its caller converts its
+        errors: ``errors.convert``), else the layer itself."""
+        e = self.cache.get(batch)
+        if e is None:
             layer = self.layers[self.variant_for(batch)]
+            e = (layer, getattr(layer, "raw", layer))
             if batch <= self.CACHED_BATCHES:
-                self._picked[batch] = layer
-        return layer
+                self.cache[batch] = e
+        return e
+
+    def pick(self, batch: int):
+        e = self.cache.get(batch)
+        return (e or self.entry(batch))[0]
 
     def runner(self, batch: int) -> Callable:
-        """``f(feeds, None) -> (out, a)`` for this batch size, the cheapest call there is:
-        a composed layer's ``raw`` session run (its caller converts its errors:
-        ``errors.convert``), else the layer itself. Cached in ``runners``."""
-        f = self.runners.get(batch)
-        if f is None:
-            layer = self.pick(batch)
-            f = getattr(layer, "raw", layer)
-            if batch <= self.CACHED_BATCHES:
-                self.runners[batch] = f
-        return f
+        e = self.cache.get(batch)
+        return (e or self.entry(batch))[1]
 
     def __call__(self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None):
         return self.pick(next(iter(feeds.values())).shape[0])(feeds, out)
@@ -252,51 +254,19 @@ def _window(manifest: Manifest, spec: LayerSpec, batch: int, rng: np.random.Gene
     return {"x": x, "x_tm": x_tm, "h0": h0, "hs": np.empty((WINDOW, *h0.shape), h0.dtype)}
 
 
-def _window_fn(layer: Any, spec: LayerSpec) -> Callable[[dict], object]:
-    """One window through ``layer``: the Loop in one call, a step layer step by step (as
-    ``host.recurrent`` runs it)."""
-    if isinstance(layer, loop.LoopLayer):
-        return lambda w: layer.run_sequence(w["x_tm"], w["h0"])
-    state = spec.state
-
-    def steps(w: dict) -> None:
-        h, x, hs = w["h0"], w["x"], w["hs"]
-        for t, x_t in enumerate(w["x_tm"]):
-            h, _ = layer({x: x_t, state: h}, out=hs[t])
-
-    return steps
-
-
 def measure(fns: dict[str, Callable[[dict], object]], pool: list[dict], seconds: float, max_calls: int,
             rounds: int = 4) -> dict[str, float]:
-    """Median µs per call of each candidate over ``pool``, within about ``seconds``.
+    """Median µs per call of each candidate over ``pool``, within about ``seconds``: the
+    interleaved loop (``timing.interleaved``) with ``rounds`` turns of a block each, every
+    candidate cycling over the pool from its start, at least one call each."""
+    def cycling(f: Callable[[dict], object]) -> Callable[[], object]:
+        it = itertools.cycle(pool)
+        return lambda: f(next(it))
 
-    Candidates take turns in blocks (up to ``rounds`` turns each), not call by call:
-    serving runs one strategy, whose weights stay in cache between calls; calls
-    interleaved one by one would make every candidate read its weights from memory.
-    Each candidate gets at least one turn of at least one call."""
-    for f in fns.values():  # warm-up: first calls allocate
-        f(pool[0])
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    clock = time.perf_counter
-    end_all = clock() + seconds
-    turn = seconds / (rounds * len(fns))
-    per_turn = max(1, max_calls // rounds)
-    i = 0
-    for _ in range(rounds):
-        for k, f in fns.items():
-            ts, end = times[k], clock() + turn
-            for _ in range(per_turn):
-                t0 = clock()
-                f(pool[i % len(pool)])
-                t1 = clock()
-                ts.append(t1 - t0)
-                i += 1
-                if t1 >= end:
-                    break
-        if clock() >= end_all:
-            break
-    return {k: float(np.median(v)) * 1e6 for k, v in times.items()}
+    share = seconds / max(1, len(fns))
+    ns = timing.interleaved({k: cycling(f) for k, f in fns.items()}, int(share * 1e9), int(share / rounds * 1e9),
+                            min_calls=1, max_calls=max_calls, warmup=1)
+    return {k: float(np.median(v)) / 1e3 for k, v in ns.items()}
 
 
 def _ranges(batches: tuple[int, ...], winners: list[str]) -> list[tuple[int | None, str]]:
@@ -417,7 +387,8 @@ def choose(directory: str | os.PathLike, manifest: Manifest, sessions: Sessions,
         for B in auto.batches:
             if "graph-loop" in layers:  # compare whole windows: the Loop saves per-step calls
                 pool = [_window(manifest, spec, B, rng) for _ in range(4)]
-                fns = {k: _window_fn(v, spec) for k, v in layers.items()}
+                fns = {k: (lambda layer: lambda w: layer.window(w["x_tm"], w["h0"], w["hs"]))(v)
+                       for k, v in layers.items()}
             else:
                 pool = [_feeds(manifest, spec, B, rng) for _ in range(8)]
                 fns = {k: (lambda layer: lambda f: layer(f))(v) for k, v in layers.items()}

@@ -36,6 +36,7 @@ import numpy as np
 from modrt._exceptions import BundleError, InputError
 from modrt.bundle import LayerSpec, Manifest
 from modrt.runtime import errors
+from modrt.runtime.layer import Layer
 from modrt.runtime.sessions import SessionConfig, session_options
 
 if TYPE_CHECKING:
@@ -292,7 +293,7 @@ def compose(directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec,
     return b.model(ins, outs, f"{spec.name}.graph")
 
 
-class ComposedLayer:
+class ComposedLayer(Layer):
     """A modular layer run as one session of a composed model (``graph``, ``fused``):
     ``layer(feeds) -> (out (B, D_out), a (B, K) int32)``."""
 

@@ -10,7 +10,8 @@ sessions. Per layer and step:
 Modules nobody selected cost nothing. Buffers for the gathered inputs and the routed
 outputs are kept per thread and grown, never shrunk, so a steady batch size allocates
 nothing in numpy. ``DenseLayer`` runs the layer's dense baseline graph on the same
-feeds instead, for the row-for-row comparison.
+feeds instead, for the row-for-row comparison. Both are ``Layer``s (``layer.py``): the
+``Pipeline`` drives them, through time too.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from modrt import routing
 from modrt._exceptions import BundleError
 from modrt.bundle import LayerSpec
+from modrt.runtime.layer import Layer
 from modrt.runtime.sessions import Graph
 
 
@@ -40,8 +42,10 @@ class _Workspace(threading.local):
         return buf[:rows]
 
 
-class HostLayer:
+class HostLayer(Layer):
     """One modular layer: ``layer(feeds) -> (out (B, D_out), a (B, K) int64)``."""
+
+    kind = "host"
 
     def __init__(self, spec: LayerSpec, graphs: Mapping[str, Graph]):
         self.spec = spec
@@ -112,8 +116,10 @@ class HostLayer:
         return out
 
 
-class DenseLayer:
+class DenseLayer(Layer):
     """The layer's dense baseline graph: ``layer(feeds) -> (out (B, D_out), a (B, K))``."""
+
+    kind = "dense"
 
     def __init__(self, spec: LayerSpec, graph: Graph):
         self.spec = spec
@@ -136,70 +142,4 @@ class DenseLayer:
         return res[self._out], res[self._sel]
 
 
-Layer = HostLayer | DenseLayer
-
-
-def feedforward(
-    stages: list[Graph | Layer], inputs: dict[str, np.ndarray], K: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run the stages in order; each takes the previous output as its one input.
-
-    Returns the last output and the routing decisions (B, L, K) int32.
-    """
-    layers = [s for s in stages if not isinstance(s, Graph)]
-    cur = next(iter(inputs.values()))
-    B = cur.shape[0]
-    modules = np.empty((B, len(layers), K), np.int32)
-    li = 0
-    for stage in stages:
-        if isinstance(stage, Graph):
-            cur = stage({stage.input_names[0]: cur})[0]
-        else:
-            cur, a = stage({stage.inputs[0]: cur})
-            modules[:, li] = a
-            li += 1
-    return cur, modules
-
-
-def recurrent(
-    pre: list[Graph],
-    layers: list[Layer],
-    post: list[Graph],
-    tokens: np.ndarray,
-    h0: list[np.ndarray],
-    K: int,
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Whole-sequence graphs before and after; the modular layers step through time.
-
-        tokens (B, T) -> pre (embedding) -> (B, T, E)
-        for t: layer l: (x_t (B, E), h_l (B, H)) -> h_l; x_t = h_l      (per step)
-        hs (B, T, H) -> post (head) -> (B, T, V)
-
-    Returns (last output, modules (B, T, L, K) int32, h_last per layer).
-    """
-    cur = tokens
-    for g in pre:
-        cur = g({g.input_names[0]: cur})[0]
-    B, T = tokens.shape
-    x_tm = np.ascontiguousarray(np.swapaxes(cur, 0, 1))  # (T, B, E): step t is contiguous
-    L = len(layers)
-    sel = np.empty((T, L, B, K), np.int32)  # filled per step, transposed once at the end
-    hs = [np.empty((T, B, h.shape[1]), h.dtype) for h in h0]  # (T, B, H) per layer
-    h = list(h0)
-    names = [(l.inputs, l.spec.state) for l in layers]
-    for t in range(T):
-        x_t = x_tm[t]
-        for li, layer in enumerate(layers):
-            inputs, state = names[li]
-            feeds = {n: (h[li] if n == state else x_t) for n in inputs}
-            h_new, a = layer(feeds, out=hs[li][t])
-            sel[t, li] = a
-            h[li] = h_new
-            x_t = h_new
-    cur = np.ascontiguousarray(np.swapaxes(hs[-1], 0, 1))  # (B, T, H)
-    for g in post:
-        cur = g({g.input_names[0]: cur})[0]
-    return cur, np.ascontiguousarray(sel.transpose(2, 0, 1, 3)), h
-
-
-__all__ = ["HostLayer", "DenseLayer", "Layer", "feedforward", "recurrent"]
+__all__ = ["HostLayer", "DenseLayer"]

@@ -24,6 +24,7 @@ from modrt._exceptions import InputError
 from modrt.bundle import LayerSpec, Manifest
 from modrt.runtime import errors
 from modrt.runtime import graph as g
+from modrt.runtime.layer import Layer
 from modrt.runtime.sessions import SessionConfig
 
 X_TM = "loop/x_tm"  # the outer input: the layer's per-step input over time, (T, B, E)
@@ -73,8 +74,8 @@ def compose_loop(directory: str | os.PathLike, manifest: Manifest, spec: LayerSp
     return model
 
 
-class LoopLayer:
-    """A recurrent layer over a whole window: ``run_sequence(x_tm, h0) -> (hs, sel, h_last)``.
+class LoopLayer(Layer):
+    """A recurrent layer over a whole window in one call: ``window(x_tm, h0) -> (hs, sel, h_last)``.
 
     Called like a step layer (``layer(feeds) -> (h, a)``) it runs a one-step Loop, so it
     can stand in anywhere a step layer does (slower there: that is not what it is for)."""
@@ -97,8 +98,10 @@ class LoopLayer:
         self._run = g.fast_run(self.session)
         self._names = ["hs", "sel", "h_last"]
 
-    def run_sequence(self, x_tm: np.ndarray, h0: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """x_tm (T, B, E), h0 (B, H) -> hs (T, B, H), sel (T, B, K) int32, h_last (B, H)."""
+    def window(self, x_tm: np.ndarray, h0: np.ndarray, hs: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x_tm (T, B, E), h0 (B, H) -> hs (T, B, H), sel (T, B, K) int32, h_last (B, H)
+        (the Loop's own hs: ``hs`` is not written)."""
         feeds = {X_TM: x_tm, self.spec.state: h0}
         with errors.running(f"{self.spec.name} ({self.kind})"):
             hs, sel, h_last = self._run(self._names, feeds, None)
@@ -106,7 +109,7 @@ class LoopLayer:
 
     def __call__(self, feeds: dict[str, np.ndarray], out: np.ndarray | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
-        hs, sel, _ = self.run_sequence(feeds[self._x][None], feeds[self.spec.state])
+        hs, sel, _ = self.window(feeds[self._x][None], feeds[self.spec.state])
         if out is not None:
             out[...] = hs[0]
             return out, sel[0]

@@ -23,7 +23,7 @@ from modrt._exceptions import BundleError, InputError
 from modrt.runtime import auto, errors, host
 from modrt.runtime import signature as sig
 from modrt.runtime.auto import STRATEGIES, AutoConfig
-from modrt.runtime.loop import LoopLayer
+from modrt.runtime.pipeline import Pipeline
 from modrt.runtime.providers import PROVIDERS, ProviderConfig
 from modrt.runtime.sessions import SessionConfig, Sessions
 
@@ -45,7 +45,7 @@ class Model:
         self.strategy = strategy  # as asked: auto | host | graph | fused
         m = manifest
         self.K = max(l.k for l in m.layers)
-        layer_names = [l.name for l in m.layers]
+        layer_names = [s for s in m.stages if s in {l.name for l in m.layers}]
         # Per layer, the strategy (and built layer) for each batch range; see auto.py.
         self._routed: dict[str, auto.ByBatch] = layers if layers is not None else {
             l.name: auto.fixed("host", l, host.HostLayer(l, sessions)) for l in m.layers}
@@ -54,30 +54,25 @@ class Model:
             for l in m.layers if l.name in m.dense}
         if len({l.k for l in m.layers}) != 1:
             raise BundleError(f"{self.directory}: layers with different K are not supported by the runtime yet")
-        first = next(i for i, s in enumerate(m.stages) if s in layer_names)
-        last = max(i for i, s in enumerate(m.stages) if s in layer_names)
-        self._pre = [sessions[s] for s in m.stages[:first]]
-        self._mid = list(m.stages[first:last + 1])
-        self._post = [sessions[s] for s in m.stages[last + 1:]]
-        entry = self._pre[0] if self._pre else sessions[m.layer(m.stages[first]).controller]
+        self.pipeline = p = Pipeline(m, sessions)
+        entry = p.pre[0] if p.pre else sessions[m.layer(layer_names[0]).controller]
         self.input = entry.spec.inputs[0]  # the one tensor a user feeds (besides state)
-        exit_ = self._post[-1] if self._post else sessions[m.layer(m.stages[last]).module_graphs[0]]
+        exit_ = p.post[-1] if p.post else sessions[m.layer(layer_names[-1]).module_graphs[0]]
         self.output = exit_.spec.outputs[0]
+        self._layer_names = p.layer_names
         # What run() takes and returns (the server's metadata and validation too).
         self.signature = sig.derive(m, self.input, self.output)
         self._argmax = next((t.name for t in self.signature.outputs if t.name in sig.ARGMAX_OUTPUT.values()), None)
         # The per-call path is hot (a small layer runs in ~20 µs): settle what can be once.
         self._trt = sessions.provider == PROVIDERS["tensorrt"]
         self._tail = tuple(self.input.shape[1:]) if -1 not in self.input.shape[1:] else None
-        self._single = (m.topology == "feedforward" and not self._pre and not self._post
-                        and len(self._mid) == 1 and self._mid[0] in layer_names)
-        # run()'s shortcut: (input name, D, cached runners .get, runner(), output name, layer name)
+        # run()'s shortcut: (input name, D, the layer's cache .get, its entry(), output name, layer name)
         self._fast = None
-        if (self._single and not self._trt and len(self.input.shape) == 2 and self.input.shape[1] > 0
+        if (p.single and not self._trt and len(self.input.shape) == 2 and self.input.shape[1] > 0
                 and self._argmax is None):
-            layer = self._routed[self._mid[0]]
-            self._fast = (self.input.name, self.input.shape[1], layer.runners.get, layer.runner, self.output.name,
-                          f"layer {self._mid[0]}")
+            layer = self._routed[layer_names[0]]
+            self._fast = (self.input.name, self.input.shape[1], layer.cache.get, layer.entry, self.output.name,
+                          f"layer {layer_names[0]}")
 
     # --- public --------------------------------------------------------------------
 
@@ -96,12 +91,12 @@ class Model:
         if fast is not None and tokens is None and h is None and len(inputs) == 1:
             # One feed-forward layer, a well-formed float32 batch: the ~20 µs small-layer
             # call must not pay ~2 µs of Python for checks the general path makes.
-            name, D, cached, runner, out_name, where = fast
+            name, D, cached, entry, out_name, where = fast
             x = inputs.get(name)
             if type(x) is _ND and x.dtype is _F32 and x.ndim == 2:  # (ORT takes any strides)
                 B, d = x.shape
                 if d == D and B:
-                    f = cached(B) or runner(B)
+                    f = (cached(B) or entry(B))[1]
                     try:
                         y, a = f({name: x}, None)
                     except Exception as exc:  # errors.running's conversion, inline on this hot path
@@ -155,11 +150,8 @@ class Model:
             tok = self._tokens(tokens)
             self._check_profile(*tok.shape)
             h0 = self._h0(h, tok.shape[0])
-            stack = [_pick(layers[s], tok.shape[0]) for s in self._mid if s in layers]
-            if len(stack) == 1 and isinstance(stack[0], LoopLayer):  # the window in one call
-                logits, modules, h_last = _recurrent_loop(self._pre, stack[0], self._post, tok, h0[0])
-            else:
-                logits, modules, h_last = host.recurrent(self._pre, stack, self._post, tok, h0, self.K)
+            stack = [_pick(layers[s], tok.shape[0]) for s in self._layer_names]
+            logits, modules, h_last = self.pipeline.run_recurrent(stack, tok, h0)
             out = {"logits": logits, "modules": modules, "h_last": h_last[0] if len(h_last) == 1 else h_last}
             if self._argmax is not None:
                 out[self._argmax] = logits.argmax(-1)
@@ -170,15 +162,7 @@ class Model:
         B = x.shape[0]
         if self._trt:
             self._check_profile(B, 1)
-        if self._single:  # one modular layer and nothing around it: no stage loop
-            y, a = _pick(layers[self._mid[0]], B)({self.input.name: x})
-            out = {self.output.name: y, "modules": a.astype(np.int32, copy=False)[:, None]}  # (B, 1, K)
-            if self._argmax is not None:
-                out[self._argmax] = y.argmax(-1)
-            return out
-        stages = self._pre + [_pick(layers[s], B) if s in layers else self.sessions[s] for s in self._mid]
-        stages += self._post
-        y, modules = host.feedforward(stages, {self.input.name: x}, self.K)
+        y, modules = self.pipeline.feedforward([_pick(layers[s], B) for s in self._layer_names], x, self.input.name)
         out = {self.output.name: y, "modules": modules}
         if self._argmax is not None:
             out[self._argmax] = y.argmax(-1)
@@ -228,20 +212,6 @@ class Model:
 _ND = np.ndarray
 _F32 = np.dtype(np.float32)
 _I32 = np.dtype(np.int32)
-
-
-def _recurrent_loop(pre: list, layer: LoopLayer, post: list, tokens: np.ndarray, h0: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """``host.recurrent`` for one layer run as a Loop over time (``graph-loop``)."""
-    cur = tokens
-    for g in pre:
-        cur = g({g.input_names[0]: cur})[0]
-    x_tm = np.ascontiguousarray(np.swapaxes(cur, 0, 1))  # (T, B, E)
-    hs, sel, h_last = layer.run_sequence(x_tm, h0)  # (T, B, H), (T, B, K)
-    cur = np.ascontiguousarray(np.swapaxes(hs, 0, 1))  # (B, T, H)
-    for g in post:
-        cur = g({g.input_names[0]: cur})[0]
-    return cur, np.ascontiguousarray(sel.transpose(1, 0, 2)[:, :, None, :]), [h_last]  # (B, T, 1, K)
 
 
 def _pick(layer, batch: int):

@@ -62,7 +62,7 @@ def test_a_failed_fast_path_call_is_reported_not_rerun(ff_bundle, monkeypatch, s
         raise RuntimeError("device lost")
 
     layer = model._routed["layer0"]
-    layer.runners[3] = boom
+    layer.cache[3] = (layer.pick(3), boom)
     monkeypatch.setattr(model, "_run", lambda *a: pytest.fail("the request ran again on the general path"))
     with pytest.raises(ModrtError, match=r"^layer layer0 failed \(RuntimeError\): device lost$") as e:
         model.run(x=x)

@@ -133,14 +133,15 @@ def test_by_batch_ranges():
     assert [bb.strategy_for(b) for b in (1, 22, 23, 1000)] == ["fused", "fused", "graph", "graph"]
     assert bb.describe() == "fused for batch 1-22, graph for batch 23+"
     assert auto._ranges((1, 8, 64), ["host", "graph", "host"]) == [(2, "host"), (22, "graph"), (None, "host")]
-    # pick() and runner() remember per batch size; runner() prefers a layer's raw session run
+    # pick() and runner() remember per batch size, in one cache; runner() prefers a layer's
+    # raw session run
     fast = types.SimpleNamespace(inputs=["x"], raw=lambda feeds, out: "raw")
     bb = auto.ByBatch(spec, [(22, "fused"), (None, "graph")], {"fused": fast, "graph": layer})
     assert bb.pick(3) is fast and bb.pick(3) is fast and bb.pick(500) is layer
-    assert bb.runner(3) is fast.raw and bb.runner(500) is layer and set(bb.runners) == {3, 500}
-    assert bb.pick(10 ** 6) is layer and 10 ** 6 not in bb.runners
+    assert bb.runner(3) is fast.raw and bb.runner(500) is layer and set(bb.cache) == {3, 500}
+    assert bb.pick(10 ** 6) is layer and 10 ** 6 not in bb.cache
     bb.runner(10 ** 6)
-    assert 10 ** 6 not in bb.runners
+    assert 10 ** 6 not in bb.cache
 
 
 @pytest.mark.parametrize("k,rule", [(1, "sum"), (3, "mean")])
@@ -273,7 +274,7 @@ def test_fast_path_strides_and_failure(ff_bundle):
         def broken(feeds, out):
             raise RuntimeError("boom")
 
-        layer.runners[5] = broken
+        layer.cache[5] = (layer.pick(5), broken)
         with pytest.raises(modrt.ModrtError, match=r"layer layer0 failed \(RuntimeError\): boom"):
             model.run(x=x)
 
