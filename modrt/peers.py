@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from modrt import routing
 from modrt.runtime.layer import Layer
 from modrt.runtime.model import Model
 from modrt.runtime.sessions import SessionConfig, session_options
@@ -170,9 +171,8 @@ def make_ort_moe(
     except Exception as exc:  # op missing from this build or provider: report, don't fail
         return None, f"com.microsoft.MoE unavailable: {' '.join(str(exc).split())[:200]}"
     if k == 1:  # the weight layout changed across ORT versions: check before timing it
-        a = (x @ w.wc + w.bc).argmax(-1)  # (B,)
-        h = np.maximum(np.einsum("bd,bdh->bh", x, w.w1[a]) + w.b1[a], 0)
-        want = np.einsum("bh,bho->bo", h, w.w2[a]) + w.b2[a]
+        a = (x @ w.wc + w.bc).argmax(-1)[:, None]  # (B, 1)
+        want = routing.mlp_reference(w.w1, w.b1, w.w2, w.b2, x.astype(np.float64), a, "sum")
         if not np.allclose(got, want, rtol=1e-3, atol=1e-3):
             return None, "com.microsoft.MoE disagrees with the modules (weight layout of this ORT?)"
 

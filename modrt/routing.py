@@ -162,5 +162,23 @@ def one_hot_counts(a: np.ndarray, modules: int) -> np.ndarray:
     return np.bincount(a.reshape(-1), minlength=modules)
 
 
-__all__ = ["COMBINE_RULES", "Dispatch", "greedy", "top_k", "select", "gates", "dispatch", "combine",
+def mlp_reference(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray, x: np.ndarray,
+                  a: np.ndarray, rule: str, activation: str = "relu") -> np.ndarray:
+    """A routed layer of two-layer MLP modules (w1 (M, D, H), b1 (M, H), w2 (M, H, D_out),
+    b2 (M, D_out)) in plain numpy, row by row over each row's distinct modules (sum or
+    mean), float64: the simplest statement of what every strategy computes, against which
+    the fused strategy, the MoE peer and the tests check themselves."""
+    out = np.zeros((x.shape[0], w2.shape[2]), np.float64)
+    for r in range(x.shape[0]):
+        mods = sorted(set(a[r].tolist()))  # a module drawn in two slots counts once
+        for m in mods:
+            h = x[r] @ w1[m] + b1[m]
+            h = np.maximum(h, 0) if activation == "relu" else h
+            out[r] += h @ w2[m] + b2[m]
+        if rule == "mean":
+            out[r] /= len(mods)
+    return out
+
+
+__all__ = ["COMBINE_RULES", "Dispatch", "mlp_reference", "greedy", "top_k", "select", "gates", "dispatch", "combine",
            "one_hot_counts"]

@@ -236,8 +236,9 @@ def dense_graph(w: Weights, k: int, combine: str = "sum") -> onnx.ModelProto:
 
 def read_weights(directory: str | os.PathLike, manifest: bundle.Manifest) -> Weights | None:
     """Recover ``Weights`` from a feed-forward bundle whose modules are two-layer ReLU MLPs
-    (MatMul, Add, Relu, MatMul, Add) and whose controller is MatMul, Add; None otherwise.
-    Used by ``modrt bench`` for the PyTorch and fused-MoE peers."""
+    (read by ``fused.mlp_params``, the one parser of module MLPs) and whose controller
+    starts MatMul, Add; None otherwise. Used by ``modrt bench`` for the PyTorch and
+    fused-MoE peers."""
     import onnx
     from onnx import numpy_helper
 
@@ -253,9 +254,15 @@ def read_weights(directory: str | os.PathLike, manifest: bundle.Manifest) -> Wei
         return [init[x] for n in g.node[: len(ops)] if n.op_type in ("MatMul", "Add")
                 for x in n.input if x in init]
 
+    from modrt.runtime import fused
+    from modrt.runtime import graph as g
+
     c = params(layer.controller, ["MatMul", "Add"])
-    mods = [params(g, ["MatMul", "Add", "Relu", "MatMul", "Add"]) for g in layer.module_graphs]
-    if c is None or any(m is None or len(m) != 4 for m in mods):
+    parsed = [fused.mlp_params(g.load_graph(directory, manifest, name)) for name in layer.module_graphs]
+    if c is None or any(p is None or p[1] != "relu" for p in parsed):
+        return None
+    mods = [p[0] for p in parsed]
+    if len({m[0].shape for m in mods}) != 1 or len({m[2].shape for m in mods}) != 1:
         return None
     return Weights(
         wc=c[0], bc=c[1],

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from modrt import routing
 from modrt._exceptions import InputError
 from modrt.bundle import LayerSpec, Manifest
 from modrt.runtime import graph as g
@@ -252,20 +253,6 @@ def compose(directory: str | os.PathLike, manifest: Manifest, spec: LayerSpec, e
     return b.model(g.io_info(manifest, spec.controller, "inputs"), outs, f"{spec.name}.fused")
 
 
-def reference(experts: Experts, x: np.ndarray, a: np.ndarray, rule: str) -> np.ndarray:
-    """The layer in numpy, row by row over distinct modules: what MoE must reproduce."""
-    out = np.zeros((x.shape[0], experts.w2.shape[2]), np.float64)
-    for r in range(x.shape[0]):
-        mods = sorted(set(a[r].tolist()))
-        for m in mods:
-            h = x[r] @ experts.w1[m] + experts.b1[m]
-            h = np.maximum(h, 0) if experts.activation == "relu" else h
-            out[r] += h @ experts.w2[m] + experts.b2[m]
-        if rule == "mean":
-            out[r] /= len(mods)
-    return out
-
-
 class FusedLayer(g.ComposedLayer):
     """A feed-forward modular layer run by ORT's MoE op: ``layer(feeds) -> (y, a (B, K))``."""
 
@@ -287,11 +274,13 @@ class FusedLayer(g.ComposedLayer):
         D = manifest.graphs[self.spec.controller].inputs[0].shape[1]
         x = np.random.default_rng(0).standard_normal((6, D), dtype=np.float32)
         y, a = self(dict(zip(self.inputs, [x], strict=True)))
-        want = reference(experts, x.astype(np.float64), a, self.spec.combine)
+        e = experts
+        want = routing.mlp_reference(e.w1, e.b1, e.w2, e.b2, x.astype(np.float64), a, self.spec.combine,
+                                     e.activation)
         if not np.allclose(y, want, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(want).max()))):
             raise InputError(f"strategy 'fused' cannot run layer {self.spec.name}: com.microsoft.MoE "
                              "disagrees with the modules (expert layout of this onnxruntime?)")
 
 
-__all__ = ["FusedLayer", "Experts", "compose", "mlp_params", "moe_node", "pack", "reference", "route_one",
+__all__ = ["FusedLayer", "Experts", "compose", "mlp_params", "moe_node", "pack", "route_one",
            "unsupported"]
