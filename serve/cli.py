@@ -14,6 +14,7 @@ import click
 
 from modrt._cli_types import PROVIDER, STRATEGY, STRATEGY_HELP
 from modrt._exceptions import ModrtError
+from modrt.serve.batcher import BatchConfig
 from modrt.serve.config import LOG_LEVELS, ServeConfig
 
 
@@ -60,7 +61,7 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
                         timeout_graceful_shutdown=30, server_header=False)
     url_host = f"[{host}]" if ":" in host else host
     announce(f"modrt serve: model {plane.name!r} ({model.topology}, {model.provider}, max batch "
-             f"{config.max_batch}, max queue delay {config.max_queue_delay_us} us) on http://{url_host}:{port}")
+             f"{config.batch.max_batch}, max queue delay {config.batch.max_queue_delay_us} us) on http://{url_host}:{port}")
     try:
         Server(uv).run(sockets=[sock])
     finally:
@@ -93,9 +94,10 @@ def serve(bundle_dir: str, host: str, port: int, model_name: str | None, max_bat
          localhost:9000/v2/models/NAME/infer
     """
     try:
-        config = ServeConfig(host=host, port=port, model_name=model_name, max_batch=max_batch,
-                             max_queue_delay_us=max_queue_delay_us, provider=provider, strategy=strategy,
-                             max_request_bytes=max_request_bytes, log_level=log_level)
+        config = ServeConfig(host=host, port=port, model_name=model_name,
+                             batch=BatchConfig(max_batch=max_batch, max_queue_delay_us=max_queue_delay_us),
+                             provider=provider, strategy=strategy, max_request_bytes=max_request_bytes,
+                             log_level=log_level)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     run_server(bundle_dir, config, announce=lambda line: click.echo(line, err=True))

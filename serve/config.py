@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from modrt.runtime.auto import STRATEGIES
 from modrt.serve.batcher import BatchConfig
@@ -15,8 +15,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback by default: exposing a server is a decision
     port: int = 9000  # 0: any free port (the chosen one is printed)
     model_name: str | None = None  # None: the manifest's task name
-    max_batch: int = 32  # rows merged into one runtime call; 1 turns batching off
-    max_queue_delay_us: int = 1000  # how long a request may wait for others to join it
+    batch: BatchConfig = field(default_factory=BatchConfig)  # dynamic batching (max_batch, queue delay)
     provider: str = "auto"
     strategy: str = "auto"  # auto | host | graph | fused (modrt.load)
     max_request_bytes: int = 64 * 2**20  # larger bodies get 413
@@ -31,11 +30,6 @@ class ServeConfig:
             raise ValueError(f"strategy {self.strategy!r} unknown; allowed {STRATEGIES}")
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level {self.log_level!r} unknown; allowed {LOG_LEVELS}")
-        self.batch  # noqa: B018 - validates max_batch / max_queue_delay_us
-
-    @property
-    def batch(self) -> BatchConfig:
-        return BatchConfig(max_batch=self.max_batch, max_queue_delay_us=self.max_queue_delay_us)
 
 
 __all__ = ["LOG_LEVELS", "ServeConfig"]

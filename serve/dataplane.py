@@ -1,44 +1,40 @@
-"""The data plane: model metadata, readiness and inference, without HTTP.
+"""The data plane: model metadata, readiness and inference, without a transport.
 
-``app.py`` turns routes into calls here; tests can drive it directly. Every request is
-parsed and validated completely (names, datatypes, shapes, element counts, token ids)
-*before* it joins a batch, so a bad request is refused alone and never disturbs others.
+``app.py`` and ``fastpath.py`` turn HTTP routes into calls here; ``run`` takes a
+transport-neutral ``Request`` (``request.py``; the HTTP/REST bodies decode to it in
+``codec.py``), so another front-end (gRPC) needs no change here. Every request is
+validated completely (names, datatypes, shapes, element counts, token ids) *before* it
+joins a batch, so a bad request is refused alone and never disturbs others.
 
-Tensors (DESIGN.md §7):
-
-    recurrent      input  tokens INT64 [-1, -1]            (batch, time)
-                   output logits FP32 [-1, -1, V], next_token INT64 [-1, -1],
-                          modules INT32 [-1, -1, L, K]
-    feed-forward   input  <manifest input> FP32 [-1, D]
-                   output <manifest output> FP32 [-1, D_out] (+ label INT64 [-1] for logits),
-                          modules INT32 [-1, L, K]
+Tensors and their shapes come from the model's signature (``Model.signature``,
+``modrt/runtime/signature.py``), e.g. for PTB: input ``tokens`` INT64 [-1, -1], outputs
+``logits`` FP32 [-1, -1, V], ``next_token`` INT64 [-1, -1], ``modules`` INT32
+[-1, -1, L, K]; a feed-forward classifier answers ``label`` INT64 [-1].
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
 from modrt._exceptions import InputError, ModrtError
 from modrt._version import __version__
 from modrt.runtime.model import Model
 from modrt.runtime.signature import Tensor
-from modrt.serve import binary
+from modrt.serve import codec
 from modrt.serve.batcher import BatchConfig, Batcher
 from modrt.serve.errors import ModelNotFoundError, NotReadyError
 from modrt.serve.metrics import Metrics
 from modrt.serve.protocol import (
     DTYPES,
-    InferenceRequest,
     ModelConfig,
     ModelMetadata,
     ServerMetadata,
     StatsResponse,
     TensorMetadata,
 )
+from modrt.serve.request import Request, Response
 from modrt.serve.stats import Stats
 
 VERSION = "1"  # a bundle is one model version
@@ -119,84 +115,72 @@ class DataPlane:
 
     async def infer(self, name: str, body: bytes, header_length: str | None = None,
                     version: str | None = None) -> tuple[bytes, dict[str, str]]:
-        """Answer one infer request: (response body, response headers). Raises ModrtError."""
+        """Answer one HTTP/REST infer body: (response body, response headers), through
+        ``codec`` and ``run``. Raises ModrtError."""
         t0 = time.perf_counter_ns()
         self.check_model(name, version)
         if not self.ready:
             raise NotReadyError(f"model {self.name!r} is not ready")
         try:
-            req, x = self.parse(body, header_length)
-            wanted = self._requested(req)
-            result = await self.batcher.submit(x)
+            req = codec.decode(self, body, header_length)
+        except ModrtError:
+            self.stats.request_failed(time.perf_counter_ns() - t0)
+            raise
+        return codec.encode(self.name, VERSION, await self.run(req, t0))
+
+    async def run(self, req: Request, t0: int | None = None) -> Response:
+        """One decoded request through the batcher: the outputs it asked for, in the
+        protocol's datatypes. Counts it in the statistics and metrics (from ``t0``,
+        perf_counter_ns, when the front-end began with it)."""
+        t0 = time.perf_counter_ns() if t0 is None else t0
+        if not self.ready:
+            raise NotReadyError(f"model {self.name!r} is not ready")
+        try:
+            result = await self.batcher.submit(req.x)
         except ModrtError:  # BatcherClosedError too: it stopped after the readiness check (shutdown)
             self.stats.request_failed(time.perf_counter_ns() - t0)
             raise
-        outs = result.outputs
-        payload: list[np.ndarray] = []
-        outputs: list[dict[str, Any]] = []
-        for out_name, as_binary in wanted:
-            meta = self._outputs[out_name]
-            arr = np.ascontiguousarray(outs[out_name], dtype=DTYPES[meta.datatype])
-            o: dict[str, Any] = {"name": out_name, "shape": list(arr.shape), "datatype": meta.datatype}
-            if as_binary:
-                o["parameters"] = {"binary_data_size": arr.nbytes}
-                payload.append(arr)
-            else:
-                o["data"] = binary.tensor_json(arr)
-            outputs.append(o)
-        response: dict[str, Any] = {"model_name": self.name, "model_version": VERSION, "outputs": outputs}
-        if req.id is not None:
-            response["id"] = req.id
-        encoded = binary.encode_response(response, payload)
+        outs = []
+        for out_name, as_binary in req.outputs:
+            dt = self._outputs[out_name].datatype
+            outs.append((out_name, dt, np.ascontiguousarray(result.outputs[out_name], dtype=DTYPES[dt]), as_binary))
         total = time.perf_counter_ns() - t0
         self.stats.request_ok(total, result.timing)
         self.metrics.observe_request(total / 1e9, result.timing.queue_ns / 1e9)
-        return encoded
+        return Response(outs, req.id)
 
-    def parse(self, body: bytes, header_length: str | None = None) -> tuple[InferenceRequest, np.ndarray]:
-        """A validated request and its one input tensor, ready to batch. Raises InputError."""
-        header, tail = binary.split_body(body, header_length)
-        obj = binary.parse_json(header)
-        try:
-            req = InferenceRequest.model_validate(obj)
-        except ValidationError as exc:
-            raise InputError(f"invalid inference request: {_pydantic_message(exc)}") from None
+    # --- validation, for any front-end ------------------------------------------------
+
+    def check_input(self, names: list[str], datatype: str | None, shape: list[int] | None) -> Tensor:
+        """The request header's input: one tensor of the model's name, datatype and shape.
+        Checked before any data is decoded."""
         want = self.inputs[0]
-        names = [i.name for i in req.inputs]
         if names != [want.name]:
             raise InputError(f"model {self.name!r} takes exactly one input, {want.name!r} "
                              f"({want.datatype} {want.shape}); got {names}")
-        inp = req.inputs[0]
-        if inp.datatype != want.datatype:
-            raise InputError(f"input {inp.name!r}: datatype {inp.datatype}, the model expects {want.datatype}")
-        t = self.signature.check_shape(inp.name, inp.shape)  # before decoding: nothing allocated
-        x, used = binary.decode_input(inp, tail, 0)  # counts elements (negative dims, overflow)
-        if used != len(tail):
-            raise InputError(f"{len(tail) - used} bytes of binary data after the tensors were not used")
-        self.signature.check_bounds(t, x)
-        return req, x
+        if datatype != want.datatype:
+            raise InputError(f"input {want.name!r}: datatype {datatype}, the model expects {want.datatype}")
+        return self.signature.check_shape(want.name, shape)
 
-    def _requested(self, req: InferenceRequest) -> list[tuple[str, bool]]:
-        """[(output name, binary?)]: the requested outputs, or all of them."""
-        default = req.parameters.get("binary_data_output", False)
-        if not isinstance(default, bool):
-            raise InputError("parameter binary_data_output must be a boolean")
-        if req.outputs is None:
+    def check_values(self, t: Tensor, x: np.ndarray) -> None:
+        """The decoded input's values (token ids in range)."""
+        self.signature.check_bounds(t, x)
+
+    def choose_outputs(self, requested: list[tuple[str, bool | None]] | None, default: bool
+                       ) -> list[tuple[str, bool]]:
+        """[(output name, binary?)]: the requested outputs (None: all of them), each known
+        and asked once; ``default`` where a request leaves binary open."""
+        if requested is None:
             return [(t.name, default) for t in self.outputs]
-        seen: list[str] = []
+        seen: set[str] = set()
         out = []
-        for o in req.outputs:
-            if o.name not in self._outputs:
-                raise InputError(f"unknown output {o.name!r}; model {self.name!r} has {list(self._outputs)}")
-            if o.name in seen:
-                raise InputError(f"output {o.name!r} is requested twice")
-            seen.append(o.name)
-            b = o.parameters.get("binary_data", default)
-            if not isinstance(b, bool):
-                raise InputError(f"output {o.name!r}: parameter binary_data must be a boolean")
-            if "classification" in o.parameters:
-                raise InputError("the classification extension is not supported")
-            out.append((o.name, b))
+        for name, b in requested:
+            if name not in self._outputs:
+                raise InputError(f"unknown output {name!r}; model {self.name!r} has {list(self._outputs)}")
+            if name in seen:
+                raise InputError(f"output {name!r} is requested twice")
+            seen.add(name)
+            out.append((name, default if b is None else b))
         return out
 
     def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -212,14 +196,6 @@ class DataPlane:
 
 def _metadata(t: Tensor) -> TensorMetadata:
     return TensorMetadata(name=t.name, datatype=DTYPES.name_of(t.dtype), shape=list(t.shape))
-
-
-def _pydantic_message(exc: ValidationError) -> str:
-    parts = []
-    for e in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in e["loc"]) or "body"
-        parts.append(f"{loc}: {e['msg']}")
-    return "; ".join(parts)
 
 
 __all__ = ["DataPlane"]
