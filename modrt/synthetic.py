@@ -118,20 +118,15 @@ def build(
 
 
 def _model(nodes, inputs, outputs, inits, name: str):
-    from onnx import helper
+    from modrt.runtime import graph
 
-    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="modrt.synthetic"
-    )
-    model.ir_version = 8  # readable by every onnxruntime >= 1.14
-    return model
+    return graph.make_model(nodes, inputs, outputs, inits, name, OPSET, producer="modrt.synthetic")
 
 
 def _t(name: str, array: np.ndarray):
-    from onnx import numpy_helper
+    from modrt.runtime import graph
 
-    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+    return graph.const(name, array)
 
 
 def _io(name: str, elem: int, shape: list):

@@ -143,15 +143,22 @@ class Builder:
         return sel, mask
 
     def model(self, inputs: list, outputs: list, name: str) -> onnx.ModelProto:
-        from onnx import helper
+        return make_model(self.nodes, inputs, outputs, self.inits, name, self.opset)
 
-        graph = helper.make_graph(self.nodes, name, inputs, outputs, initializer=self.inits)
-        domains = {n.domain for n in self.nodes if n.domain not in ("", "ai.onnx")}
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)]
-                                  + [helper.make_opsetid(d, 1) for d in sorted(domains)],
-                                  producer_name="modrt.runtime")
-        model.ir_version = 8
-        return model
+
+def make_model(nodes: list, inputs: list, outputs: list, inits: list, name: str, opset: int,
+               producer: str = "modrt.runtime") -> onnx.ModelProto:
+    """The one place modrt assembles an ONNX model (the composed graphs and the synthetic
+    bundles): the default domain at ``opset``, version 1 of any custom domain its nodes use
+    (com.microsoft for MoE), IR version 8 (readable by every onnxruntime >= 1.14)."""
+    from onnx import helper
+
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=inits)
+    domains = {n.domain for n in nodes if n.domain not in ("", "ai.onnx")}
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]
+                              + [helper.make_opsetid(d, 1) for d in sorted(domains)], producer_name=producer)
+    model.ir_version = 8
+    return model
 
 
 def io_info(manifest: Manifest, graph: str, which: str, batch: str = "B") -> list:
