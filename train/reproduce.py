@@ -331,8 +331,14 @@ def reproduce() -> None:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
               help="CPU threads per run (0: PyTorch's default). 1 when the machine does other work too.")
 @click.option("--quiet", "-q", is_flag=True, help="No per-run progress bars.")
-def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int, data: Path | None,
-        device: str, steps: int, threads: int, dry_run: bool, table_only: bool, quiet: bool) -> None:
+@click.option("--size", type=click.Choice(["default", "small"]), default="default", show_default=True,
+              help="small: the capacity-limited protocol (E = H = 32, no dropout, --seeds): the same as "
+                   "`modrt reproduce ptb-small`, which has its options (--only takes its row names).")
+@click.option("--seeds", default=None, help="--size small: comma-separated seeds [default: 1,2,3].")
+@click.pass_context
+def ptb(ctx: click.Context, out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
+        data: Path | None, device: str, steps: int, threads: int, dry_run: bool, table_only: bool, quiet: bool,
+        size: str, seeds: str | None) -> None:
     """Train every configuration of the paper's PTB table and write the table.
 
     \b
@@ -351,6 +357,11 @@ def ptb(out: Path, results: Path, only: tuple[str, ...], epochs: int, seed: int,
     selections per window). Writes ptb_table.json, ptb_table.md and ptb_curves.png
     (validation perplexity per epoch, a panel per column) under --results.
     """
+    if size == "small":
+        _small(ctx, out, results, only, epochs, seeds, threads, table_only)
+        return
+    if seeds is not None:
+        raise click.UsageError("--seeds goes with --size small (the default size runs one --seed)")
     from tqdm import tqdm
 
     todo = [c for c in TABLE if not only or c.key in only]
@@ -437,6 +448,27 @@ def _train(c: Config, run: Path, epochs: int, seed: int, device: str, steps: int
         return subprocess.run(cmd).returncode
     except KeyboardInterrupt:
         return 130
+
+
+def _small(ctx: click.Context, out: Path, results: Path, only: tuple[str, ...], epochs: int,
+           seeds: str | None, threads: int, table_only: bool) -> None:
+    """``reproduce ptb --size small``: run ``ptb-small`` with the options both have."""
+    from modrt.train import small
+
+    src = ctx.get_parameter_source
+    if only:
+        raise click.UsageError("--only with --size small: use `modrt reproduce ptb-small --only ROW` "
+                               f"(rows: {', '.join(small.ROWS)})")
+    for name in ("data", "device", "steps", "dry_run", "seed"):
+        if src(name) is not click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f"--{name.replace('_', '-')} does not go with --size small")
+    defaults = {p.name: p.default for p in small.ptb_small.params}
+    ctx.invoke(small.ptb_small,
+               out=out if src("out") is not click.core.ParameterSource.DEFAULT else defaults["out"],
+               results=results, only=(), seeds=small._seeds(ctx, None, seeds or defaults["seeds"]),
+               epochs=epochs if src("epochs") is not click.core.ParameterSource.DEFAULT else defaults["epochs"],
+               threads=threads if src("threads") is not click.core.ParameterSource.DEFAULT else defaults["threads"],
+               table_only=table_only)
 
 
 def _register_small() -> None:

@@ -215,3 +215,23 @@ def test_a_configuration_another_process_trains_is_skipped(tmp_path):
     again = rp.claim(runs, "dense-M3K3")  # released with its holder
     assert again is not None
     again.close()
+
+
+def test_size_small_is_ptb_small(tmp_path):
+    """`reproduce ptb --size small` runs the small-size protocol (ptb-small); options of the
+    default size that it cannot honour are usage errors, one line each."""
+    from click.testing import CliRunner
+
+    runner = CliRunner()
+    res = runner.invoke(rp.reproduce, ["ptb", "--size", "small", "--table-only", "--out", str(tmp_path / "runs"),
+                                       "--results", str(tmp_path / "res")])
+    assert res.exit_code == 0, res.output
+    assert "0 finished runs" in res.output
+    assert json.loads((tmp_path / "res" / "ptb_table_small.json").read_text()) == []
+    for args, msg in [(["--size", "small", "--only", "dense"], "modrt reproduce ptb-small --only ROW"),
+                      (["--size", "small", "--steps", "5"], "--steps does not go with --size small"),
+                      (["--seeds", "1,2"], "--seeds goes with --size small"),
+                      (["--size", "small", "--seeds", "x"], "comma-separated list of integers")]:
+        res = runner.invoke(rp.reproduce, ["ptb", *args, "--table-only", "--out", str(tmp_path / "r2"),
+                                           "--results", str(tmp_path / "res2")])
+        assert res.exit_code == 2 and msg in res.output, (args, res.output)
