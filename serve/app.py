@@ -88,6 +88,13 @@ def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20) -> FastAPI
             raise NotReadyError(f"model {name!r} is not ready")
         return {"name": name, "ready": True}
 
+    @app.get("/v2/models/{name}/versions/{version}/ready", responses=ERRORS,
+             summary="Model readiness of one version (503 while not ready)")
+    async def model_version_ready(name: str, version: str) -> dict:
+        if not plane.model_ready(name, version):
+            raise NotReadyError(f"model {name!r} version {version!r} is not ready")
+        return {"name": name, "version": version, "ready": True}
+
     @app.get("/v2/models/{name}/config", response_model=ModelConfig, responses=ERRORS,
              summary="Model configuration (Triton model-configuration shape)")
     async def model_config(name: str) -> ModelConfig:

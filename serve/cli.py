@@ -37,11 +37,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None:
     """Load, bind, serve until a signal; the whole of ``modrt serve``."""
-    import uvicorn
+    try:
+        import uvicorn
 
+        from modrt.serve.app import create_app
+        from modrt.serve.dataplane import DataPlane
+    except ModuleNotFoundError as exc:
+        raise ModrtError(f"modrt serve needs the serve extra ({exc.name} is not installed): "
+                         "pip install 'modrt[serve]'") from exc
     import modrt
-    from modrt.serve.app import create_app
-    from modrt.serve.dataplane import DataPlane
 
     model = modrt.load(directory, provider=config.provider, strategy=config.strategy)
     plane = DataPlane(model, config.model_name, config.batch)

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import logging
 
-import orjson
-
 from modrt._exceptions import InputError, ModrtError
 
 log = logging.getLogger("modrt.serve")
@@ -56,6 +54,8 @@ def status_of(exc: BaseException) -> int:
 
 
 def error_body(message: str) -> bytes:
+    import orjson  # the serve extra; `modrt serve --help` works without it
+
     return orjson.dumps({"error": message})
 
 

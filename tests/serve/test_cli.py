@@ -125,3 +125,18 @@ def test_keep_alive_requests_are_not_delayed_by_nagle(lm_server):
             assert c.get("/v2/health/live").status_code == 200
             times.append(time.perf_counter() - t0)
     assert sorted(times)[2] < 0.03, times
+
+
+@pytest.mark.parametrize("missing", ["uvicorn", "fastapi", "orjson"])
+def test_without_the_serve_extra_one_line_names_it(lm_dir, missing):
+    """The web stack absent (as without `pip install 'modrt[serve]'`): --help still works and
+    serving says which extra to install, in one line, exit 1."""
+    code = (f"import sys; sys.modules[{missing!r}] = None; sys.argv = ['modrt', *sys.argv[1:]]; "
+            "from modrt.cli import main; main()")
+    p = subprocess.run([sys.executable, "-c", code, "serve", "--help"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "KServe v2" in p.stdout, p.stderr
+    p = subprocess.run([sys.executable, "-c", code, "serve", str(lm_dir), "--port", "0"], capture_output=True,
+                       text=True, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert f"needs the serve extra ({missing} is not installed): pip install 'modrt[serve]'" in lines[0]

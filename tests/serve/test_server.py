@@ -7,6 +7,7 @@ import json
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.http as tc
@@ -42,6 +43,15 @@ def test_health_and_metadata_with_tritonclient(lm_server):
     ]
     assert "binary_tensor_data" in c.get_server_metadata()["extensions"]
     assert c.get_model_config("lm")["max_batch_size"] == 16
+
+
+def test_versioned_routes_with_tritonclient(lm_server):
+    """The spec's per-version routes: tritonclient's model_version argument works."""
+    c = triton(lm_server)
+    assert c.is_model_ready("lm", "1") and not c.is_model_ready("lm", "2")
+    assert c.get_model_metadata("lm", "1")["versions"] == ["1"]
+    r = httpx.get(f"{lm_server.url}/v2/models/lm/versions/2/ready")
+    assert r.status_code == 404 and "version '2'" in r.json()["error"]
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
