@@ -231,6 +231,10 @@ def load(directory: str | os.PathLike, verify: bool = True) -> Manifest:
     """
     root = Path(directory)
     mpath = root / "manifest.json"
+    if root.is_file():
+        hint = (" (a training checkpoint: make a bundle with `modrt export CKPT OUT/` first)"
+                if root.suffix in (".pt", ".pth", ".ckpt") else "")
+        raise BundleError(f"{root}: a file, not a bundle directory{hint}")
     if not root.is_dir():
         raise BundleError(f"{root}: no such bundle directory")
     if not mpath.is_file():
@@ -246,6 +250,7 @@ def load(directory: str | os.PathLike, verify: bool = True) -> Manifest:
             f"{mpath}: schema version {raw.get('schema_version')!r} unknown; this modrt "
             f"({__version__}) reads version {SCHEMA_VERSION}"
         )
+    check_types(raw, mpath)
     try:
         manifest = Manifest.from_json(raw)
     except (KeyError, TypeError, ValueError) as exc:
@@ -274,6 +279,77 @@ def load(directory: str | os.PathLike, verify: bool = True) -> Manifest:
                             f"{root / g.file}: {kind} {w.name!r} is {h.dtype}{list(h.shape)}, "
                             f"manifest says {w.dtype}{list(w.shape)}")
     return manifest
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_types(raw: dict[str, Any], mpath: Path) -> None:
+    """The manifest's JSON types, strictly (a hand-edited manifest): one BundleError naming
+    the field and what it must be, before any dataclass sees it."""
+    def fail(where: str, must: str, got: Any) -> None:
+        raise BundleError(f"{mpath}: {where} must be {must}, got {json.dumps(got)[:60]}")
+
+    def need(obj: Any, key: str, where: str) -> Any:
+        if not isinstance(obj, dict) or key not in obj:
+            raise BundleError(f"{mpath}: {where} has no {key!r}")
+        return obj[key]
+
+    def strs(v: Any, where: str, nonempty: bool = True) -> None:
+        if not isinstance(v, list) or (nonempty and not v) or not all(isinstance(x, str) for x in v):
+            fail(where, "a non-empty list of strings" if nonempty else "a list of strings", v)
+
+    if not isinstance(need(raw, "task", "the manifest"), dict):
+        fail("task", "an object", raw["task"])
+    if not isinstance(need(raw, "topology", "the manifest"), str):
+        fail("topology", "a string", raw["topology"])
+    if not _is_int(need(raw, "opset", "the manifest")):
+        fail("opset", "an integer", raw["opset"])
+    strs(need(raw, "stages", "the manifest"), "stages")
+    graphs = need(raw, "graphs", "the manifest")
+    if not isinstance(graphs, dict) or not graphs:
+        fail("graphs", "a non-empty object (graph name -> file, sha256, inputs, outputs)", graphs)
+    for name, g in graphs.items():
+        w = f"graphs.{name}"
+        if not isinstance(g, dict):
+            fail(w, "an object", g)
+        for key in ("file", "sha256"):
+            if not isinstance(need(g, key, w), str):
+                fail(f"{w}.{key}", "a string", g[key])
+        for key in ("inputs", "outputs"):
+            ts = need(g, key, w)
+            if not isinstance(ts, list) or not ts:
+                fail(f"{w}.{key}", "a non-empty list of tensors", ts)
+            for i, t in enumerate(ts):
+                tw = f"{w}.{key}[{i}]"
+                for f in ("name", "dtype"):
+                    if not isinstance(need(t, f, tw), str):
+                        fail(f"{tw}.{f}", "a string", t[f])
+                shape = need(t, "shape", tw)
+                if not isinstance(shape, list) or not all(_is_int(d) and d >= -1 for d in shape):
+                    fail(f"{tw}.shape", "a list of integers (-1: any size)", shape)
+    layers = need(raw, "layers", "the manifest")
+    if not isinstance(layers, list) or not layers:
+        fail("layers", "a non-empty list of layers", layers)
+    for i, l in enumerate(layers):
+        w = f"layers[{i}]"
+        for key in ("name", "combine", "controller"):
+            if not isinstance(need(l, key, w), str):
+                fail(f"{w}.{key}", "a string", l[key])
+        for key in ("modules", "k"):
+            if not _is_int(need(l, key, w)) or l[key] < 1:
+                fail(f"{w}.{key}", "a positive integer", l[key])
+        strs(need(l, "module_graphs", w), f"{w}.module_graphs")
+        for key in ("state", "selection"):
+            if l.get(key) is not None and not isinstance(l[key], str):
+                fail(f"{w}.{key}", "a string", l[key])
+    dense = need(raw, "dense", "the manifest")
+    if not isinstance(dense, dict) or not all(isinstance(v, str) for v in dense.values()):
+        fail("dense", "an object (layer name -> graph name)", dense)
+    for key in ("model", "parity"):
+        if key in raw and not isinstance(raw[key], dict):
+            fail(key, "an object", raw[key])
 
 
 def _shapes_agree(want: tuple[int, ...], have: tuple[int, ...]) -> bool:

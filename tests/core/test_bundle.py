@@ -109,3 +109,39 @@ def test_not_an_onnx_file(good):
 def test_invalid_manifest_content(good):
     edit_manifest(good, lambda r: r["layers"][0].update(k=7))
     refuse(good, "manifest.json", "invalid manifest", "k (7)")
+
+
+def _set(path: str, value):
+    """An edit of the manifest at a /-separated path (list indices as integers)."""
+    def change(raw):
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split("/")]
+        obj = raw
+        for p in parents:
+            obj = obj[p]
+        obj[last] = value
+    return change
+
+
+@pytest.mark.parametrize("path,value,needles", [
+    ("graphs", [], ["graphs must be a non-empty object"]),
+    ("graphs", {}, ["graphs must be a non-empty object"]),
+    ("graphs/layer0.controller/file", 123, ["graphs.layer0.controller.file must be a string", "123"]),
+    ("graphs/layer0.controller/inputs/0/shape", [-1, "8"], ["inputs[0].shape must be a list of integers"]),
+    ("graphs/layer0.controller/inputs/0/shape", [-1, True], ["inputs[0].shape must be a list of integers"]),
+    ("task", "ptb", ["task must be an object", '"ptb"']),
+    ("layers", {}, ["layers must be a non-empty list"]),
+    ("layers/0/modules", "3", ["layers[0].modules must be a positive integer"]),
+    ("layers/0/module_graphs", "layer0.module0", ["layers[0].module_graphs must be a non-empty list"]),
+    ("stages", [1], ["stages must be a non-empty list of strings"]),
+    ("dense", [], ["dense must be an object"]),
+    ("opset", 17.5, ["opset must be an integer"]),
+])
+def test_hand_edited_manifest_types_are_one_line_each(good, path, value, needles):
+    edit_manifest(good, _set(path, value))
+    refuse(good, "manifest.json", *needles)
+
+
+def test_a_checkpoint_given_as_a_bundle_says_so(tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"PK\x03\x04")
+    refuse(ckpt, "a file, not a bundle directory", "modrt export CKPT OUT/")
