@@ -9,6 +9,7 @@ downloaded data.
     <cache>/tensorrt/<bundle>-<sha> TensorRT engines of one bundle's contents
     <cache>/tensorrt/               the TensorRT timing cache (GPU and TensorRT version only)
     <cache>/ptb/                    Penn Treebank, when downloaded
+    <cache>/cifar10/                CIFAR-10, when downloaded; decoded/ the JPEG copies' arrays
 """
 
 from __future__ import annotations
