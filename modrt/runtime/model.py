@@ -118,6 +118,14 @@ class Model:
         """Per layer, which strategy runs which batch sizes (what ``auto`` chose)."""
         return {name: layer.describe() for name, layer in self._routed.items()}
 
+    def run_checked(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Routed inference on ``feeds`` that ``signature.check`` returned (or such feeds
+        merged along the batch axis, as the server's batcher does): they are not validated
+        again. Anything else: use ``run``."""
+        if self.manifest.topology == "recurrent":
+            return self._run(self._routed, feeds["tokens"], None, {}, checked=True)
+        return self._run(self._routed, None, None, feeds, checked=True)
+
     def run_dense(self, tokens: Any = None, *, h: Any = None, **inputs: Any) -> dict[str, Any]:
         """The dense baseline graph(s) instead of the modules; same outputs."""
         missing = [l.name for l in self.manifest.layers if l.name not in self._dense]
@@ -143,11 +151,12 @@ class Model:
         spec = self.sessions[layer.controller].spec
         return next(t.shape[-1] for t in spec.inputs if t.name == layer.state)
 
-    def _run(self, layers: dict, tokens: Any, h: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    def _run(self, layers: dict, tokens: Any, h: Any, inputs: dict[str, Any], checked: bool = False
+             ) -> dict[str, Any]:
         if self.manifest.topology == "recurrent":
             if inputs:
                 raise InputError(f"unexpected inputs {sorted(inputs)}; a recurrent bundle takes tokens=")
-            tok = self._tokens(tokens)
+            tok = tokens if checked else self._tokens(tokens)
             self._check_profile(*tok.shape)
             h0 = self._h0(h, tok.shape[0])
             stack = [_pick(layers[s], tok.shape[0]) for s in self._layer_names]
@@ -158,7 +167,7 @@ class Model:
             return out
         if tokens is not None or h is not None:
             raise InputError(f"a feed-forward bundle takes {self.input.name}=, not tokens= or h=")
-        x = self._features(inputs)
+        x = inputs[self.input.name] if checked else self._features(inputs)
         B = x.shape[0]
         if self._trt:
             self._check_profile(B, 1)

@@ -58,3 +58,13 @@ def test_check_validates_once_with_one_line_errors():
                        ({}, "got none")]:
         with pytest.raises(modrt.InputError, match=match):
             sig.check(bad)
+
+
+def test_run_checked_equals_run_on_checked_feeds(lm_bundle, ff_bundle):
+    """The server's path: feeds checked once (signature.check), then run without checks."""
+    for model, feeds in [(modrt.load(lm_bundle(), strategy="host"), {"tokens": [[1, 2, 3], [4, 5, 6]]}),
+                         (modrt.load(ff_bundle(), strategy="host"), {"x": np.ones((3, 8))})]:
+        checked = model.signature.check(feeds)
+        a, b = model.run_checked(checked), model.run(**feeds)
+        for k in ("modules", model.signature.outputs[0].name):
+            np.testing.assert_array_equal(a[k], b[k])
