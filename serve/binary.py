@@ -112,6 +112,10 @@ def _from_json(data: Any, dtype: np.dtype, inp: RequestInput, count: int) -> np.
         raise InputError(f"input {inp.name!r}: {raw.size} data elements for shape {inp.shape} "
                          f"({count} elements)")
     allowed = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}[dtype.kind]
+    if raw.size and dtype.kind in "iu" and raw.dtype.kind == "f" and np.isfinite(raw).all() \
+            and (raw == np.floor(raw)).all() and np.abs(raw).max() >= 2.0**63:
+        # JSON parsers read integers beyond 64 bits as floats: say what is wrong with them
+        raise InputError(f"input {inp.name!r}: values outside the range of {inp.datatype}")
     if raw.size and raw.dtype.kind not in allowed:
         raise InputError(f"input {inp.name!r}: data of kind {raw.dtype} is not {inp.datatype}")
     if dtype.kind in "iu" and raw.size:

@@ -79,7 +79,7 @@ class RequestInput(BaseModel):
     "data": $tensor_data}``; with ``parameters.binary_data_size`` the data follows the JSON
     header instead (binary tensor data extension)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # "shape": [1, "3"] is refused, as Triton does
 
     name: str
     shape: list[int]

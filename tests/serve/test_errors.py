@@ -151,3 +151,20 @@ def test_request_after_the_batcher_stopped_is_503_not_500(lm_model):
         return e.value
 
     assert status_of(asyncio.run(main())) == 503
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("int64 overflow", "values outside the range of INT64"),
+    ("float data for INT64", "data of kind float64 is not INT64"),
+])
+def test_malformed_values_are_named_for_what_they_are(client, case, needle):
+    body, headers = CASES[case]
+    r = client.post("/v2/models/lm/infer", content=body, headers=headers)
+    assert r.status_code == 400 and needle in r.json()["error"], r.text
+
+
+def test_string_shape_dimensions_are_refused(client):
+    """Strict types, as Triton: "shape": [1, "3"] is not a shape."""
+    r = client.post("/v2/models/lm/infer", content=js({"inputs": [
+        {"name": "tokens", "datatype": "INT64", "shape": [1, "3"], "data": [1, 2, 3]}]}))
+    assert r.status_code == 400 and "inputs.0.shape.1" in r.json()["error"], r.text
