@@ -69,6 +69,7 @@ import numpy as np
 
 from modrt import _cache
 from modrt._exceptions import DataError
+from modrt.data import checkout_dir
 
 log = logging.getLogger("modrt.data")
 
@@ -141,11 +142,8 @@ def cache_dir() -> Path:
 
 
 def _checkout_dir() -> Path | None:
-    """``../shared/data/cifar10`` beside a development checkout (where pyproject.toml is)."""
-    root = Path(__file__).resolve().parents[2]
-    if (root / "pyproject.toml").is_file():
-        return root.parent / "shared" / "data" / "cifar10"
-    return None
+    """``../shared/data/cifar10`` beside a development checkout (``data.checkout_dir``)."""
+    return checkout_dir("cifar10")
 
 
 # --------------------------------------------------------------------------- lookup

@@ -28,6 +28,7 @@ import numpy as np
 
 from modrt import _cache
 from modrt._exceptions import DataError
+from modrt.data import checkout_dir
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -64,11 +65,8 @@ def cache_dir() -> Path:
 
 
 def _checkout_dir() -> Path | None:
-    """``../shared/data/ptb`` beside a development checkout (where pyproject.toml is)."""
-    root = Path(__file__).resolve().parents[2]
-    if (root / "pyproject.toml").is_file():
-        return root.parent / "shared" / "data" / "ptb"
-    return None
+    """``../shared/data/ptb`` beside a development checkout (``data.checkout_dir``)."""
+    return checkout_dir("ptb")
 
 
 def _holds_ptb(d: Path) -> Path | None:

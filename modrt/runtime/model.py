@@ -45,7 +45,6 @@ class Model:
         self.strategy = strategy  # as asked: auto | host | graph | fused
         m = manifest
         self.K = max(l.k for l in m.layers)
-        layer_names = [s for s in m.stages if s in {l.name for l in m.layers}]
         # Per layer, the strategy (and built layer) for each batch range; see auto.py.
         self._routed: dict[str, auto.ByBatch] = layers if layers is not None else {
             l.name: auto.fixed("host", l, host.HostLayer(l, sessions)) for l in m.layers}
@@ -55,11 +54,11 @@ class Model:
         if len({l.k for l in m.layers}) != 1:
             raise BundleError(f"{self.directory}: layers with different K are not supported by the runtime yet")
         self.pipeline = p = Pipeline(m, sessions)
+        self._layer_names = layer_names = p.layer_names  # in the order they run
         entry = p.pre[0] if p.pre else sessions[m.layer(layer_names[0]).controller]
         self.input = entry.spec.inputs[0]  # the one tensor a user feeds (besides state)
         exit_ = p.post[-1] if p.post else sessions[m.layer(layer_names[-1]).module_graphs[0]]
         self.output = exit_.spec.outputs[0]
-        self._layer_names = p.layer_names
         # What run() takes and returns (the server's metadata and validation too).
         self.signature = sig.derive(m, self.input, self.output)
         self._argmax = next((t.name for t in self.signature.outputs if t.name in sig.ARGMAX_OUTPUT.values()), None)
