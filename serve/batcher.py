@@ -1,14 +1,18 @@
 """Dynamic batching: concurrent requests merged into one run of the routed runtime.
 
-    submit(x) ──► pending ──► worker: wait until max_batch rows are pending or the
-                               oldest has waited max_queue_delay, take them,
+    submit(feeds, want, cost) ──► pending ──► worker: wait until max_batch rows are
+                               pending or the oldest has waited max_queue_delay, take them,
                                group by key (rows that can be concatenated),
                                run each group once (in one worker thread), split back
 
-A job's ``key`` says which jobs may share a run: the shape of a row (``x.shape[1:]``).
-For the recurrent model that is the sequence length T, so sequences of different
-lengths never share a run and nothing is padded: a request's outputs are what it would
-get alone (every row starts from the zero state, and routing is per row). Requests are
+A job is a dict of input arrays that share their first (batch) axis. Its ``key`` says which
+jobs may share a run: the names of its inputs and the shape of a row of each
+(``x.shape[1:]``). For the recurrent model that is the sequence length T (and whether a
+start state ``h`` is given), so sequences of different lengths never share a run and
+nothing is padded: a request's outputs are what it would get alone (routing is per row).
+A run computes the union of the outputs its jobs ``want`` (None: all), and holds at most
+``max_batch`` rows and ``max_cost`` cost (the server's cost: positions to compute), so the
+work and memory of one run stay bounded; a single larger job runs alone. Requests are
 validated before they reach the queue, so one bad request cannot fail a batch.
 """
 
@@ -26,7 +30,8 @@ import numpy as np
 
 from modrt.serve.errors import BatcherClosedError
 
-RunFn = Callable[[np.ndarray], dict[str, np.ndarray]]
+Feeds = dict[str, np.ndarray]
+RunFn = Callable[[Feeds, frozenset[str] | None], dict[str, np.ndarray]]
 
 
 class Timing(NamedTuple):
@@ -46,24 +51,26 @@ class Result(NamedTuple):
 
 @dataclass
 class _Job:
-    x: np.ndarray
+    feeds: Feeds
+    want: frozenset[str] | None
+    cost: int
     key: tuple
     future: asyncio.Future
+    rows: int
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
-
-    @property
-    def rows(self) -> int:
-        return int(self.x.shape[0])
 
 
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch: int = 32  # rows per run; a single larger request runs alone
     max_queue_delay_us: int = 1000  # how long the first job waits for company
+    max_cost: int | None = None  # cost (the server's: positions) per run; a single larger job runs alone
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.max_cost is not None and self.max_cost < 1:
+            raise ValueError(f"max_cost must be >= 1, got {self.max_cost}")
         if self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
 
@@ -110,10 +117,14 @@ class Batcher:
         self._worker = None
         self._pool.shutdown(wait=True)
 
-    async def submit(self, x: np.ndarray) -> Result:
+    async def submit(self, feeds: Feeds, want: frozenset[str] | None = None, cost: int | None = None) -> Result:
+        """Run ``feeds`` (arrays sharing their first axis) in some batch; ``want``: the
+        outputs needed (None: all); ``cost``: its share of a run's ``max_cost`` (rows)."""
         if not self.running:
             raise BatcherClosedError("the model is not ready (the server is stopping)")
-        job = _Job(x, tuple(x.shape[1:]), asyncio.get_running_loop().create_future())
+        rows = int(next(iter(feeds.values())).shape[0])
+        key = tuple((k, v.shape[1:]) for k, v in feeds.items())
+        job = _Job(feeds, want, rows if cost is None else cost, key, asyncio.get_running_loop().create_future(), rows)
         self._pending.append(job)
         self._rows += job.rows
         if self._idle or self._rows >= self.config.max_batch:
@@ -152,11 +163,14 @@ class Batcher:
                 await self._execute(loop, batch)
 
     def _plan(self, jobs: list[_Job]) -> list[list[_Job]]:
-        """Group by key, in arrival order, into runs of at most max_batch rows."""
+        """Group by key, in arrival order, into runs of at most max_batch rows and max_cost."""
         groups: dict[tuple, list[list[_Job]]] = {}
+        limit = self.config.max_cost
         for job in jobs:
             runs = groups.setdefault(job.key, [[]])
-            if runs[-1] and sum(j.rows for j in runs[-1]) + job.rows > self.config.max_batch:
+            last = runs[-1]
+            if last and (sum(j.rows for j in last) + job.rows > self.config.max_batch
+                         or (limit is not None and sum(j.cost for j in last) + job.cost > limit)):
                 runs.append([])
             runs[-1].append(job)
         return [run for runs in groups.values() for run in runs]
@@ -180,14 +194,19 @@ class Batcher:
 
     def _run_batch(self, jobs: list[_Job]) -> tuple[list[dict[str, np.ndarray]], list[Timing]]:
         t0 = time.perf_counter_ns()
-        x = jobs[0].x if len(jobs) == 1 else np.concatenate([j.x for j in jobs])  # (B, ...)
+        if len(jobs) == 1:
+            feeds, want = jobs[0].feeds, jobs[0].want
+        else:
+            feeds = {k: np.concatenate([j.feeds[k] for j in jobs]) for k in jobs[0].feeds}  # (B, ...)
+            want = None if any(j.want is None for j in jobs) else frozenset().union(*(j.want for j in jobs))
         t1 = time.perf_counter_ns()
-        out = self._run(x)
+        out = self._run(feeds, want)
         t2 = time.perf_counter_ns()
         bounds = np.cumsum([0] + [j.rows for j in jobs])
         split = [{k: v[a:b] for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         t3 = time.perf_counter_ns()
-        timings = [Timing(t0 - j.enqueued_ns, t1 - t0, t2 - t1, t3 - t2, int(x.shape[0])) for j in jobs]
+        B = int(bounds[-1])
+        timings = [Timing(t0 - j.enqueued_ns, t1 - t0, t2 - t1, t3 - t2, B) for j in jobs]
         return split, timings
 
 

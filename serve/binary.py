@@ -127,7 +127,7 @@ def _from_json(data: Any, dtype: np.dtype, inp: RequestInput, count: int) -> np.
 
 def encode_response(response: dict[str, Any], binary: list[np.ndarray]) -> tuple[bytes, dict[str, str]]:
     """Body and headers of an infer response: JSON, then the binary outputs in order."""
-    header = orjson.dumps(response)
+    header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not binary:
         return header, {"content-type": "application/json"}
     little = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for a in binary]
@@ -135,7 +135,14 @@ def encode_response(response: dict[str, Any], binary: list[np.ndarray]) -> tuple
     return body, {"content-type": "application/octet-stream", HEADER: str(len(header))}
 
 
-def tensor_json(arr: np.ndarray) -> list[Any]:
-    """A tensor's ``data`` in JSON: flattened row-major, as the spec allows."""
-    return arr.ravel().tolist()
+def tensor_json(arr: np.ndarray) -> np.ndarray:
+    """A tensor's ``data`` in JSON: flattened row-major, as the spec allows. (orjson writes
+    the array itself: float32 in its shortest round-trip form, ~10 bytes an element where a
+    Python float list takes ~19, and ~3x faster.)"""
+    return np.ascontiguousarray(arr).ravel()
+
+
+# Upper bounds of one element's bytes in a JSON response ("-3.4028235e+38," is 15).
+JSON_BYTES = {"float32": 16, "int64": 21, "int32": 12, "float64": 25, "bool": 6}
+
 

@@ -48,7 +48,8 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
     import modrt
 
     model = modrt.load(directory, provider=config.provider, strategy=config.strategy)
-    plane = DataPlane(model, config.model_name, config.batch)
+    plane = DataPlane(model, config.model_name, config.batch, max_tokens=config.max_tokens,
+                      max_response_bytes=config.max_response_bytes)
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     app = create_app(plane, config.max_request_bytes)
@@ -86,9 +87,16 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
 @click.option("--strategy", type=STRATEGY, default="auto", show_default=True, help=STRATEGY_HELP)
 @click.option("--max-request-bytes", default=64 * 2**20, show_default=True, type=int,
               help="Larger request bodies get 413.")
+@click.option("--max-tokens", default=8192, show_default=True, type=click.IntRange(min=1),
+              help="Positions one request may ask for (rows x time steps; rows for a feed-forward model); "
+                   "more get 413 before anything runs. A batch holds at most this many too.")
+@click.option("--max-response-bytes", default=64 * 2**20, show_default=True, type=click.IntRange(min=1),
+              help="Largest answer, estimated from the request's shapes and outputs before it runs; larger "
+                   "requests get 400 (ask for next_token only, binary data, or fewer tokens).")
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(LOG_LEVELS))
 def serve(bundle_dir: str, host: str, port: int, model_name: str | None, max_batch: int,
-          max_queue_delay_us: int, provider: str, strategy: str, max_request_bytes: int, log_level: str) -> None:
+          max_queue_delay_us: int, provider: str, strategy: str, max_request_bytes: int, max_tokens: int,
+          max_response_bytes: int, log_level: str) -> None:
     """Serve a bundle over HTTP with the KServe v2 / Open Inference Protocol.
 
     \b
@@ -101,7 +109,7 @@ def serve(bundle_dir: str, host: str, port: int, model_name: str | None, max_bat
         config = ServeConfig(host=host, port=port, model_name=model_name,
                              batch=BatchConfig(max_batch=max_batch, max_queue_delay_us=max_queue_delay_us),
                              provider=provider, strategy=strategy, max_request_bytes=max_request_bytes,
-                             log_level=log_level)
+                             max_tokens=max_tokens, max_response_bytes=max_response_bytes, log_level=log_level)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     run_server(bundle_dir, config, announce=lambda line: click.echo(line, err=True))

@@ -3,9 +3,9 @@
     decode(plane, body, header_length) -> Request    JSON header (+ binary tensor data)
     encode(model, version, response) -> (body, headers)
 
-Decoding checks everything about the request header (names, datatype, shape; through
-``plane.check_input`` and ``plane.choose_outputs``, which know the model) before it touches
-the tensor data, so a bad request allocates nothing. The binary layout itself is
+Decoding checks everything about the request header (names, datatypes, shapes, the outputs,
+the size of the work and of the answer; through ``plane.check_header``, which knows the
+model) before it touches the tensor data, so a bad request allocates nothing. The binary layout itself is
 ``binary.py``'s.
 """
 
@@ -23,20 +23,22 @@ from modrt.serve.request import Request, Response
 
 
 def decode(plane, body: bytes, header_length: str | None = None) -> Request:
-    """A validated request: its one input decoded, its outputs chosen. Raises InputError."""
+    """A validated request: its inputs decoded, its outputs chosen. Raises InputError (413:
+    PayloadTooLargeError for work over the server's limit)."""
     header, tail = binary.split_body(body, header_length)
     obj = binary.parse_json(header)
     try:
         req = InferenceRequest.model_validate(obj)
     except ValidationError as exc:
         raise InputError(f"invalid inference request: {_pydantic_message(exc)}") from None
-    inp = req.inputs[0] if req.inputs else None  # check_input refuses anything but one input
-    t = plane.check_input([i.name for i in req.inputs], inp and inp.datatype, inp and inp.shape)  # before decoding
-    x, used = binary.decode_input(inp, tail, 0)  # counts elements (negative dims, overflow)
+    outputs = plane.check_header([(i.name, i.datatype, i.shape) for i in req.inputs], *_requested(req))
+    feeds, used = {}, 0  # the header is sound: now the data
+    for inp in req.inputs:
+        feeds[inp.name], used = binary.decode_input(inp, tail, used)  # binary tensors back to back, in order
     if used != len(tail):
         raise InputError(f"{len(tail) - used} bytes of binary data after the tensors were not used")
-    plane.check_values(t, x)
-    return Request(x, plane.choose_outputs(*_requested(req)), req.id)
+    plane.check_values(feeds)
+    return Request(feeds, outputs, req.id)
 
 
 def _requested(req: InferenceRequest) -> tuple[list[tuple[str, bool | None]] | None, bool]:

@@ -19,13 +19,16 @@ class ServeConfig:
     provider: str = "auto"
     strategy: str = "auto"  # auto | host | graph | fused (modrt.load)
     max_request_bytes: int = 64 * 2**20  # larger bodies get 413
+    max_tokens: int = 8192  # positions a request (rows x time steps; rows feed-forward); more get 413
+    max_response_bytes: int = 64 * 2**20  # larger answers (estimated from the header) get 400
     log_level: str = "warning"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.max_request_bytes < 1:
-            raise ValueError(f"max_request_bytes must be >= 1, got {self.max_request_bytes}")
+        for name in ("max_request_bytes", "max_tokens", "max_response_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy {self.strategy!r} unknown; allowed {STRATEGIES}")
         if self.log_level not in LOG_LEVELS:

@@ -7,13 +7,25 @@ validated completely (names, datatypes, shapes, element counts, token ids) *befo
 joins a batch, so a bad request is refused alone and never disturbs others.
 
 Tensors and their shapes come from the model's signature (``Model.signature``,
-``modrt/runtime/signature.py``), e.g. for PTB: input ``tokens`` INT64 [-1, -1], outputs
-``logits`` FP32 [-1, -1, V], ``next_token`` INT64 [-1, -1], ``modules`` INT32
-[-1, -1, L, K]; a feed-forward classifier answers ``label`` INT64 [-1].
+``modrt/runtime/signature.py``), e.g. for PTB: inputs ``tokens`` INT64 [-1, -1] and the
+optional start state ``h`` FP32 [-1, L, H]; outputs ``logits`` FP32 [-1, -1, V],
+``next_token`` INT64 [-1, -1], ``modules`` INT32 [-1, -1, L, K], ``h_last`` FP32
+[-1, L, H] (send it back as ``h`` with the next tokens to continue a stream); a
+feed-forward classifier answers ``label`` INT64 [-1].
+
+Limits, checked from the request header before anything is decoded or run: at most
+``max_tokens`` positions a request (rows x time steps; rows for a feed-forward model; more
+is 413), and an answer of at most ``max_response_bytes`` (estimated from the shapes of the
+outputs asked for; more is 400 naming the way out: fewer outputs, binary data, fewer
+tokens). Outputs are computed only when some request of the batch asks for them: a request
+for ``next_token`` alone never holds the (B, T, V) logits. A batch holds at most
+``max_tokens`` positions too, so the work and memory of one run stay bounded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 
 import numpy as np
@@ -22,9 +34,9 @@ from modrt._exceptions import InputError, ModrtError
 from modrt._version import __version__
 from modrt.runtime.model import Model
 from modrt.runtime.signature import Tensor
-from modrt.serve import codec
+from modrt.serve import binary, codec
 from modrt.serve.batcher import BatchConfig, Batcher
-from modrt.serve.errors import ModelNotFoundError, NotReadyError
+from modrt.serve.errors import ModelNotFoundError, NotReadyError, PayloadTooLargeError
 from modrt.serve.metrics import Metrics
 from modrt.serve.protocol import (
     DTYPES,
@@ -44,10 +56,16 @@ EXTENSIONS = ["binary_tensor_data", "statistics"]
 class DataPlane:
     """One model behind the v2 protocol: metadata, readiness, validated batched inference."""
 
-    def __init__(self, model: Model, name: str | None = None, batch: BatchConfig | None = None):
+    def __init__(self, model: Model, name: str | None = None, batch: BatchConfig | None = None,
+                 max_tokens: int = 8192, max_response_bytes: int = 64 * 2**20):
         self.model = model
         self.name = name or str(model.manifest.task.get("name", "model"))
-        self.batch_config = batch = batch or BatchConfig()
+        batch = batch or BatchConfig()
+        if batch.max_cost is None:  # a run's positions are capped as a request's are
+            batch = dataclasses.replace(batch, max_cost=max_tokens)
+        self.batch_config = batch
+        self.max_tokens = max_tokens
+        self.max_response_bytes = max_response_bytes
         self.ready = False
         self.signature = sig = model.signature  # metadata and validation: the model's own
         self.metrics = Metrics(self.name, [l.name for l in model.manifest.layers])
@@ -56,6 +74,9 @@ class DataPlane:
         self.inputs = [_metadata(t) for t in sig.inputs]
         self.outputs = [_metadata(t) for t in sig.outputs]
         self._outputs = {t.name: t for t in self.outputs}
+        self._inputs = {t.name: t for t in self.inputs}
+        self._optional = {t.name for t in sig.inputs if t.optional}
+        self._sig_inputs = {t.name: t for t in sig.inputs}
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -93,7 +114,8 @@ class DataPlane:
 
         return ModelConfig(
             name=self.name, platform=self._platform(), max_batch_size=self.batch_config.max_batch,
-            input=[{"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": dims(t)} for t in self.inputs],
+            input=[{"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": dims(t),
+                    **({"optional": True} if t.name in self._optional else {})} for t in self.inputs],
             output=[{"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": dims(t)} for t in self.outputs],
             dynamic_batching={"max_queue_delay_microseconds": self.batch_config.max_queue_delay_us},
             parameters={"topology": m.topology, "provider": self.model.provider, "strategy": self.model.strategy,
@@ -136,7 +158,8 @@ class DataPlane:
         if not self.ready:
             raise NotReadyError(f"model {self.name!r} is not ready")
         try:
-            result = await self.batcher.submit(req.x)
+            result = await self.batcher.submit(req.inputs, frozenset(n for n, _ in req.outputs),
+                                               self.signature.positions(req.inputs[self.signature.input.name].shape))
         except ModrtError:  # BatcherClosedError too: it stopped after the readiness check (shutdown)
             self.stats.request_failed(time.perf_counter_ns() - t0)
             raise
@@ -151,20 +174,48 @@ class DataPlane:
 
     # --- validation, for any front-end ------------------------------------------------
 
-    def check_input(self, names: list[str], datatype: str | None, shape: list[int] | None) -> Tensor:
-        """The request header's input: one tensor of the model's name, datatype and shape.
-        Checked before any data is decoded."""
-        want = self.inputs[0]
-        if names != [want.name]:
-            raise InputError(f"model {self.name!r} takes exactly one input, {want.name!r} "
-                             f"({want.datatype} {want.shape}); got {names}")
-        if datatype != want.datatype:
-            raise InputError(f"input {want.name!r}: datatype {datatype}, the model expects {want.datatype}")
-        return self.signature.check_shape(want.name, shape)
+    def check_header(self, inputs: list[tuple[str, str | None, list[int] | None]],
+                     requested: list[tuple[str, bool | None]] | None, default: bool) -> list[tuple[str, bool]]:
+        """A request's header, before any data is decoded: ``inputs`` [(name, datatype,
+        shape)] are the model's, the outputs asked for exist, and the work and the answer are
+        within the limits. Returns the outputs to answer, as ``choose_outputs``."""
+        sig = self.signature
+        try:
+            sig.check_names([i[0] for i in inputs])
+        except InputError as exc:
+            raise InputError(f"model {self.name!r}: {exc}") from None
+        shapes = {}
+        for name, datatype, shape in inputs:
+            want = self._inputs[name]
+            if datatype != want.datatype:
+                raise InputError(f"input {name!r}: datatype {datatype}, the model expects {want.datatype}")
+            binary.element_count(shape, name)  # negative dimensions, int64 overflow
+            sig.check_shape(name, shape)
+            shapes[name] = shape
+        sig.check_batch(shapes)
+        outputs = self.choose_outputs(requested, default)
+        first = shapes[sig.input.name]
+        n = sig.positions(first)
+        if n > self.max_tokens:
+            raise PayloadTooLargeError(
+                f"input {sig.input.name!r} of shape {list(first)} asks for {n} positions; this server takes at most "
+                f"{self.max_tokens} a request (modrt serve --max-tokens)")
+        size = 0
+        for name, as_binary in outputs:
+            t = sig.output(name)
+            count = math.prod(sig.shape_of(name, first))
+            size += count * (np.dtype(t.dtype).itemsize if as_binary else binary.JSON_BYTES.get(t.dtype, 25))
+        if size > self.max_response_bytes:
+            raise InputError(
+                f"the answer would take up to {size / 2**20:.1f} MiB ({', '.join(n for n, _ in outputs)}), over this "
+                f"server's {self.max_response_bytes / 2**20:.1f} MiB (modrt serve --max-response-bytes): ask for fewer "
+                f"outputs (e.g. only next_token), for binary data, or send fewer tokens")
+        return outputs
 
-    def check_values(self, t: Tensor, x: np.ndarray) -> None:
-        """The decoded input's values (token ids in range)."""
-        self.signature.check_bounds(t, x)
+    def check_values(self, feeds: dict[str, np.ndarray]) -> None:
+        """The decoded inputs' values (token ids in range)."""
+        for name, x in feeds.items():
+            self.signature.check_bounds(self._sig_inputs[name], x)
 
     def choose_outputs(self, requested: list[tuple[str, bool | None]] | None, default: bool
                        ) -> list[tuple[str, bool]]:
@@ -183,11 +234,12 @@ class DataPlane:
             out.append((name, default if b is None else b))
         return out
 
-    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """The routed runtime on one merged batch (runs in the batcher's thread)."""
-        # Every request was checked when it was decoded (check_input, check_values): the
+    def _run(self, feeds: dict[str, np.ndarray], want: frozenset[str] | None) -> dict[str, np.ndarray]:
+        """The routed runtime on one merged batch (runs in the batcher's thread): the
+        outputs some request of it wants."""
+        # Every request was checked when it was decoded (check_header, check_values): the
         # merged batch is not validated again.
-        out = self.model.run_checked({self.signature.input.name: x})
+        out = self.model.run_checked(feeds, want)
         self.metrics.observe_routing(out["modules"])  # once per batch, off the event loop
         return {k: v for k, v in out.items() if k in self._outputs}
 

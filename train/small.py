@@ -31,8 +31,11 @@ JOINT = ["--prior-weight", "1"]
 # name -> (M, K, modrt train ptb arguments). Dense (1,1) and (3,3) are the references.
 ROWS = {
     "dense-M1K1": (1, 1, ["--method", "dense"]),
+    "dense-M3K3": (3, 3, ["--method", "dense"]),
     "hash-M15K1": (15, 1, ["--method", "hash"]),
+    "hash-M5K1": (5, 1, ["--method", "hash"]),
     "reinforce-M15K1": (15, 1, ["--method", "reinforce"]),
+    "noisy-topk-M15K1": (15, 1, ["--method", "noisy-topk"]),
     "em-window-M15K1": (15, 1, ["--method", "em", *JOINT]),
     "em-window-balance-M15K1": (15, 1, ["--method", "em", *JOINT, "--balance-rate", "0.3"]),
     "em-position-M15K1": (15, 1, ["--method", "em", *JOINT, "--e-step", "position", "--samples", "4"]),
@@ -40,6 +43,8 @@ ROWS = {
                                           "--balance-rate", "0.3"]),
     "em-warm-position-balance-M15K1": (15, 1, ["--method", "em", *JOINT, "--e-step", "position", "--samples",
                                                "4", "--balance-rate", "0.3", "--warm-start", "100"]),
+    "em-warm-position-balance-M5K1": (5, 1, ["--method", "em", *JOINT, "--e-step", "position", "--samples",
+                                             "4", "--balance-rate", "0.3", "--warm-start", "100"]),
 }
 
 

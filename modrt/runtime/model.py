@@ -60,7 +60,8 @@ class Model:
         exit_ = p.post[-1] if p.post else sessions[m.layer(layer_names[-1]).module_graphs[0]]
         self.output = exit_.spec.outputs[0]
         # What run() takes and returns (the server's metadata and validation too).
-        self.signature = sig.derive(m, self.input, self.output)
+        state = [self._state_dim(l) for l in m.layers] if m.topology == "recurrent" else None
+        self.signature = sig.derive(m, self.input, self.output, state)
         self._argmax = next((t.name for t in self.signature.outputs if t.name in sig.ARGMAX_OUTPUT.values()), None)
         # The per-call path is hot (a small layer runs in ~20 µs): settle what can be once.
         self._trt = sessions.provider == PROVIDERS["tensorrt"]
@@ -117,12 +118,21 @@ class Model:
         """Per layer, which strategy runs which batch sizes (what ``auto`` chose)."""
         return {name: layer.describe() for name, layer in self._routed.items()}
 
-    def run_checked(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    def run_checked(self, feeds: dict[str, np.ndarray], outputs: set[str] | frozenset[str] | None = None
+                    ) -> dict[str, Any]:
         """Routed inference on ``feeds`` that ``signature.check`` returned (or such feeds
         merged along the batch axis, as the server's batcher does): they are not validated
-        again. Anything else: use ``run``."""
+        again. Anything else: use ``run``. Returns the signature's outputs (``h_last`` as
+        (B, L, H)); with ``outputs``, at least those: a language model's logits are then
+        kept only when asked for (``next_token`` alone is taken chunk by chunk, so a long
+        request never holds its (B, T, V) logits)."""
         if self.manifest.topology == "recurrent":
-            return self._run(self._routed, feeds["tokens"], None, {}, checked=True)
+            h = feeds.get("h")
+            hs = None if h is None else [np.ascontiguousarray(h[:, i]) for i in range(h.shape[1])]
+            out = self._run(self._routed, feeds["tokens"], hs, {}, checked=True, want=outputs)
+            hl = out["h_last"]
+            out["h_last"] = hl[:, None] if isinstance(hl, np.ndarray) else np.stack(hl, 1)
+            return out
         return self._run(self._routed, None, None, feeds, checked=True)
 
     def run_dense(self, tokens: Any = None, *, h: Any = None, **inputs: Any) -> dict[str, Any]:
@@ -150,19 +160,25 @@ class Model:
         spec = self.sessions[layer.controller].spec
         return next(t.shape[-1] for t in spec.inputs if t.name == layer.state)
 
-    def _run(self, layers: dict, tokens: Any, h: Any, inputs: dict[str, Any], checked: bool = False
-             ) -> dict[str, Any]:
+    def _run(self, layers: dict, tokens: Any, h: Any, inputs: dict[str, Any], checked: bool = False,
+             want: set[str] | frozenset[str] | None = None) -> dict[str, Any]:
         if self.manifest.topology == "recurrent":
             if inputs:
-                raise InputError(f"unexpected inputs {sorted(inputs)}; a recurrent bundle takes tokens=")
+                raise InputError(f"unexpected inputs {sorted(inputs)}; a recurrent bundle takes tokens= (and h=)")
             tok = tokens if checked else self._tokens(tokens)
             self._check_profile(*tok.shape)
-            h0 = self._h0(h, tok.shape[0])
+            h0 = h if checked and h is not None else self._h0(h, tok.shape[0])
             stack = [_pick(layers[s], tok.shape[0]) for s in self._layer_names]
-            logits, modules, h_last = self.pipeline.run_recurrent(stack, tok, h0)
-            out = {"logits": logits, "modules": modules, "h_last": h_last[0] if len(h_last) == 1 else h_last}
-            if self._argmax is not None:
-                out[self._argmax] = logits.argmax(-1)
+            argmax = self._argmax is not None and (want is None or self._argmax in want)
+            head = "all" if want is None or "logits" in want else "argmax" if argmax else "none"
+            logits, modules, h_last = self.pipeline.run_recurrent(stack, tok, h0, head=head)
+            out = {"modules": modules, "h_last": h_last[0] if len(h_last) == 1 else h_last}
+            if head == "argmax":
+                out[self._argmax] = logits
+            elif head == "all":
+                out["logits"] = logits
+                if self._argmax is not None:
+                    out[self._argmax] = logits.argmax(-1)
             return out
         if tokens is not None or h is not None:
             raise InputError(f"a feed-forward bundle takes {self.input.name}=, not tokens= or h=")
@@ -195,7 +211,9 @@ class Model:
         layers = self.manifest.layers
         if h is None:
             return [np.zeros((batch, self._state_dim(l)), np.float32) for l in layers]
-        hs = [h] if len(layers) == 1 else list(h)
+        if isinstance(h, np.ndarray) and h.ndim == 3:  # (B, L, H), as the signature's h and h_last
+            h = list(h.swapaxes(0, 1)) if h.shape[1] == len(layers) else [h]
+        hs = [h] if len(layers) == 1 and not isinstance(h, list | tuple) else list(h)
         if len(hs) != len(layers):
             raise InputError(f"h: {len(hs)} states for {len(layers)} layers")
         out = []

@@ -23,6 +23,8 @@ from modrt.bundle import Manifest
 from modrt.runtime.layer import Layer
 from modrt.runtime.sessions import Graph, Sessions
 
+HEAD_CHUNK_BYTES = 32 * 2**20  # the most output of the stages after a recurrent layer held at once
+
 
 class Pipeline:
     """A bundle's stages, bound to their sessions; the layers are given per call."""
@@ -41,6 +43,8 @@ class Pipeline:
         if self.recurrent and any(isinstance(s, Graph) for s in self.mid):
             raise BundleError("a recurrent bundle with graphs between its modular layers is not supported")
         self.K = max(l.k for l in m.layers)
+        # Elements per row and time step of the last stage's output (the vocabulary), or -1.
+        self._head_width = int(self.post[-1].spec.outputs[0].shape[-1]) if self.post else -1
         # One modular layer and nothing around it: run() calls it directly.
         self.single = not self.recurrent and not self.pre and not self.post and len(self.mid) == 1
 
@@ -66,9 +70,16 @@ class Pipeline:
             cur = g({g.input_names[0]: cur})[0]
         return cur, modules
 
-    def run_recurrent(self, layers: list[Layer], tokens: np.ndarray, h0: list[np.ndarray]
-                      ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """tokens (B, T) -> (last output, modules (B, T, L, K) int32, h_last per layer)."""
+    def run_recurrent(self, layers: list[Layer], tokens: np.ndarray, h0: list[np.ndarray], head: str = "all"
+                      ) -> tuple[np.ndarray | None, np.ndarray, list[np.ndarray]]:
+        """tokens (B, T) -> (last output, modules (B, T, L, K) int32, h_last per layer).
+
+        ``head``: "all" gives the stages after the layers' output (the logits, (B, T, V));
+        "argmax" its argmax over the last axis (B, T) int64, taken over chunks of time steps
+        so that no more than ``HEAD_CHUNK_BYTES`` of logits exist at once; "none" runs no
+        stage after the layers (None). The head runs over chunks in every mode: each time
+        step is independent there, and a long request then never grows ONNX Runtime's
+        memory arena by its whole (B, T, V) output."""
         cur = tokens
         for g in self.pre:
             cur = g({g.input_names[0]: cur})[0]
@@ -78,11 +89,32 @@ class Pipeline:
             x_tm, sel, h = layer.window(x_tm, h)
             sels.append(sel)
             h_last.append(h)
-        cur = np.ascontiguousarray(np.swapaxes(x_tm, 0, 1))  # (B, T, H)
-        for g in self.post:
-            cur = g({g.input_names[0]: cur})[0]
         sel = sels[0][:, :, None] if len(sels) == 1 else np.stack(sels, 2)  # (T, B, L, K)
-        return cur, np.ascontiguousarray(sel.transpose(1, 0, 2, 3)), h_last
+        modules = np.ascontiguousarray(sel.transpose(1, 0, 2, 3))
+        if head == "none" or not self.post:
+            return (None if head == "none" else np.ascontiguousarray(np.swapaxes(x_tm, 0, 1))), modules, h_last
+        return self._head(x_tm, head == "argmax"), modules, h_last
+
+    def _head(self, x_tm: np.ndarray, argmax: bool) -> np.ndarray:
+        """The stages after the layers over the time-major states (T, B, H), in chunks of
+        time steps: (B, T, V), or its argmax (B, T)."""
+        T, B = x_tm.shape[:2]
+        width = self._head_width
+        step = max(1, HEAD_CHUNK_BYTES // max(1, B * width * 4)) if width > 0 else T
+        if step >= T:  # one call: the common case (a window of a few dozen steps)
+            cur = np.ascontiguousarray(np.swapaxes(x_tm, 0, 1))
+            for g in self.post:
+                cur = g({g.input_names[0]: cur})[0]
+            return cur.argmax(-1) if argmax else cur
+        out = None
+        for t in range(0, T, step):
+            cur = np.ascontiguousarray(np.swapaxes(x_tm[t:t + step], 0, 1))  # (B, c, H)
+            for g in self.post:
+                cur = g({g.input_names[0]: cur})[0]
+            if out is None:
+                out = np.empty((B, T) if argmax else (B, T, *cur.shape[2:]), np.int64 if argmax else cur.dtype)
+            out[:, t:t + cur.shape[1]] = cur.argmax(-1) if argmax else cur
+        return out
 
 
 __all__ = ["Pipeline"]

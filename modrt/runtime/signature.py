@@ -1,18 +1,25 @@
 """A model's signature: what ``Model.run`` takes and returns, derived once from the bundle.
 
     sig = model.signature
-    sig.inputs    (Tensor("tokens", "int64", (-1, -1), bounds=(0, 10000)),)
+    sig.inputs    (Tensor("tokens", "int64", (-1, -1), bounds=(0, 10000)),
+                  Tensor("h", "float32", (-1, 1, 256), optional=True))
     sig.outputs   (Tensor("logits", "float32", (-1, -1, 10000)),
                    Tensor("next_token", "int64", (-1, -1), derived="argmax of logits"),
-                   Tensor("modules", "int32", (-1, -1, 1, 1), derived="the routing decisions"))
+                   Tensor("modules", "int32", (-1, -1, 1, 1), derived="the routing decisions"),
+                   Tensor("h_last", "float32", (-1, 1, 256), derived="the state after the last step"))
     feeds = sig.check({"tokens": t})   # validated once: names, dtype kind, shape, bounds
+    sig.shape_of("logits", (2, 35))    # (2, 35, 10000): an output's shape for an input shape
 
 The outputs a graph does not compute are declared by the bundle's task: a language model
 (``task.kind == "language-model"``) answers ``next_token``, a classifier
 (``"classification"``) ``label`` - both the argmax of ``logits`` over its last axis;
-every model answers ``modules`` (B, [T,] L, K). Servers take their metadata and their
-validation from here, so a new topology needs no server change. ``-1`` in a shape: any
-size. (A bundle without a task kind whose feed-forward output is named ``logits`` is
+every model answers ``modules`` (B, [T,] L, K). A recurrent model (whose layers share one
+state size H) also takes an optional ``h`` (B, L, H), the state to start from (zeros when
+left out), and answers ``h_last`` (B, L, H), the state after the last step: feeding it back
+as ``h`` with the next tokens continues the stream exactly. Servers take their metadata and
+their validation from here, so a new topology needs no server change. ``-1`` in a shape:
+any size; in an output, the i-th ``-1`` is the i-th axis of the first input (batch, then
+time). (A bundle without a task kind whose feed-forward output is named ``logits`` is
 read as a classifier, as before kinds were recorded.)
 """
 
@@ -41,6 +48,7 @@ class Tensor:
     bounds: tuple[int, int] | None = None  # integer inputs: values in [lo, hi)
     values: str = "values"  # what its values are called in an error (e.g. "token ids")
     derived: str | None = None  # an output modrt computes beside the graphs, and how
+    optional: bool = False  # an input a caller may leave out
 
     def describe(self) -> str:
         return f"{self.dtype} {list(self.shape)}"
@@ -56,7 +64,7 @@ class Signature:
 
     @property
     def input(self) -> Tensor:
-        """The one tensor a caller feeds."""
+        """The one tensor a caller must feed (tokens, or the features)."""
         return self.inputs[0]
 
     def output(self, name: str) -> Tensor:
@@ -65,12 +73,21 @@ class Signature:
                 return t
         raise InputError(f"unknown output {name!r}; the model has {[t.name for t in self.outputs]}")
 
+    def describe_inputs(self) -> str:
+        return ", ".join(f"{t.name!r} ({t.describe()}{', optional' if t.optional else ''})" for t in self.inputs)
+
+    def check_names(self, names: list[str]) -> None:
+        """``names`` are the model's inputs: each known, once, every required one given."""
+        known = {t.name for t in self.inputs}
+        required = [t.name for t in self.inputs if not t.optional]
+        if len(set(names)) != len(names) or not set(names) <= known or not set(required) <= set(names):
+            raise InputError(f"this model takes {self.describe_inputs()}; got {list(names) or 'none'}")
+
     def check_shape(self, name: str, shape: tuple[int, ...] | list[int]) -> Tensor:
         """The input ``name`` exists, and ``shape`` fits it (rank, fixed sizes, no empty axis)."""
-        want = self.input
-        if name != want.name:
-            raise InputError(f"this model takes exactly one input, {want.name!r} ({want.describe()}); "
-                             f"got {name!r}")
+        want = next((t for t in self.inputs if t.name == name), None)
+        if want is None:
+            raise InputError(f"this model takes {self.describe_inputs()}; got {name!r}")
         if len(shape) != len(want.shape) or any(w not in (-1, g) for w, g in zip(want.shape, shape, strict=True)):
             raise InputError(f"input {name!r} must have shape {list(want.shape)} (-1: any; a {len(want.shape)}-D "
                              f"array), got {list(shape)}")
@@ -78,23 +95,49 @@ class Signature:
             raise InputError(f"input {name!r}: shape {list(shape)} is empty")
         return want
 
+    def check_batch(self, shapes: Mapping[str, tuple[int, ...] | list[int]]) -> None:
+        """Every input given has the first input's batch size (axis 0)."""
+        first = self.input
+        B = shapes[first.name][0]
+        for name, shape in shapes.items():
+            if shape[0] != B:
+                raise InputError(f"input {name!r} has batch size {shape[0]}, {first.name!r} has {B}")
+
+    def positions(self, shape: tuple[int, ...] | list[int]) -> int:
+        """Positions the first input of ``shape`` asks the model to compute: rows x time steps
+        of a language model, rows of a feed-forward one (the product of its -1 axes)."""
+        n = 1
+        for w, g in zip(self.input.shape, shape, strict=True):
+            if w == -1:
+                n *= int(g)
+        return n
+
+    def shape_of(self, output: str, shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+        """The shape of ``output`` when the first input has ``shape``."""
+        lead = iter(int(g) for w, g in zip(self.input.shape, shape, strict=True) if w == -1)
+        return tuple(next(lead) if d == -1 else d for d in self.output(output).shape)
+
     def check(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """``inputs`` validated: exactly the declared names, the dtype kind (integer ids,
-        floating features), the shape and the bounds; returned contiguous in the declared
-        dtype. Raises InputError naming what is wrong."""
-        want = self.input
-        if set(inputs) != {want.name}:
-            raise InputError(f"this model takes exactly one input, {want.name}= ({want.describe()}); "
-                             f"got {sorted(inputs) or 'none'}")
-        x = np.asarray(inputs[want.name])
-        self.check_shape(want.name, x.shape)
-        kind = np.dtype(want.dtype).kind
-        if kind in "iu" and not np.issubdtype(x.dtype, np.integer):
-            raise InputError(f"input {want.name!r} must be integers, got {x.dtype}")
-        if kind == "f" and not np.issubdtype(x.dtype, np.floating):
-            raise InputError(f"input {want.name!r} must be floating point, got {x.dtype}")
-        self.check_bounds(want, x)
-        return {want.name: np.ascontiguousarray(x, dtype=want.dtype)}
+        """``inputs`` validated: the declared names (optional ones may be left out), the
+        dtype kind (integer ids, floating features), the shapes, one batch size and the
+        bounds; returned contiguous in the declared dtypes. Raises InputError naming what is
+        wrong."""
+        self.check_names(list(inputs))
+        out = {}
+        for want in self.inputs:
+            if want.name not in inputs:
+                continue
+            x = np.asarray(inputs[want.name])
+            self.check_shape(want.name, x.shape)
+            kind = np.dtype(want.dtype).kind
+            if kind in "iu" and not np.issubdtype(x.dtype, np.integer):
+                raise InputError(f"input {want.name!r} must be integers, got {x.dtype}")
+            if kind == "f" and not np.issubdtype(x.dtype, np.floating):
+                raise InputError(f"input {want.name!r} must be floating point, got {x.dtype}")
+            self.check_bounds(want, x)
+            out[want.name] = np.ascontiguousarray(x, dtype=want.dtype)
+        self.check_batch({k: v.shape for k, v in out.items()})
+        return out
 
     @staticmethod
     def check_bounds(t: Tensor, x: np.ndarray) -> None:
@@ -106,15 +149,22 @@ class Signature:
                              f"got values in [{lo}, {hi}]")
 
 
-def derive(manifest: Manifest, first: TensorSpec, last: TensorSpec) -> Signature:
+def derive(manifest: Manifest, first: TensorSpec, last: TensorSpec, state: list[int] | None = None) -> Signature:
     """The signature of a bundle whose first graph takes ``first`` and whose last graph
-    gives ``last`` (the ends of its stages)."""
+    gives ``last`` (the ends of its stages); ``state``: a recurrent bundle's state size per
+    layer (``h`` and ``h_last`` are declared when they are all one size)."""
     L, K = len(manifest.layers), max(l.k for l in manifest.layers)
     kind = manifest.task.get("kind")
     routing = "the routing decisions: module ids per layer and slot"
+    after: list[Tensor] = []
     if manifest.topology == "recurrent":
         V = int(last.shape[-1])
-        inputs = (Tensor("tokens", "int64", (-1, -1), bounds=(0, V) if V > 0 else None, values="token ids"),)
+        inputs: tuple[Tensor, ...] = (
+            Tensor("tokens", "int64", (-1, -1), bounds=(0, V) if V > 0 else None, values="token ids"),)
+        if state and len(set(state)) == 1 and state[0] > 0:
+            inputs += (Tensor("h", "float32", (-1, L, state[0]), optional=True),)
+            after.append(Tensor("h_last", "float32", (-1, L, state[0]),
+                                derived="the state after the last step, per layer: feed it back as h to go on"))
         outs = [Tensor("logits", "float32", (-1, -1, V))]
         lead: tuple[int, ...] = (-1, -1)
     else:
@@ -127,7 +177,7 @@ def derive(manifest: Manifest, first: TensorSpec, last: TensorSpec) -> Signature
     if argmax is not None and outs[0].name == "logits":
         outs.append(Tensor(argmax, "int64", lead, derived="argmax of logits over its last axis"))
     outs.append(Tensor("modules", "int32", (*lead, L, K), derived=routing))
-    return Signature(manifest.topology, inputs, tuple(outs))
+    return Signature(manifest.topology, inputs, (*outs, *after))
 
 
 __all__ = ["ARGMAX_OUTPUT", "Signature", "Tensor", "derive"]

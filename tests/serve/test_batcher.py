@@ -13,7 +13,8 @@ from modrt.serve.batcher import BatchConfig, Batcher, BatcherClosedError
 def run_jobs(xs, config: BatchConfig, fn=None):
     calls: list[tuple] = []
 
-    def run(x):
+    def run(feeds, want):
+        x = feeds["x"]
         calls.append(x.shape)
         if fn:
             return fn(x)
@@ -23,7 +24,7 @@ def run_jobs(xs, config: BatchConfig, fn=None):
         b = Batcher(run, config)
         await b.start()
         try:
-            return await asyncio.gather(*(b.submit(x) for x in xs), return_exceptions=True)
+            return await asyncio.gather(*(b.submit({"x": x}) for x in xs), return_exceptions=True)
         finally:
             await b.stop()
 
@@ -78,25 +79,66 @@ def test_config_is_validated(kw):
 
 def test_submit_after_stop_is_refused_and_pending_jobs_finish():
     async def main():
-        b = Batcher(lambda x: {"y": x}, BatchConfig(max_batch=64, max_queue_delay_us=10_000_000))
+        b = Batcher(lambda f, w: {"y": f["x"]}, BatchConfig(max_batch=64, max_queue_delay_us=10_000_000))
         await b.start()
-        pending = [asyncio.ensure_future(b.submit(np.ones((1, 2)))) for _ in range(3)]
+        pending = [asyncio.ensure_future(b.submit({"x": np.ones((1, 2))})) for _ in range(3)]
         await asyncio.sleep(0)  # queued, waiting for company (a 10 s delay)
         await b.stop()  # does not wait for the delay: drains at once
         assert all(p.done() and p.result().outputs["y"].shape == (1, 2) for p in pending)
         with pytest.raises(BatcherClosedError):
-            await b.submit(np.ones((1, 2)))
+            await b.submit({"x": np.ones((1, 2))})
 
     asyncio.run(main())
 
 
 def test_a_batch_leaves_when_full_without_waiting_for_the_delay():
     async def main():
-        b = Batcher(lambda x: {"y": x}, BatchConfig(max_batch=4, max_queue_delay_us=10_000_000))
+        b = Batcher(lambda f, w: {"y": f["x"]}, BatchConfig(max_batch=4, max_queue_delay_us=10_000_000))
         await b.start()
         try:
-            return await asyncio.wait_for(asyncio.gather(*(b.submit(np.ones((1, 2))) for _ in range(4))), 5)
+            return await asyncio.wait_for(asyncio.gather(*(b.submit({"x": np.ones((1, 2))}) for _ in range(4))), 5)
         finally:
             await b.stop()
 
     assert [r.timing.batch_size for r in asyncio.run(main())] == [4] * 4
+
+
+def test_max_cost_caps_the_work_of_a_run_and_a_larger_job_runs_alone():
+    seen: list[int] = []
+
+    async def main():
+        b = Batcher(lambda f, w: seen.append(f["x"].shape[0]) or {"y": f["x"]},
+                    BatchConfig(max_batch=64, max_queue_delay_us=50_000, max_cost=100))
+        await b.start()
+        try:
+            jobs = [b.submit({"x": np.ones((1, 2))}, cost=40) for _ in range(5)] + \
+                [b.submit({"x": np.ones((1, 2))}, cost=250)]
+            return await asyncio.gather(*jobs)
+        finally:
+            await b.stop()
+
+    asyncio.run(main())
+    assert sorted(seen) == [1, 1, 2, 2]  # 40+40 | 40+40 | 40 | 250 alone
+
+
+def test_a_run_computes_the_union_of_what_its_jobs_want_and_keys_by_input_names():
+    calls: list[tuple] = []
+
+    def run(feeds, want):
+        calls.append((tuple(feeds), want, feeds["x"].shape[0]))
+        return {"y": feeds["x"], "z": feeds["x"]}
+
+    async def main():
+        b = Batcher(run, BatchConfig(max_batch=64, max_queue_delay_us=50_000))
+        await b.start()
+        try:
+            return await asyncio.gather(
+                b.submit({"x": np.ones((1, 2))}, frozenset({"y"})), b.submit({"x": np.ones((2, 2))}, frozenset({"z"})),
+                b.submit({"x": np.ones((1, 2)), "h": np.ones((1, 3))}, frozenset({"y"})))
+        finally:
+            await b.stop()
+
+    results = asyncio.run(main())
+    assert sorted(calls, key=len) == sorted([(("x",), frozenset({"y", "z"}), 3), (("x", "h"), frozenset({"y"}), 1)],
+                                            key=len)
+    assert [r.outputs["y"].shape[0] for r in results] == [1, 2, 1]

@@ -51,7 +51,7 @@ CASES = {
     "token id negative": (js({"inputs": [tok(data=(1, -2, 3))]}), {}),
     "int64 overflow": (js({"inputs": [tok(data=(1, 2, 2**70))]}), {}),
     "missing data": (js({"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 3]}]}), {}),
-    "unknown output": (js({**GOOD, "outputs": [{"name": "h_last"}]}), {}),
+    "unknown output": (js({**GOOD, "outputs": [{"name": "h_state"}]}), {}),
     "duplicate outputs": (js({**GOOD, "outputs": [{"name": "logits"}, {"name": "logits"}]}), {}),
     "non-bool binary_data": (js({**GOOD, "outputs": [{"name": "logits", "parameters": {"binary_data": "yes"}}]}),
                              {}),

@@ -35,12 +35,16 @@ def test_health_and_metadata_with_tritonclient(lm_server):
     assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("lm")
     assert not c.is_model_ready("nope")
     meta = c.get_model_metadata("lm")
-    assert meta["inputs"] == [{"name": "tokens", "datatype": "INT64", "shape": [-1, -1]}]
+    assert meta["inputs"] == [{"name": "tokens", "datatype": "INT64", "shape": [-1, -1]},
+                              {"name": "h", "datatype": "FP32", "shape": [-1, 1, 12]}]
     assert meta["outputs"] == [
         {"name": "logits", "datatype": "FP32", "shape": [-1, -1, VOCAB]},
         {"name": "next_token", "datatype": "INT64", "shape": [-1, -1]},
         {"name": "modules", "datatype": "INT32", "shape": [-1, -1, 1, 2]},
+        {"name": "h_last", "datatype": "FP32", "shape": [-1, 1, 12]},
     ]
+    cfg = c.get_model_config("lm")
+    assert cfg["input"][1] == {"name": "h", "data_type": "TYPE_FP32", "dims": [1, 12], "optional": True}
     assert "binary_tensor_data" in c.get_server_metadata()["extensions"]
     assert c.get_model_config("lm")["max_batch_size"] == 16
 
@@ -74,7 +78,7 @@ def test_tritonclient_all_outputs_binary_by_default(lm_server, lm_model):
     inp = tc.InferInput("tokens", [1, 4], "INT64")
     inp.set_data_from_numpy(x)
     res = triton(lm_server).infer("lm", [inp])  # no outputs named: binary_data_output=true
-    assert {o["name"] for o in res.get_response()["outputs"]} == {"logits", "next_token", "modules"}
+    assert {o["name"] for o in res.get_response()["outputs"]} == {"logits", "next_token", "modules", "h_last"}
     np.testing.assert_array_equal(res.as_numpy("next_token"), lm_model.run(tokens=x)["next_token"])
 
 
@@ -216,3 +220,54 @@ def test_topk_gate_bundle_serves(tmp_path, server_thread):
         np.testing.assert_array_equal(res.as_numpy("modules"), ref["modules"])
         assert res.as_numpy("modules").shape == (3, 7, 1, 2)
         np.testing.assert_allclose(res.as_numpy("logits"), ref["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_client_continues_a_token_stream_with_h_and_h_last(lm_server, lm_model):
+    """Two requests, the second sending the first's h_last as h (binary and JSON), answer
+    what one request for all the tokens answers."""
+    x = tokens(2, 10, seed=5)
+    whole = lm_model.run(tokens=x)
+    c = triton(lm_server)
+
+    def infer(toks, h=None, binary=True):
+        inp = [tc.InferInput("tokens", list(toks.shape), "INT64")]
+        inp[0].set_data_from_numpy(toks, binary_data=binary)
+        if h is not None:
+            inp.append(tc.InferInput("h", list(h.shape), "FP32"))
+            inp[1].set_data_from_numpy(h, binary_data=binary)
+        outs = [tc.InferRequestedOutput(n, binary_data=binary) for n in ("logits", "h_last")]
+        return c.infer("lm", inp, outputs=outs)
+
+    for binary in (True, False):
+        a = infer(x[:, :6], binary=binary)
+        h = a.as_numpy("h_last")
+        assert h.shape == (2, 1, 12) and h.dtype == np.float32
+        b = infer(x[:, 6:], h, binary=binary)
+        np.testing.assert_allclose(np.concatenate([a.as_numpy("logits"), b.as_numpy("logits")], 1), whole["logits"],
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(b.as_numpy("h_last")[:, 0], whole["h_last"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(InferenceServerException, match="'h' has batch size 1, 'tokens' has 2"):
+        infer(x[:, :6], np.zeros((1, 1, 12), np.float32))
+
+
+def test_long_requests_are_refused_before_they_run_and_next_token_alone_needs_no_logits(lm_model, server_thread):
+    plane = DataPlane(lm_model, "lm", BatchConfig(max_batch=4, max_queue_delay_us=0), max_tokens=3000,
+                      max_response_bytes=2**20)
+    with server_thread(plane) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+        def post(t: int, outputs=None):
+            body = {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, t], "data": [1] * t}]}
+            if outputs is not None:
+                body["outputs"] = [{"name": n} for n in outputs]
+            return c.post("/v2/models/lm/infer", json=body)
+
+        r = post(3001, ["next_token"])
+        assert r.status_code == 413 and "3001 positions" in r.json()["error"] and "--max-tokens" in r.json()["error"]
+        r = post(3000)  # every output as JSON: logits 3000 x 40 floats, ~1.9 MiB
+        assert r.status_code == 400 and "--max-response-bytes" in r.json()["error"]
+        r = post(3000, ["next_token"])
+        assert r.status_code == 200, r.text
+        got = r.json()["outputs"]
+        assert [o["name"] for o in got] == ["next_token"] and got[0]["shape"] == [1, 3000]
+        want = lm_model.run(tokens=np.ones((1, 3000), np.int64))["next_token"]
+        np.testing.assert_array_equal(np.array(got[0]["data"]).reshape(1, 3000), want)
+        assert s.plane.stats.response().model_stats[0].inference_stats.fail.count == 2
