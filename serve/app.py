@@ -29,7 +29,7 @@ from modrt.serve.protocol import (
     StatsResponse,
 )
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 500, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 500, 503)}
 
 
 def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20) -> FastAPI:

@@ -5,9 +5,11 @@ Every error the server reports is a ``ModrtError`` (``modrt._exceptions`` draws 
 the classes below are the ones only a server raises. ``status_of`` walks an exception's
 classes through ``STATUS``, so a subclass answers as its parent does:
 
-    InputError (malformed body, tensors, dtypes, shapes, ids)   400
+    InputError (malformed body, tensors, dtypes, shapes, ids,   400
+                an answer over --max-response-bytes)
     ModelNotFoundError, unknown route                          404
-    PayloadTooLargeError (over --max-request-bytes)            413
+    PayloadTooLargeError (over --max-request-bytes, --max-tokens)  413
+    UnsupportedEncodingError (a Content-Encoding not gzip/deflate)  415
     NotReadyError (starting or draining)                       503
     └── BatcherClosedError (the batcher stopped: shutdown)     503
     any other ModrtError (onnxruntime failed on a graph)        500
@@ -38,11 +40,17 @@ class BatcherClosedError(NotReadyError):
 
 
 class PayloadTooLargeError(ModrtError):
-    """A request body over ``--max-request-bytes``: 413."""
+    """A request body over ``--max-request-bytes`` (compressed or not), or more positions
+    than ``--max-tokens``: 413."""
+
+
+class UnsupportedEncodingError(ModrtError):
+    """A request body in a Content-Encoding the server does not decode: 415."""
 
 
 STATUS: dict[type[Exception], int] = {
-    InputError: 400, ModelNotFoundError: 404, PayloadTooLargeError: 413, NotReadyError: 503, ModrtError: 500,
+    InputError: 400, ModelNotFoundError: 404, PayloadTooLargeError: 413, UnsupportedEncodingError: 415,
+    NotReadyError: 503, ModrtError: 500,
 }
 
 
@@ -99,4 +107,4 @@ def install(app, on_failure) -> None:
 
 
 __all__ = ["BatcherClosedError", "ModelNotFoundError", "NotReadyError", "PayloadTooLargeError", "STATUS",
-           "answer", "error_body", "install", "status_of"]
+           "UnsupportedEncodingError", "answer", "error_body", "install", "status_of"]

@@ -8,18 +8,31 @@ request; this path reads the body, calls the data plane, and sends the bytes it 
 
 Errors are answered by ``errors.answer``, as the app's handlers answer them (statuses:
 ``errors.py``).
+
+Compression (what tritonclient's ``request_compression_algorithm`` and
+``response_compression_algorithm`` send): a body with ``Content-Encoding: gzip`` or
+``deflate`` (zlib) is decompressed before it is read, bounded by ``--max-request-bytes``
+on both sides (a small bomb cannot grow past it: 413); any other encoding is 415. An
+answer is compressed when ``Accept-Encoding`` lists gzip or deflate (gzip first), at a fast
+level (JSON tensors shrink ~3x). ``Inference-Header-Content-Length`` counts the
+uncompressed JSON header, as Triton's does.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 
+from modrt._exceptions import InputError
 from modrt.serve import binary, errors
 from modrt.serve.dataplane import DataPlane
-from modrt.serve.errors import PayloadTooLargeError
+from modrt.serve.errors import PayloadTooLargeError, UnsupportedEncodingError
 
 INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 _BINARY_HEADER = binary.HEADER.lower().encode("latin-1")
+# Content-Encoding -> zlib's wbits: gzip's header and trailer, or the zlib format (HTTP's "deflate")
+WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+COMPRESS_LEVEL = 1  # fast: an answer's bytes are mostly numbers; level 6 is ~4x slower for ~10% less
 
 
 class ClientGone(Exception):
@@ -44,17 +57,30 @@ class InferRoute:
         plane = self.plane
         headers: list[tuple[bytes, bytes]]
         try:
-            declared = header_length = None
+            declared = header_length = encoding = accept = None
             for k, v in scope["headers"]:
                 if k == b"content-length":
                     declared = v
                 elif k == _BINARY_HEADER:
                     header_length = v.decode("latin-1")
+                elif k == b"content-encoding":
+                    encoding = v.decode("latin-1").strip().lower()
+                elif k == b"accept-encoding":
+                    accept = v
             plane.check_model(name, version)
+            if encoding not in (None, "", "identity") and encoding not in WBITS:
+                raise UnsupportedEncodingError(f"Content-Encoding {encoding[:40]!r} is not supported; send the body "
+                                               "as is, gzip or deflate")
             body = await self._body(receive, declared)
+            if encoding in WBITS:
+                body = decompress(body, encoding, self.limit)
             content, extra = await plane.infer(name, body, header_length, version)
             status = 200
             headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
+            coding = accept and chosen_encoding(accept)
+            if coding:
+                content = compress(content, coding)
+                headers.append((b"content-encoding", coding.encode()))
         except ClientGone:
             return
         except Exception as exc:  # noqa: BLE001 - answered (a bug: 500, logged) and the server goes on
@@ -85,4 +111,45 @@ class InferRoute:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-__all__ = ["INFER_PATH", "InferRoute"]
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """A gzip or deflate body, at most ``limit`` bytes once decompressed (else 413);
+    a corrupt or truncated stream is 400."""
+    d = zlib.decompressobj(WBITS[encoding])
+    try:
+        out = d.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InputError(f"the {encoding} request body cannot be decompressed: {exc}") from None
+    if len(out) > limit:
+        raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes once decompressed ({encoding})")
+    if not d.eof:
+        raise InputError(f"the {encoding} request body is truncated")
+    if d.unused_data:
+        raise InputError(f"{len(d.unused_data)} bytes after the end of the {encoding} stream")
+    return out
+
+
+def chosen_encoding(accept: bytes) -> str | None:
+    """gzip or deflate when the client's Accept-Encoding allows it (q > 0), else None."""
+    allowed = set()
+    for part in accept.decode("latin-1").lower().split(","):
+        coding, _, params = part.strip().partition(";")
+        q = params.strip()
+        if q.startswith("q="):
+            try:
+                if float(q[2:]) <= 0:
+                    continue
+            except ValueError:
+                continue
+        allowed.add(coding.strip())
+    for coding in ("gzip", "deflate"):
+        if coding in allowed or "*" in allowed:
+            return coding
+    return None
+
+
+def compress(content: bytes, coding: str) -> bytes:
+    c = zlib.compressobj(COMPRESS_LEVEL, zlib.DEFLATED, WBITS[coding])
+    return c.compress(content) + c.flush()
+
+
+__all__ = ["INFER_PATH", "InferRoute", "chosen_encoding", "compress", "decompress"]

@@ -271,3 +271,38 @@ def test_long_requests_are_refused_before_they_run_and_next_token_alone_needs_no
         want = lm_model.run(tokens=np.ones((1, 3000), np.int64))["next_token"]
         np.testing.assert_array_equal(np.array(got[0]["data"]).reshape(1, 3000), want)
         assert s.plane.stats.response().model_stats[0].inference_stats.fail.count == 2
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compression_both_ways(lm_server, lm_model, algorithm):
+    x = tokens(2, 5, seed=3)
+    inp = tc.InferInput("tokens", list(x.shape), "INT64")
+    inp.set_data_from_numpy(x, binary_data=False)
+    outs = [tc.InferRequestedOutput(n, binary_data=False) for n in ("logits", "next_token")]
+    res = triton(lm_server).infer("lm", [inp], outputs=outs, request_compression_algorithm=algorithm,
+                                  response_compression_algorithm=algorithm)
+    want = lm_model.run(tokens=x)
+    np.testing.assert_allclose(res.as_numpy("logits"), want["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(res.as_numpy("next_token"), want["next_token"])
+
+
+def test_compressed_bodies_are_bounded_and_bad_encodings_refused(client):
+    import gzip
+    import zlib
+
+    good = json.dumps({"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 3], "data": [1, 2, 3]}]})
+    r = client.post("/v2/models/lm/infer", content=gzip.compress(good.encode()),
+                    headers={"content-encoding": "gzip", "accept-encoding": "gzip;q=0, deflate"})
+    assert r.status_code == 200 and r.headers["content-encoding"] == "deflate"  # httpx decoded it
+    assert r.json()["outputs"][1]["name"] == "next_token"
+    bomb = gzip.compress(b" " * (2 << 20))  # 2 MiB of spaces in ~2 KB: over the 1 MiB limit once inflated
+    assert len(bomb) < 10_000
+    cases = [(bomb, "gzip", 413, "once decompressed"),
+             (b"not gzip at all", "gzip", 400, "cannot be decompressed"),
+             (gzip.compress(good.encode())[:-12], "gzip", 400, "truncated"),
+             (zlib.compress(good.encode()) + b"xx", "deflate", 400, "2 bytes after the end"),
+             (good.encode(), "br", 415, "Content-Encoding 'br' is not supported")]
+    for body, enc, status, msg in cases:
+        r = client.post("/v2/models/lm/infer", content=body, headers={"content-encoding": enc})
+        assert r.status_code == status and msg in r.json()["error"], (enc, r.text)
+    assert client.get("/v2/health/ready").status_code == 200
