@@ -32,15 +32,20 @@ from modrt.serve.protocol import (
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 500, 503)}
 
 
-def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20) -> FastAPI:
-    """The ASGI app; the data plane's batcher starts and stops with the app's lifespan."""
+def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20, grpc=None) -> FastAPI:
+    """The ASGI app; the data plane's batcher (and ``grpc``, a ``grpc_server.GrpcServer``
+    in the same event loop) start and stop with the app's lifespan."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await plane.start()
         try:
+            if grpc is not None:
+                await grpc.start()
             yield
         finally:
+            if grpc is not None:
+                await grpc.stop()  # in-flight RPCs finish (readiness is already false)
             await plane.stop()
 
     app = FastAPI(title="modrt serve", version=__version__, lifespan=lifespan,

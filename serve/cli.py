@@ -1,8 +1,9 @@
-"""``modrt serve OUT/``: the bundle behind a KServe v2 HTTP server (uvicorn).
+"""``modrt serve OUT/``: the bundle behind a KServe v2 HTTP server (uvicorn), and with
+``--grpc-port`` the v2 gRPC protocol beside it in the same event loop (``grpc_server.py``).
 
 Order matters: the bundle is loaded and validated first (a bad bundle is one red line,
-exit 1, and no port is taken), then the port is bound by us (in use: one line, exit 1),
-then uvicorn serves on that socket. SIGTERM / Ctrl-C: readiness turns false, in-flight
+exit 1, and no port is taken), then the port is bound by us (in use: one line, exit 1; the
+gRPC port is tried the same way), then uvicorn serves on that socket. SIGTERM / Ctrl-C: readiness turns false, in-flight
 requests finish, the batcher drains, exit 0.
 """
 
@@ -47,12 +48,28 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
                          "pip install 'modrt[serve]'") from exc
     import modrt
 
+    grpc = None
+    if config.grpc_port is not None:
+        try:
+            from modrt.serve.grpc_server import GrpcServer
+        except ModuleNotFoundError as exc:
+            raise ModrtError(f"modrt serve --grpc-port needs the serve extra ({exc.name} is not installed): "
+                             "pip install 'modrt[serve]'") from exc
     model = modrt.load(directory, provider=config.provider, strategy=config.strategy)
     plane = DataPlane(model, config.model_name, config.batch, max_tokens=config.max_tokens,
                       max_response_bytes=config.max_response_bytes)
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
-    app = create_app(plane, config.max_request_bytes)
+    if config.grpc_port is not None:
+        if config.grpc_port:  # in use: one line now, not a failed startup later (gRPC binds in the loop)
+            try:
+                bind(config.host, config.grpc_port).close()
+            except ModrtError:
+                sock.close()
+                raise
+        grpc = GrpcServer(plane, config.host, config.grpc_port, config.max_request_bytes, config.max_response_bytes,
+                          announce=announce)
+    app = create_app(plane, config.max_request_bytes, grpc)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -77,6 +94,9 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
 @click.argument("bundle_dir", metavar="OUT/", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=9000, show_default=True, type=int, help="TCP port; 0 picks a free one.")
+@click.option("--grpc-port", default=None, type=click.IntRange(0, 65535),
+              help="Also serve the KServe v2 gRPC protocol (tritonclient.grpc, KServe clients) on this port; "
+                   "0 picks a free one. Same model, checks and batches as HTTP.")
 @click.option("--model-name", default=None, help="Name clients use in /v2/models/NAME [default: the task name].")
 @click.option("--max-batch", default=32, show_default=True, type=int,
               help="Rows merged into one runtime call (1: no dynamic batching).")
@@ -94,10 +114,10 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
               help="Largest answer, estimated from the request's shapes and outputs before it runs; larger "
                    "requests get 400 (ask for next_token only, binary data, or fewer tokens).")
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(LOG_LEVELS))
-def serve(bundle_dir: str, host: str, port: int, model_name: str | None, max_batch: int,
+def serve(bundle_dir: str, host: str, port: int, grpc_port: int | None, model_name: str | None, max_batch: int,
           max_queue_delay_us: int, provider: str, strategy: str, max_request_bytes: int, max_tokens: int,
           max_response_bytes: int, log_level: str) -> None:
-    """Serve a bundle over HTTP with the KServe v2 / Open Inference Protocol.
+    """Serve a bundle over HTTP (and gRPC, --grpc-port) with the KServe v2 / Open Inference Protocol.
 
     \b
     curl localhost:9000/v2/health/ready
@@ -106,7 +126,7 @@ def serve(bundle_dir: str, host: str, port: int, model_name: str | None, max_bat
          localhost:9000/v2/models/NAME/infer
     """
     try:
-        config = ServeConfig(host=host, port=port, model_name=model_name,
+        config = ServeConfig(host=host, port=port, grpc_port=grpc_port, model_name=model_name,
                              batch=BatchConfig(max_batch=max_batch, max_queue_delay_us=max_queue_delay_us),
                              provider=provider, strategy=strategy, max_request_bytes=max_request_bytes,
                              max_tokens=max_tokens, max_response_bytes=max_response_bytes, log_level=log_level)

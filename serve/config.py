@@ -14,6 +14,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 class ServeConfig:
     host: str = "127.0.0.1"  # loopback by default: exposing a server is a decision
     port: int = 9000  # 0: any free port (the chosen one is printed)
+    grpc_port: int | None = None  # the KServe v2 gRPC front-end beside HTTP (0: any free port); None: none
     model_name: str | None = None  # None: the manifest's task name
     batch: BatchConfig = field(default_factory=BatchConfig)  # dynamic batching (max_batch, queue delay)
     provider: str = "auto"
@@ -26,6 +27,10 @@ class ServeConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.grpc_port is not None and not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port must be in [0, 65535], got {self.grpc_port}")
+        if self.grpc_port and self.grpc_port == self.port:
+            raise ValueError(f"the HTTP and the gRPC port are both {self.port}")
         for name in ("max_request_bytes", "max_tokens", "max_response_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

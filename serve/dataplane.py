@@ -1,8 +1,9 @@
 """The data plane: model metadata, readiness and inference, without a transport.
 
-``app.py`` and ``fastpath.py`` turn HTTP routes into calls here; ``run`` takes a
-transport-neutral ``Request`` (``request.py``; the HTTP/REST bodies decode to it in
-``codec.py``), so another front-end (gRPC) needs no change here. Every request is
+``app.py`` and ``fastpath.py`` turn HTTP routes into calls here, ``grpc_server.py`` the
+gRPC RPCs; ``answer`` takes a front-end's decoding of a transport-neutral ``Request``
+(``request.py``; the HTTP/REST bodies decode to it in ``codec.py``, gRPC messages in
+``grpc_server.py``), so both share the checks, the batcher, statistics and metrics. Every request is
 validated completely (names, datatypes, shapes, element counts, token ids) *before* it
 joins a batch, so a bad request is refused alone and never disturbs others.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -138,17 +140,24 @@ class DataPlane:
     async def infer(self, name: str, body: bytes, header_length: str | None = None,
                     version: str | None = None) -> tuple[bytes, dict[str, str]]:
         """Answer one HTTP/REST infer body: (response body, response headers), through
-        ``codec`` and ``run``. Raises ModrtError."""
+        ``codec`` and ``answer``. Raises ModrtError."""
+        res = await self.answer(name, version, lambda: codec.decode(self, body, header_length))
+        return codec.encode(self.name, VERSION, res)
+
+    async def answer(self, name: str, version: str | None, decode: Callable[[], Request]) -> Response:
+        """One request of any front-end: the model and readiness checked, ``decode()`` (the
+        front-end's decoding and checks, which raise InputError) counted as a failed
+        request when it fails, then ``run``. Raises ModrtError."""
         t0 = time.perf_counter_ns()
         self.check_model(name, version)
         if not self.ready:
             raise NotReadyError(f"model {self.name!r} is not ready")
         try:
-            req = codec.decode(self, body, header_length)
+            req = decode()
         except ModrtError:
             self.stats.request_failed(time.perf_counter_ns() - t0)
             raise
-        return codec.encode(self.name, VERSION, await self.run(req, t0))
+        return await self.run(req, t0)
 
     async def run(self, req: Request, t0: int | None = None) -> Response:
         """One decoded request through the batcher: the outputs it asked for, in the

@@ -46,12 +46,17 @@ def ff_model(ff_dir):
 class ServerThread:
     """uvicorn serving ``create_app(plane)`` in a thread on 127.0.0.1:<free port>."""
 
-    def __init__(self, plane: DataPlane, max_request_bytes: int = 1 << 20):
+    def __init__(self, plane: DataPlane, max_request_bytes: int = 1 << 20, grpc: bool = False):
         self.plane = plane
         self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(plane, max_request_bytes), log_level="critical")
+        self.grpc = None
+        if grpc:  # the gRPC front-end on a free port (self.grpc.port once started)
+            from modrt.serve.grpc_server import GrpcServer
+
+            self.grpc = GrpcServer(plane, "127.0.0.1", 0, max_request_bytes, 64 << 20)
+        config = uvicorn.Config(create_app(plane, max_request_bytes, self.grpc), log_level="critical")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 

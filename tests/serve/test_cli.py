@@ -13,6 +13,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from modrt.serve.binary import HEADER
@@ -140,3 +141,41 @@ def test_without_the_serve_extra_one_line_names_it(lm_dir, missing):
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(lines) == 1, p.stderr
     assert f"needs the serve extra ({missing} is not installed): pip install 'modrt[serve]'" in lines[0]
+
+
+def test_grpc_port_serves_grpc_beside_http_and_in_use_is_one_line(lm_dir):
+    import tritonclient.grpc as tg
+
+    p, url = start(str(lm_dir), "--grpc-port", "0")
+    try:
+        line = p.stderr.readline()  # the gRPC line comes once the loop has bound it
+        m = re.search(r"gRPC \(KServe v2\) on 127\.0\.0\.1:(\d+)", line)
+        assert m, line
+        c = tg.InferenceServerClient(f"127.0.0.1:{m.group(1)}")
+        name = httpx.get(f"{url}/v2/models/stats", timeout=5).json()["model_stats"][0]["name"]
+        assert c.is_model_ready(name)
+        x = tg.InferInput("tokens", [1, 3], "INT64")
+        x.set_data_from_numpy(np.array([[1, 2, 3]], np.int64))
+        assert c.infer(name, [x]).as_numpy("next_token").shape == (1, 3)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "modrt", "serve", str(lm_dir), "--port", "0", "--grpc-port",
+                            str(port)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
+
+def test_grpc_port_without_grpcio_names_the_extra(lm_dir):
+    code = ("import sys; sys.modules['grpc'] = None; sys.argv = ['modrt', *sys.argv[1:]]; "
+            "from modrt.cli import main; main()")
+    p = subprocess.run([sys.executable, "-c", code, "serve", str(lm_dir), "--port", "0", "--grpc-port", "0"],
+                       capture_output=True, text=True, timeout=60)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(lines) == 1, p.stderr
+    assert "--grpc-port needs the serve extra (grpc is not installed)" in lines[0]
