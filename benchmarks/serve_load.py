@@ -151,10 +151,11 @@ def _proc(pid: int | None):
     return psutil.Process(pid) if pid else None
 
 
-def start_server(bundle: Path, name: str, max_batch: int, delay_us: int) -> tuple[subprocess.Popen, int]:
+def start_server(bundle: Path, name: str, max_batch: int, delay_us: int, extra: list[str] | None = None
+                 ) -> tuple[subprocess.Popen, int]:
     p = subprocess.Popen([sys.executable, "-m", "modrt", "serve", str(bundle), "--port", "0", "--host", "127.0.0.1",
                           "--model-name", name, "--max-batch", str(max_batch), "--max-queue-delay-us", str(delay_us),
-                          "--provider", "cpu"], stderr=subprocess.PIPE, text=True)
+                          "--provider", "cpu", *(extra or [])], stderr=subprocess.PIPE, text=True)
     m = re.search(r"http://127\.0\.0\.1:(\d+)", p.stderr.readline())
     if not m:
         p.kill()
