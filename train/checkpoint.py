@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,30 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
             tmp.unlink()
 
 
+def _reason(exc: Exception, limit: int = 160) -> str:
+    """torch.load's failure in one short line: its unpickler's own line when it gives one
+    (the rest is advice about weights_only), else its first sentence, cut at a word."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    line = next((x for x in lines if "Unpickler error" in x), lines[0].split(". ")[0])
+    if len(line) > limit:
+        line = line[:limit].rsplit(" ", 1)[0] + " ..."
+    return line
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a modrt checkpoint; any fault is one ``CheckpointError`` line."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a modrt checkpoint (not a PyTorch file: torch.save writes a zip "
+                              "archive, and modrt train writes ckpt.pt)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - arbitrary bytes make the unpickler raise anything
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: not a modrt checkpoint ({first[:120]})") from exc
+        raise CheckpointError(f"{path}: not a modrt checkpoint ({_reason(exc)})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a modrt checkpoint (no '{FORMAT}' format tag)")
     if ckpt.get("version") != VERSION:

@@ -146,13 +146,20 @@ def test_export_cli_errors_are_one_line(bundles, tmp_path):
     ]
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
-    cases.append((["export", str(junk), str(tmp_path / "o2")], "not a modrt checkpoint"))
+    cases.append((["export", str(junk), str(tmp_path / "o2")], "not a modrt checkpoint (not a PyTorch file"))
+    import torch
+
+    foreign = tmp_path / "foreign.pt"  # a PyTorch file the safe unpickler refuses: its own line, whole
+    torch.save({"f": print}, foreign)
+    cases.append((["export", str(foreign), str(tmp_path / "o3")],
+                  "not a modrt checkpoint (WeightsUnpickler error: Unsupported global: GLOBAL print"))
     for args, needle in cases:
         p = subprocess.run([sys.executable, "-m", "modrt", *args], capture_output=True, text=True)
         assert p.returncode == 1, (args, p.stderr)
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], p.stderr
         assert "Traceback" not in p.stderr
+        assert lines[0].endswith((")", "...)")) or "not empty" in lines[0] or "no such" in lines[0], lines[0]
 
 
 def test_noisy_topk_manifest_records_its_rules(bundles):
