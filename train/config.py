@@ -77,6 +77,71 @@ class ModelConfig:
         return self.method != "dense"
 
 
+# CIFAR-10's per-channel mean and std of the 50,000 training images, pixels in [0, 1]: the
+# values commonly quoted for the official batches (the shared JPEG copy measures mean
+# .4913/.4821/.4465, std .2452/.2428/.2606 with modrt.data.cifar10).
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass(frozen=True)
+class ImageModelConfig:
+    """The CIFAR-10 modular convolutional network: modular conv layers, each followed by a
+    2x2 max pool, then a linear head over the globally pooled last layer.
+
+    Each of a layer's M modules is a conv block (3x3 conv -> batch norm -> ReLU) of
+    ``channels[l]`` filters; the layer's controller maps its globally pooled input to K
+    softmaxes over the M modules, so selection is per image and per layer. The default is
+    the wide one (M=8 modules of 64-128 filters, K=1: inference pays for 1/8 of each layer);
+    ``demo()`` is the official demo's shape (4 layers x 5 modules of 8 filters)."""
+
+    channels: tuple[int, ...] = (64, 64, 128, 128)  # filters of every module, per modular layer
+    modules: int = 8  # M per layer
+    k: int = 1  # K per layer
+    combine: str = "sum"  # how the distinct selected modules' outputs combine: sum | mean
+    method: str = "em"
+    classes: int = 10
+    in_channels: int = 3
+    image: int = 32  # height = width
+    mean: tuple[float, float, float] = CIFAR10_MEAN  # per-channel normalisation (part of the bundle)
+    std: tuple[float, float, float] = CIFAR10_STD
+    task: str = "cifar10"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        _positive(self, "modules", "k", "classes", "in_channels", "image")
+        if not self.channels or min(self.channels) <= 0:
+            raise ValueError(f"channels must be positive filter counts, got {list(self.channels)}")
+        if self.image % 2 ** len(self.channels):
+            raise ValueError(f"{len(self.channels)} layers halve a {self.image}-pixel image to a fraction")
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} unknown; choose one of {', '.join(METHODS)}")
+        if self.combine not in ("sum", "mean"):
+            raise ValueError(f"combine {self.combine!r} unknown for images; choose sum or mean")
+        if self.k > self.modules:
+            raise ValueError(f"k ({self.k}) cannot exceed modules ({self.modules})")
+        if self.method == "dense" and self.modules != self.k:
+            raise ValueError(f"dense baseline uses every module: modules ({self.modules}) must equal k ({self.k})")
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels or min(self.std) <= 0:
+            raise ValueError("mean and std need one value per input channel, std positive")
+
+    @classmethod
+    def demo(cls, **kw) -> ImageModelConfig:
+        """The official demo's network (louiskirsch/libmodular ``cifar10.py``): 4 modular
+        layers of 5 modules of 8 filters."""
+        return cls(**{"channels": (8, 8, 8, 8), "modules": 5, "k": 1, **kw})
+
+    @property
+    def routed(self) -> bool:
+        return self.method != "dense"
+
+    @property
+    def layers(self) -> int:
+        return len(self.channels)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How a run trains. Defaults: a ~1 hour run of the default model on a 2-core CPU."""
@@ -161,4 +226,4 @@ def from_dict(cls, d: dict):
 EM_ONLY = {"samples": 10, "e_step_every": 1, "prior_weight": 0.0, "e_step": "window", "balance_rate": 0.0,
            "warm_start": 0, "prior_anneal": 0, "e_step_dtype": "float32"}
 
-__all__ = ["ModelConfig", "TrainConfig", "asdict", "from_dict", "METHODS", "RESUMABLE_CHANGES"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "ImageModelConfig", "ModelConfig", "TrainConfig", "asdict", "from_dict", "METHODS", "RESUMABLE_CHANGES"]

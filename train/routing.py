@@ -57,12 +57,13 @@ def dispatch(a: torch.Tensor, modules: int) -> Dispatch:
 
 
 def combine(y: torch.Tensor, d: Dispatch, batch: int, rule: str) -> torch.Tensor:
-    """Scatter module outputs back to batch order and combine. (R, D) -> (B, D)."""
-    out = y.new_zeros(batch, y.shape[-1]).index_add_(0, d.rows, y)  # (B, D)
+    """Scatter module outputs back to batch order and combine. (R, ...) -> (B, ...), e.g.
+    (R, D) -> (B, D), or feature maps (R, C, H, W) -> (B, C, H, W)."""
+    out = y.new_zeros(batch, *y.shape[1:]).index_add_(0, d.rows, y)
     if rule in ("sum", "gate"):  # gate: the outputs came already scaled by their weights
         return out
     if rule == "mean":
-        return out / d.distinct.unsqueeze(1).to(out.dtype)
+        return out / d.distinct.view(-1, *([1] * (y.dim() - 1))).to(out.dtype)
     raise ValueError(f"combine rule {rule!r} unknown; choose sum or mean")
 
 

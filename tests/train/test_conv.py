@@ -1,0 +1,114 @@
+"""The CIFAR-10 modular conv network (modrt/train/conv.py): routing computes exactly the
+selected blocks on their rows; M = K = 1 is a plain conv network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modrt.train import model as lm
+from modrt.train.config import ImageModelConfig
+from modrt.train.conv import ModularConv, ModularConvNet, conv_block
+
+
+def _randomise_norms(net: nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics and affine parameters (eval mode then uses them)."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in net.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            n = mod.num_features
+            mod.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+def test_one_module_one_slot_is_a_plain_conv_network():
+    torch.manual_seed(0)
+    cfg = ImageModelConfig(channels=(4, 6), modules=1, k=1, method="dense")
+    net = ModularConvNet(cfg).eval()
+    _randomise_norms(net)
+    plain = nn.Sequential(conv_block(3, 4), nn.MaxPool2d(2), conv_block(4, 6), nn.MaxPool2d(2)).eval()
+    plain[0].load_state_dict(net.layers[0].blocks[0].state_dict())
+    plain[2].load_state_dict(net.layers[1].blocks[0].state_dict())
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        out = net(x, lm.greedy_policy())
+        want = net.head(plain(x).mean(dim=(2, 3)))
+    torch.testing.assert_close(out.logits, want, rtol=1e-5, atol=1e-6)
+    assert out.log_probs is None and out.a.shape == (2, 5, 1) and (out.a == 0).all()
+    assert (out.log_pa == 0).all()
+
+
+@pytest.mark.parametrize("combine", ["sum", "mean"])
+def test_routed_layer_computes_the_selected_blocks_row_by_row(combine):
+    torch.manual_seed(1)
+    layer = ModularConv(3, 5, modules=4, k=2, combine=combine).eval()
+    _randomise_norms(layer)
+    x = torch.randn(6, 3, 8, 8)
+    cases = [torch.tensor([[0, 1], [1, 1], [3, 0], [2, 2], [0, 3], [1, 0]]),  # a repeated module counts once
+             torch.full((6, 2), 2)]  # one module gets every row, the others none
+    for a in cases:
+        with torch.no_grad():
+            y = layer(x, a)
+            for b in range(6):
+                mods = sorted(set(a[b].tolist()))
+                want = sum(layer.blocks[m](x[b:b + 1]) for m in mods)
+                if combine == "mean":
+                    want = want / len(mods)
+                torch.testing.assert_close(y[b:b + 1], want, rtol=1e-5, atol=1e-6)
+
+
+def test_policies_and_log_probabilities():
+    torch.manual_seed(2)
+    net = ModularConvNet(ImageModelConfig.demo()).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        drawn = net(x, lm.sample_policy(generator=torch.Generator().manual_seed(0)))
+        again = net(x, lm.given(drawn.a))  # the M-step's replay of a stored a*
+        greedy = net(x, lm.greedy_policy())
+    assert drawn.a.shape == (4, 4, 1) and drawn.log_probs.shape == (4, 4, 1, 5)
+    torch.testing.assert_close(again.logits, drawn.logits)
+    torch.testing.assert_close(drawn.log_pa, drawn.log_probs.gather(-1, drawn.a[..., None]).squeeze(-1).sum(-1))
+    assert torch.equal(greedy.a, greedy.log_probs.argmax(-1))
+    # the controller sees the globally pooled input: a layer's scores ignore where a pattern sits
+    layer = net.layers[0]
+    shifted = torch.roll(x, shifts=(3, 5), dims=(2, 3))
+    torch.testing.assert_close(layer.scores(x), layer.scores(shifted), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_reach_only_the_selected_modules():
+    torch.manual_seed(3)
+    net = ModularConvNet(ImageModelConfig(channels=(4,), modules=3, k=1))
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
+    a = torch.tensor([[[0], [0], [2], [0]]])  # module 1 unused
+    out = net(x, lm.given(a))
+    (-net.log_likelihood(out.logits, y).mean() - out.log_pa.mean()).backward()
+    blocks = net.layers[0].blocks
+    assert all(p.grad is None for p in blocks[1].parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in blocks[0].parameters())
+    assert net.layers[0].controller.weight.grad.abs().sum() > 0
+
+
+def test_pixels_are_normalised_by_the_config():
+    cfg = ImageModelConfig.demo()
+    net = ModularConvNet(cfg)
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    x = net.normalise(pixels)
+    want = (pixels.permute(0, 3, 1, 2).float() / 255 - torch.tensor(cfg.mean).view(1, 3, 1, 1)) \
+        / torch.tensor(cfg.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, want)
+    assert F.max_pool2d(x, 2).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.parametrize("kw, match", [({"channels": (8,) * 6}, "halve a 32-pixel image"),
+                                       ({"channels": (8, 0)}, "positive filter counts"),
+                                       ({"k": 9}, "cannot exceed"),
+                                       ({"method": "dense"}, "modules \\(8\\) must equal k"),
+                                       ({"combine": "gate"}, "choose sum or mean"),
+                                       ({"std": (0.2, 0.2, 0.0)}, "std positive")])
+def test_config_refuses_what_cannot_be_built(kw, match):
+    with pytest.raises(ValueError, match=match):
+        ImageModelConfig(**kw)

@@ -1,0 +1,114 @@
+"""The CIFAR-10 modular convolutional network (``ImageModelConfig``).
+
+    image (B, 3, 32, 32), normalised per channel
+    for each modular layer l:
+        scores_l = controller_l(global average pool of x)     (B, K, M) log-softmax per slot
+        a_l      = policy(l, scores_l)                         (B, K) stored a*, a draw, argmax
+        x        = combine_{m in a_l} block_m(x)               block: 3x3 conv -> BN -> ReLU
+        x        = max_pool_2x2(x)
+    global average pool (B, C) -> linear head -> logits (B, classes)
+
+Selection is per image and per layer. The policies of the recurrent model
+(``modrt.train.model``: ``given``, ``greedy_policy``, ``sample_policy``) apply unchanged,
+with the layer index where the recurrent model has the time step: a selection of the whole
+network is (L, B, K), as a recurrent one is (T, B, K). Only the selected modules compute,
+on just their rows (``routing.dispatch``); a module repeated in two slots counts once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from modrt.train import routing
+from modrt.train.config import ImageModelConfig
+from modrt.train.model import Policy
+
+
+class ImageOutput(NamedTuple):
+    logits: torch.Tensor  # (B, classes)
+    a: torch.Tensor  # (L, B, K) selections used
+    log_pa: torch.Tensor  # (L, B) log p(a_l | x) summed over slots (0 when dense)
+    log_probs: torch.Tensor | None  # (L, B, K, M) controllers' log-softmax (None when dense)
+
+
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    """One module: 3x3 conv (no bias: the norm has one) -> batch norm -> ReLU."""
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class ModularConv(nn.Module):
+    """M conv blocks and a controller choosing K of them per image."""
+
+    def __init__(self, cin: int, cout: int, modules: int, k: int, combine: str, routed: bool = True):
+        super().__init__()
+        self.modules_, self.k, self.combine = modules, k, combine
+        self.blocks = nn.ModuleList(conv_block(cin, cout) for _ in range(modules))
+        self.controller = nn.Linear(cin, modules * k) if routed else None
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Controller log-probabilities from the globally pooled input. (B, C, H, W) -> (B, K, M)."""
+        logits = self.controller(x.mean(dim=(2, 3)))
+        return F.log_softmax(logits.view(x.shape[0], self.k, self.modules_), dim=-1)
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The selected blocks on their rows, combined. x (B, C, H, W), a (B, K) -> (B, C', H, W)."""
+        B, M = x.shape[0], self.modules_
+        d = routing.dispatch(a, M)
+        parts = []
+        for m in range(M):
+            lo, hi = d.offsets[m], d.offsets[m + 1]
+            if hi > lo:
+                parts.append(self.blocks[m](x[d.rows[lo:hi]]))
+        y = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return routing.combine(y, d, B, self.combine)
+
+
+class ModularConvNet(nn.Module):
+    """Modular conv layers with 2x2 max pooling between them and a linear head."""
+
+    def __init__(self, cfg: ImageModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        cin, layers = cfg.in_channels, []
+        for c in cfg.channels:
+            layers.append(ModularConv(cin, c, cfg.modules, cfg.k, cfg.combine, routed=cfg.routed))
+            cin = c
+        self.layers = nn.ModuleList(layers)
+        self.head = nn.Linear(cin, cfg.classes)
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) pixels -> the network's input, float (B, 3, H, W) normalised."""
+        x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor, policy: Policy) -> ImageOutput:
+        """x (B, 3, H, W) normalised -> logits and the selections ``policy`` made per layer."""
+        B, L, K = x.shape[0], len(self.layers), self.cfg.k
+        a_all, lpa, lps = [], [], []
+        for li, layer in enumerate(self.layers):
+            if layer.controller is None:  # dense: every module on every row
+                a = torch.arange(K, device=x.device).expand(B, K)
+                lpa.append(x.new_zeros(B))
+            else:
+                lp = layer.scores(x)
+                a = policy(li, lp)
+                lps.append(lp)
+                lpa.append(routing.log_prob(lp, a))
+            a_all.append(a)
+            x = F.max_pool2d(layer(x, a), 2)
+        logits = self.head(x.mean(dim=(2, 3)))
+        return ImageOutput(logits, torch.stack(a_all), torch.stack(lpa),
+                           torch.stack(lps) if lps else None)
+
+    def log_likelihood(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """log p(y | x, a) per image. (B, classes), (B,) -> (B,)."""
+        return -F.cross_entropy(logits, y, reduction="none")
+
+
+__all__ = ["ImageOutput", "ModularConv", "ModularConvNet", "conv_block"]
