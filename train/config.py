@@ -226,4 +226,5 @@ def from_dict(cls, d: dict):
 EM_ONLY = {"samples": 10, "e_step_every": 1, "prior_weight": 0.0, "e_step": "window", "balance_rate": 0.0,
            "warm_start": 0, "prior_anneal": 0, "e_step_dtype": "float32"}
 
-__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "ImageModelConfig", "ModelConfig", "TrainConfig", "asdict", "from_dict", "METHODS", "RESUMABLE_CHANGES"]
+__all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "ImageModelConfig", "ModelConfig", "TrainConfig", "asdict", "from_dict",
+           "METHODS", "RESUMABLE_CHANGES"]

@@ -89,7 +89,7 @@ class ModularConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor, policy: Policy) -> ImageOutput:
         """x (B, 3, H, W) normalised -> logits and the selections ``policy`` made per layer."""
-        B, L, K = x.shape[0], len(self.layers), self.cfg.k
+        B, K = x.shape[0], self.cfg.k
         a_all, lpa, lps = [], [], []
         for li, layer in enumerate(self.layers):
             if layer.controller is None:  # dense: every module on every row
