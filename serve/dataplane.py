@@ -79,6 +79,11 @@ class DataPlane:
         self._inputs = {t.name: t for t in self.inputs}
         self._optional = {t.name for t in sig.inputs if t.optional}
         self._sig_inputs = {t.name: t for t in sig.inputs}
+        self._first = sig.input.name
+        # Per output, for the answer's size: (product of its fixed axes, how many leading -1
+        # axes it takes from the first input, bytes of an element as binary, at most as JSON).
+        self._cost = {t.name: (math.prod(d for d in t.shape if d != -1), sum(d == -1 for d in t.shape),
+                               np.dtype(t.dtype).itemsize, binary.JSON_BYTES.get(t.dtype, 25)) for t in sig.outputs}
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -189,31 +194,33 @@ class DataPlane:
         shape)] are the model's, the outputs asked for exist, and the work and the answer are
         within the limits. Returns the outputs to answer, as ``choose_outputs``."""
         sig = self.signature
-        try:
-            sig.check_names([i[0] for i in inputs])
-        except InputError as exc:
-            raise InputError(f"model {self.name!r}: {exc}") from None
-        shapes = {}
+        if len(inputs) != 1 or inputs[0][0] != self._first:  # the common case (one required input) is cheap
+            try:
+                sig.check_names([i[0] for i in inputs])
+            except InputError as exc:
+                raise InputError(f"model {self.name!r}: {exc}") from None
+        first = None
         for name, datatype, shape in inputs:
             want = self._inputs[name]
             if datatype != want.datatype:
                 raise InputError(f"input {name!r}: datatype {datatype}, the model expects {want.datatype}")
-            binary.element_count(shape, name)  # negative dimensions, int64 overflow
+            binary.element_count(shape, name)  # negative dimensions, int64 overflow: 400
             sig.check_shape(name, shape)
-            shapes[name] = shape
-        sig.check_batch(shapes)
+            if name == self._first:
+                first = shape
+        if len(inputs) > 1:
+            sig.check_batch({name: shape for name, _, shape in inputs})
         outputs = self.choose_outputs(requested, default)
-        first = shapes[sig.input.name]
-        n = sig.positions(first)
+        lead = [int(g) for w, g in zip(sig.input.shape, first, strict=True) if w == -1]  # batch (and time)
+        n = math.prod(lead)
         if n > self.max_tokens:
             raise PayloadTooLargeError(
                 f"input {sig.input.name!r} of shape {list(first)} asks for {n} positions; this server takes at most "
                 f"{self.max_tokens} a request (modrt serve --max-tokens)")
         size = 0
         for name, as_binary in outputs:
-            t = sig.output(name)
-            count = math.prod(sig.shape_of(name, first))
-            size += count * (np.dtype(t.dtype).itemsize if as_binary else binary.JSON_BYTES.get(t.dtype, 25))
+            fixed, nlead, itemsize, json_bytes = self._cost[name]  # elements = fixed x its leading axes
+            size += fixed * math.prod(lead[:nlead]) * (itemsize if as_binary else json_bytes)
         if size > self.max_response_bytes:
             raise InputError(
                 f"the answer would take up to {size / 2**20:.1f} MiB ({', '.join(n for n, _ in outputs)}), over this "

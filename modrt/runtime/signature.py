@@ -85,13 +85,20 @@ class Signature:
 
     def check_shape(self, name: str, shape: tuple[int, ...] | list[int]) -> Tensor:
         """The input ``name`` exists, and ``shape`` fits it (rank, fixed sizes, no empty axis)."""
-        want = next((t for t in self.inputs if t.name == name), None)
+        want = self.inputs[0] if name == self.inputs[0].name else next((t for t in self.inputs if t.name == name), None)
         if want is None:
             raise InputError(f"this model takes {self.describe_inputs()}; got {name!r}")
-        if len(shape) != len(want.shape) or any(w not in (-1, g) for w, g in zip(want.shape, shape, strict=True)):
-            raise InputError(f"input {name!r} must have shape {list(want.shape)} (-1: any; a {len(want.shape)}-D "
+        ws = want.shape
+        ok = len(shape) == len(ws)
+        if ok:
+            for w, g in zip(ws, shape, strict=True):  # lengths are equal here
+                if w != -1 and w != g:
+                    ok = False
+                    break
+        if not ok:
+            raise InputError(f"input {name!r} must have shape {list(ws)} (-1: any; a {len(ws)}-D "
                              f"array), got {list(shape)}")
-        if any(d == 0 for d in shape):
+        if 0 in shape:
             raise InputError(f"input {name!r}: shape {list(shape)} is empty")
         return want
 
