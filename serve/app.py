@@ -8,12 +8,14 @@ ASGI interface), the one infer route there is; the OpenAPI document describes th
 
 from __future__ import annotations
 
+import json
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
+from modrt._exceptions import InputError
 from modrt._version import __version__
 from modrt.serve import binary, errors
 from modrt.serve.dataplane import DataPlane
@@ -32,9 +34,10 @@ from modrt.serve.protocol import (
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 500, 503)}
 
 
-def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20, grpc=None) -> FastAPI:
-    """The ASGI app; the data plane's batcher (and ``grpc``, a ``grpc_server.GrpcServer``
-    in the same event loop) start and stop with the app's lifespan."""
+def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20, grpc=None, watch=None) -> FastAPI:
+    """The ASGI app; the data plane's batcher (and ``grpc``, a ``grpc_server.GrpcServer``,
+    and ``watch``, a ``watch.Watcher``, in the same event loop) start and stop with the
+    app's lifespan."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -42,8 +45,12 @@ def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20, grpc=None)
         try:
             if grpc is not None:
                 await grpc.start()
+            if watch is not None:
+                await watch.start()
             yield
         finally:
+            if watch is not None:
+                await watch.stop()
             if grpc is not None:
                 await grpc.stop()  # in-flight RPCs finish (readiness is already false)
             await plane.stop()
@@ -109,6 +116,33 @@ def create_app(plane: DataPlane, max_request_bytes: int = 64 * 2**20, grpc=None)
              summary="Model statistics (Triton statistics extension)")
     async def model_stats(name: str) -> StatsResponse:
         return plane.statistics(name)
+
+    # --- the model repository extension (Triton's, as tritonclient calls it) ----------
+
+    @app.post("/v2/repository/index", summary="Repository index: the model, its state and why")
+    async def repository_index() -> list[dict]:
+        return plane.repository_index()
+
+    @app.post("/v2/repository/models/{name}/load", responses=ERRORS,
+              summary="Load the bundle on disk again and swap it in without dropping a request")
+    async def load(name: str, request: Request) -> dict:
+        body = await request.body()
+        if body.strip() not in (b"", b"{}"):
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                raise InputError("the load request body must be JSON") from None
+            if not isinstance(doc, dict) or set(doc) - {"parameters"} or set(doc.get("parameters") or {}):
+                raise InputError("load takes no parameters: modrt serves the bundle directory it was started "
+                                 "with; export into it, then load")
+        version = await plane.load(name)
+        return {"name": name, "bundle_version": version}
+
+    @app.post("/v2/repository/models/{name}/unload", responses=ERRORS,
+              summary="Stop serving the model (503) until it is loaded again")
+    async def unload(name: str) -> dict:
+        plane.unload(name)
+        return {"name": name, "state": "UNAVAILABLE"}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response,
              responses={200: {"content": {"text/plain": {}}}})

@@ -24,14 +24,14 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from modrt.serve.errors import BatcherClosedError
 
 Feeds = dict[str, np.ndarray]
-RunFn = Callable[[Feeds, frozenset[str] | None], dict[str, np.ndarray]]
+RunFn = Callable[[Feeds, frozenset[str] | None, Any], dict[str, np.ndarray]]
 
 
 class Timing(NamedTuple):
@@ -57,6 +57,7 @@ class _Job:
     key: tuple
     future: asyncio.Future
     rows: int
+    context: Any = None
     enqueued_ns: int = field(default_factory=time.perf_counter_ns)
 
 
@@ -117,14 +118,18 @@ class Batcher:
         self._worker = None
         self._pool.shutdown(wait=True)
 
-    async def submit(self, feeds: Feeds, want: frozenset[str] | None = None, cost: int | None = None) -> Result:
+    async def submit(self, feeds: Feeds, want: frozenset[str] | None = None, cost: int | None = None,
+                     context: Any = None) -> Result:
         """Run ``feeds`` (arrays sharing their first axis) in some batch; ``want``: the
-        outputs needed (None: all); ``cost``: its share of a run's ``max_cost`` (rows)."""
+        outputs needed (None: all); ``cost``: its share of a run's ``max_cost`` (rows);
+        ``context``: passed to ``run`` with the batch, and only jobs of one context share a
+        batch (the server's: the model a request was decoded against)."""
         if not self.running:
             raise BatcherClosedError("the model is not ready (the server is stopping)")
         rows = int(next(iter(feeds.values())).shape[0])
-        key = tuple((k, v.shape[1:]) for k, v in feeds.items())
-        job = _Job(feeds, want, rows if cost is None else cost, key, asyncio.get_running_loop().create_future(), rows)
+        key = (id(context), *((k, v.shape[1:]) for k, v in feeds.items()))
+        job = _Job(feeds, want, rows if cost is None else cost, key, asyncio.get_running_loop().create_future(), rows,
+                   context)
         self._pending.append(job)
         self._rows += job.rows
         if self._idle or self._rows >= self.config.max_batch:
@@ -200,7 +205,7 @@ class Batcher:
             feeds = {k: np.concatenate([j.feeds[k] for j in jobs]) for k in jobs[0].feeds}  # (B, ...)
             want = None if any(j.want is None for j in jobs) else frozenset().union(*(j.want for j in jobs))
         t1 = time.perf_counter_ns()
-        out = self._run(feeds, want)
+        out = self._run(feeds, want, jobs[0].context)
         t2 = time.perf_counter_ns()
         bounds = np.cumsum([0] + [j.rows for j in jobs])
         split = [{k: v[a:b] for k, v in out.items()} for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

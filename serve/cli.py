@@ -55,9 +55,12 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
         except ModuleNotFoundError as exc:
             raise ModrtError(f"modrt serve --grpc-port needs the serve extra ({exc.name} is not installed): "
                              "pip install 'modrt[serve]'") from exc
-    model = modrt.load(directory, provider=config.provider, strategy=config.strategy)
+    def loader():
+        return modrt.load(directory, provider=config.provider, strategy=config.strategy)
+
+    model = loader()
     plane = DataPlane(model, config.model_name, config.batch, max_tokens=config.max_tokens,
-                      max_response_bytes=config.max_response_bytes)
+                      max_response_bytes=config.max_response_bytes, loader=loader)
     sock = bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
     if config.grpc_port is not None:
@@ -69,7 +72,12 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
                 raise
         grpc = GrpcServer(plane, config.host, config.grpc_port, config.max_request_bytes, config.max_response_bytes,
                           announce=announce)
-    app = create_app(plane, config.max_request_bytes, grpc)
+    watch = None
+    if config.watch:
+        from modrt.serve.watch import Watcher
+
+        watch = Watcher(plane, directory, config.watch)
+    app = create_app(plane, config.max_request_bytes, grpc, watch)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
@@ -113,10 +121,14 @@ def run_server(directory: str, config: ServeConfig, announce=click.echo) -> None
 @click.option("--max-response-bytes", default=64 * 2**20, show_default=True, type=click.IntRange(min=1),
               help="Largest answer, estimated from the request's shapes and outputs before it runs; larger "
                    "requests get 400 (ask for next_token only, binary data, or fewer tokens).")
+@click.option("--watch", default=None, type=click.FloatRange(min=0.05), metavar="SECONDS",
+              help="Poll the bundle's manifest.json this often; when it changes, load the new bundle and swap "
+                   "it in without dropping a request (a bundle that does not load is logged, the old one serves). "
+                   "Also: POST /v2/repository/models/NAME/load.")
 @click.option("--log-level", default="warning", show_default=True, type=click.Choice(LOG_LEVELS))
 def serve(bundle_dir: str, host: str, port: int, grpc_port: int | None, model_name: str | None, max_batch: int,
           max_queue_delay_us: int, provider: str, strategy: str, max_request_bytes: int, max_tokens: int,
-          max_response_bytes: int, log_level: str) -> None:
+          max_response_bytes: int, watch: float | None, log_level: str) -> None:
     """Serve a bundle over HTTP (and gRPC, --grpc-port) with the KServe v2 / Open Inference Protocol.
 
     \b
@@ -129,7 +141,8 @@ def serve(bundle_dir: str, host: str, port: int, grpc_port: int | None, model_na
         config = ServeConfig(host=host, port=port, grpc_port=grpc_port, model_name=model_name,
                              batch=BatchConfig(max_batch=max_batch, max_queue_delay_us=max_queue_delay_us),
                              provider=provider, strategy=strategy, max_request_bytes=max_request_bytes,
-                             max_tokens=max_tokens, max_response_bytes=max_response_bytes, log_level=log_level)
+                             max_tokens=max_tokens, max_response_bytes=max_response_bytes, watch=watch,
+                             log_level=log_level)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
     run_server(bundle_dir, config, announce=lambda line: click.echo(line, err=True))

@@ -22,6 +22,7 @@ class ServeConfig:
     max_request_bytes: int = 64 * 2**20  # larger bodies get 413
     max_tokens: int = 8192  # positions a request (rows x time steps; rows feed-forward); more get 413
     max_response_bytes: int = 64 * 2**20  # larger answers (estimated from the header) get 400
+    watch: float | None = None  # seconds between looks at the bundle's manifest (None: no watching)
     log_level: str = "warning"
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ classes through ``STATUS``, so a subclass answers as its parent does:
 
     InputError (malformed body, tensors, dtypes, shapes, ids,   400
                 an answer over --max-response-bytes)
+    └── LoadError (a bundle that did not load; the old serves)  400
     ModelNotFoundError, unknown route                          404
     PayloadTooLargeError (over --max-request-bytes, --max-tokens)  413
     UnsupportedEncodingError (a Content-Encoding not gzip/deflate)  415
@@ -42,6 +43,10 @@ class BatcherClosedError(NotReadyError):
 class PayloadTooLargeError(ModrtError):
     """A request body over ``--max-request-bytes`` (compressed or not), or more positions
     than ``--max-tokens``: 413."""
+
+
+class LoadError(InputError):
+    """A bundle that does not load on ``POST .../load`` (the old model keeps serving): 400."""
 
 
 class UnsupportedEncodingError(ModrtError):
@@ -106,5 +111,5 @@ def install(app, on_failure) -> None:
     app.add_exception_handler(Exception, _error)
 
 
-__all__ = ["BatcherClosedError", "ModelNotFoundError", "NotReadyError", "PayloadTooLargeError", "STATUS",
+__all__ = ["BatcherClosedError", "ModelNotFoundError", "NotReadyError", "PayloadTooLargeError", "LoadError", "STATUS",
            "UnsupportedEncodingError", "answer", "error_body", "install", "status_of"]

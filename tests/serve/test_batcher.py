@@ -13,7 +13,7 @@ from modrt.serve.batcher import BatchConfig, Batcher, BatcherClosedError
 def run_jobs(xs, config: BatchConfig, fn=None):
     calls: list[tuple] = []
 
-    def run(feeds, want):
+    def run(feeds, want, context=None):
         x = feeds["x"]
         calls.append(x.shape)
         if fn:
@@ -79,7 +79,7 @@ def test_config_is_validated(kw):
 
 def test_submit_after_stop_is_refused_and_pending_jobs_finish():
     async def main():
-        b = Batcher(lambda f, w: {"y": f["x"]}, BatchConfig(max_batch=64, max_queue_delay_us=10_000_000))
+        b = Batcher(lambda f, w, c: {"y": f["x"]}, BatchConfig(max_batch=64, max_queue_delay_us=10_000_000))
         await b.start()
         pending = [asyncio.ensure_future(b.submit({"x": np.ones((1, 2))})) for _ in range(3)]
         await asyncio.sleep(0)  # queued, waiting for company (a 10 s delay)
@@ -93,7 +93,7 @@ def test_submit_after_stop_is_refused_and_pending_jobs_finish():
 
 def test_a_batch_leaves_when_full_without_waiting_for_the_delay():
     async def main():
-        b = Batcher(lambda f, w: {"y": f["x"]}, BatchConfig(max_batch=4, max_queue_delay_us=10_000_000))
+        b = Batcher(lambda f, w, c: {"y": f["x"]}, BatchConfig(max_batch=4, max_queue_delay_us=10_000_000))
         await b.start()
         try:
             return await asyncio.wait_for(asyncio.gather(*(b.submit({"x": np.ones((1, 2))}) for _ in range(4))), 5)
@@ -107,7 +107,7 @@ def test_max_cost_caps_the_work_of_a_run_and_a_larger_job_runs_alone():
     seen: list[int] = []
 
     async def main():
-        b = Batcher(lambda f, w: seen.append(f["x"].shape[0]) or {"y": f["x"]},
+        b = Batcher(lambda f, w, c: seen.append(f["x"].shape[0]) or {"y": f["x"]},
                     BatchConfig(max_batch=64, max_queue_delay_us=50_000, max_cost=100))
         await b.start()
         try:
@@ -124,7 +124,7 @@ def test_max_cost_caps_the_work_of_a_run_and_a_larger_job_runs_alone():
 def test_a_run_computes_the_union_of_what_its_jobs_want_and_keys_by_input_names():
     calls: list[tuple] = []
 
-    def run(feeds, want):
+    def run(feeds, want, context=None):
         calls.append((tuple(feeds), want, feeds["x"].shape[0]))
         return {"y": feeds["x"], "z": feeds["x"]}
 

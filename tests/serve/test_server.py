@@ -183,11 +183,13 @@ def test_metrics_count_requests_batches_and_routing(client):
                                                           "data": x.ravel().tolist()}]})
     client.post("/v2/models/lm/infer", content=b"{")
     text = client.get("/metrics").text
-    assert 'modrt_requests_total{model="lm"}' in text
+    version = client.get("/v2/models/lm/config").json()["parameters"]["bundle_version"]
+    assert len(version) == 12
+    assert f'modrt_requests_total{{model="lm",version="{version}"}}' in text
     assert 'modrt_request_failures_total{code="400",model="lm"}' in text
     assert "modrt_batch_size_bucket" in text and "modrt_request_duration_seconds_bucket" in text
     sel = [line for line in text.splitlines() if line.startswith("modrt_module_selections_total{")]
-    assert sel and all('layer="layer0"' in line for line in sel)
+    assert sel and all('layer="layer0"' in line and f'version="{version}"' in line for line in sel)
 
 
 def test_openapi_describes_the_routes(client):
