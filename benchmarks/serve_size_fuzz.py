@@ -117,7 +117,7 @@ def fuzz(bundle: Path, requests: int = 300, seed: int = 0, max_tokens: int = 819
                                 "error": r.json().get("error") if r.status_code != 200 else None}
             rss_start = rss[-1]
             t_start = time.perf_counter()
-            for i in range(requests):
+            for _ in range(requests):
                 B = int(rng.choice([1, 1, 2, 4, 16, 64]))
                 T = max(1, int(math.exp(rng.uniform(0, math.log(max_t)))))
                 outputs = None if rng.random() < 0.25 else sorted(

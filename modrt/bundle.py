@@ -71,12 +71,18 @@ class TensorSpec:
             raise ValueError(f"dtype {self.dtype!r} unknown; allowed {sorted(ONNX_DTYPES.values())}")
 
 
+PRECISIONS = ("float32", "int8")
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     file: str
     sha256: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # The precision of the graph's weights: "float32", or "int8" (``modrt quantize``: dynamic
+    # int8 MatMul weights, activations quantised per call; inputs and outputs stay float32).
+    precision: str = "float32"
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,7 @@ class Manifest:
                 file=g["file"], sha256=g["sha256"],
                 inputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["inputs"]),
                 outputs=tuple(TensorSpec(t["name"], t["dtype"], tuple(t["shape"])) for t in g["outputs"]),
+                precision=g.get("precision", "float32"),
             )
             for n, g in d["graphs"].items()
         }
@@ -317,6 +324,8 @@ def check_types(raw: dict[str, Any], mpath: Path) -> None:
         for key in ("file", "sha256"):
             if not isinstance(need(g, key, w), str):
                 fail(f"{w}.{key}", "a string", g[key])
+        if g.get("precision", "float32") not in PRECISIONS:
+            fail(f"{w}.precision", f"one of {list(PRECISIONS)}", g["precision"])
         for key in ("inputs", "outputs"):
             ts = need(g, key, w)
             if not isinstance(ts, list) or not ts:

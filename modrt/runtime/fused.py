@@ -160,6 +160,8 @@ def unsupported(spec: LayerSpec, manifest: Manifest, provider: str) -> str | Non
         return "the controller and modules must take the same one 2-D input"
     if mod_in[0].dtype != "float32":
         return f"module inputs are {mod_in[0].dtype} (experts are packed as float32)"
+    if any(getattr(manifest.graphs[m], "precision", "float32") != "float32" for m in spec.module_graphs):
+        return "its module graphs are int8 (the MoE kernel is fed float32 expert weights)"
     out = manifest.graphs[spec.module_graphs[0]].outputs
     if len(out) != 1 or out[0].shape[1:] != mod_in[0].shape[1:]:
         return "MoE experts map D features to D features; these modules change the width"
