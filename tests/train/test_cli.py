@@ -280,3 +280,16 @@ def test_method_defaults(args, want):
     ctx = ptb.make_context("ptb", list(args))
     mcfg, _ = _configs(ctx.params)
     assert (mcfg.method, mcfg.modules, mcfg.k, mcfg.combine) == want
+
+
+def test_a_busy_machine_gets_one_line_naming_threads(monkeypatch, capsys):
+    from modrt.train import cli as train_cli
+
+    monkeypatch.setattr(train_cli.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(train_cli.os, "getloadavg", lambda: (1.6, 1.5, 1.4))
+    train_cli._warn_if_busy()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "load average 1.6 on 2 cores" in err and "--threads 1" in err
+    monkeypatch.setattr(train_cli.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    train_cli._warn_if_busy()
+    assert capsys.readouterr().err == ""
