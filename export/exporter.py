@@ -121,16 +121,12 @@ def measure_parity(model: ModularLM, out: Path, vocab: list[str], data: str | Pa
     """PyTorch vs ONNX Runtime (routed and dense) on the first validation tokens."""
     import modrt
     from modrt.data import ptb
-    from modrt.evaluate import _nll
+    from modrt.evaluate import _nll, parity_streams
 
     corpus = ptb.load(data)
     if list(corpus.vocab) != list(vocab):
         raise ExportError("the checkpoint's vocabulary differs from this Penn Treebank copy's")
-    text = corpus.valid[: tokens + 1]
-    n = (len(text) - 1) // batch
-    x = text[: n * batch].reshape(batch, n)  # (B, N) streams
-    y = text[1 : n * batch + 1].reshape(batch, n)
-    x, y = x[:, : (n // bptt) * bptt], y[:, : (n // bptt) * bptt]
+    x, y = parity_streams(np.asarray(corpus.valid), tokens, batch, bptt)  # (B, N) streams
     rt = modrt.load(out, provider="cpu")
     h_t = model.init_hidden(batch)
     h_r = h_d = None
@@ -156,7 +152,7 @@ def measure_parity(model: ModularLM, out: Path, vocab: list[str], data: str | Pa
         total += sel.shape[0] * sel.shape[1]
     ppl = {k: float(np.exp(np.concatenate(v, 1).mean())) for k, v in nll.items()}
     return {
-        "data": "ptb.valid.txt", "tokens": int(x.size), "batch": batch, "bptt": bptt,
+        "data": "ptb.valid.txt", "tokens": int(x.size), "parity_tokens": tokens, "batch": batch, "bptt": bptt,
         "ppl_torch": ppl["torch"], "ppl_routed": ppl["routed"], "ppl_dense": ppl["dense"],
         "ppl_rel_diff_routed": abs(ppl["routed"] - ppl["torch"]) / ppl["torch"],
         "ppl_rel_diff_dense": abs(ppl["dense"] - ppl["torch"]) / ppl["torch"],

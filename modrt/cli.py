@@ -66,6 +66,7 @@ class LazyGroup(click.Group):
         "inspect": ("modrt.train.introspect:inspect_command", "Plot module use and which words each module serves."),
         "reproduce": ("modrt.train.reproduce:reproduce", "Train every configuration of the paper's PTB table."),
         "serve": ("modrt.serve.cli:serve", "Serve a bundle over HTTP (KServe v2 protocol, dynamic batching)."),
+        "bundle": ("modrt.bundle_cli:bundle_group", "Verify a bundle (checksums, parity again), or diff two."),
         "quantize": ("modrt.quantize:command", "An int8 copy of a bundle (modules, head, dense), parity-checked."),
     },
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},

@@ -51,6 +51,29 @@ def perplexity(model, tokens: np.ndarray, batch: int = 10, bptt: int = 35, dense
             "module_usage": usage.tolist(), "modules_in_use": int((usage > 0).sum())}
 
 
+def parity_streams(ids: np.ndarray, tokens: int, batch: int = 4, bptt: int = 35) -> tuple[np.ndarray, np.ndarray]:
+    """The export's parity text: the first ``tokens`` + 1 ids as ``batch`` streams, cut to
+    whole ``bptt`` windows. -> inputs x and targets y, (batch, N) each."""
+    text = ids[: tokens + 1]
+    n = (len(text) - 1) // batch
+    x = text[: n * batch].reshape(batch, n)
+    y = text[1: n * batch + 1].reshape(batch, n)
+    w = (n // bptt) * bptt
+    return x[:, :w], y[:, :w]
+
+
+def stream_ppl(model, x: np.ndarray, y: np.ndarray, bptt: int = 35, dense: bool = False) -> float:
+    """Perplexity of targets y under a recurrent bundle fed x window by window, the state
+    carried (the export's parity protocol)."""
+    run = model.run_dense if dense else model.run
+    h, nll = None, []
+    for lo in range(0, x.shape[1], bptt):
+        out = run(tokens=np.ascontiguousarray(x[:, lo: lo + bptt]), h=h)
+        h = out["h_last"]
+        nll.append(_nll(out["logits"], y[:, lo: lo + bptt]))
+    return float(np.exp(np.concatenate(nll, 1).mean()))
+
+
 def split_ids(manifest, split: str, data: str | Path | None) -> np.ndarray:
     """A PTB split as ids of the bundle's vocabulary (unknown words -> <unk>)."""
     from modrt.data import ptb

@@ -169,7 +169,7 @@ def measure(float_dir: Path, int8_dir: Path, data=None, tokens: int = 20_000, pr
         ids = split_ids(f.manifest, "valid", data)[:tokens]
         pf, pq = perplexity(f, ids, progress=progress), perplexity(q, ids, progress=progress)
         rec.update(ppl_float=pf["ppl"], ppl_int8=pq["ppl"], ppl_delta=pq["ppl"] / pf["ppl"] - 1.0,
-                   parity_tokens=pf["tokens"], split="valid")
+                   parity_tokens=pf["tokens"], requested_tokens=tokens, split="valid")
     return rec
 
 

@@ -1,0 +1,153 @@
+"""``modrt bundle``: operate on a bundle without torch.
+
+    modrt bundle verify OUT/ [--data PTB]    checksums, schema, and parity measured again
+    modrt bundle diff A/ B/                  which graphs (and which manifest fields) differ
+
+``verify`` loads the bundle as the runtime does (every graph's sha256, the manifest's
+schema and types, each graph's inputs and outputs against the manifest), then measures
+parity again where it can: for a Penn Treebank bundle the routed and dense perplexity on
+the export's validation streams (equal to the recorded figures within ``--rtol``), and for
+an int8 bundle (``modrt quantize``) its recorded int8 perplexity; for any bundle, routed
+against dense on random inputs (routing equal, outputs within ``--atol`` for float
+bundles). Exit 1 with one line per failure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from modrt._exceptions import InputError, ModrtError
+
+
+def verify(directory: Path, data: Path | None = None, rtol: float = 1e-4, atol: float = 1e-4) -> dict[str, Any]:
+    """{"checks": [(name, ok, detail)]}; raises ModrtError for a bundle that does not load."""
+    from modrt import bundle
+    from modrt.runtime import load
+
+    m = bundle.load(directory)  # checksums, schema, types, graph inputs and outputs
+    checks: list[tuple[str, bool, str]] = [("checksums and schema", True, f"{len(m.graphs)} graphs")]
+    model = load(directory, provider="cpu", strategy="host")
+    int8 = any(g.precision == "int8" for g in m.graphs.values())
+    rng = np.random.default_rng(0)
+    if m.topology == "recurrent":
+        V = model.signature.input.bounds[1]
+        x = rng.integers(0, V, (4, 20))
+        a, b, key = model.run(tokens=x), model.run_dense(tokens=x), "logits"
+    else:
+        x = rng.standard_normal((64, *model.input.shape[1:])).astype(np.float32)
+        a, b, key = model.run(x=x), model.run_dense(x=x), model.output.name
+    diff = float(np.abs(a[key] - b[key]).max())
+    same = bool(np.array_equal(a["modules"], b["modules"]))
+    if int8:
+        checks.append(("routed vs dense (random inputs)", True,
+                       f"int8: max |diff| {diff:.3g}, routing {'equal' if same else 'differs'} (activations are "
+                       "quantised per call)"))
+    else:
+        checks.append(("routed vs dense (random inputs)", same and diff <= atol,
+                       f"max |diff| {diff:.3g} (atol {atol:g}), routing {'equal' if same else 'DIFFERS'}"))
+    p = m.parity
+    if m.topology == "recurrent" and m.task.get("name") == "ptb" and "ppl_routed" in p:
+        from modrt.evaluate import parity_streams, split_ids, stream_ppl
+
+        ids = split_ids(m, "valid", data)
+        requested = p.get("parity_tokens", 2000)  # bundles before it was recorded: export's default
+        xs, ys = parity_streams(ids, requested, p.get("batch", 4), p.get("bptt", 35))
+        if xs.size != p.get("tokens"):
+            checks.append(("parity perplexity", False, f"cannot rebuild the export's {p.get('tokens')} parity tokens "
+                           "(the bundle does not record how many were asked for): export it again"))
+        else:
+            bptt = p.get("bptt", 35)
+            routed, dense = stream_ppl(model, xs, ys, bptt), stream_ppl(model, xs, ys, bptt, dense=True)
+            if int8 and "int8" in p and "requested_tokens" in p["int8"]:
+                from modrt.evaluate import perplexity
+
+                q = p["int8"]  # modrt quantize's protocol: the first validation tokens, 10 streams
+                got, want = perplexity(model, ids[: q["requested_tokens"]])["ppl"], q["ppl_int8"]
+                rel = abs(got / want - 1)
+                checks.append(("int8 perplexity", rel <= rtol,
+                               f"{got:.4f} now, {want:.4f} at quantize ({q['parity_tokens']} validation tokens; "
+                               f"rel {rel:.1e})"))
+            else:
+                for name, got, want in (("routed", routed, p["ppl_routed"]), ("dense", dense, p["ppl_dense"])):
+                    rel = abs(got / want - 1)
+                    checks.append((f"{name} perplexity", rel <= rtol,
+                                   f"{got:.4f} now, {want:.4f} at export ({xs.size} validation tokens; rel {rel:.1e})"))
+    elif p.get("stale"):
+        checks.append(("parity", False, "marked stale (a graph was replaced): verify with --data to measure it"))
+    return {"checks": checks, "ok": all(ok for _, ok, _ in checks)}
+
+
+def diff(a: Path, b: Path) -> dict[str, Any]:
+    """Graphs that differ (sha256), that only one bundle has, and differing manifest fields."""
+    from modrt import bundle
+
+    ma, mb = bundle.load(a, verify=False), bundle.load(b, verify=False)
+    ga, gb = ma.graphs, mb.graphs
+    changed = sorted(n for n in set(ga) & set(gb) if ga[n].sha256 != gb[n].sha256)
+    fields = {}
+    ja, jb = ma.to_json(), mb.to_json()
+    for k in sorted(set(ja) | set(jb)):
+        if k in ("graphs", "parity"):
+            continue
+        if ja.get(k) != jb.get(k):
+            fields[k] = (ja.get(k), jb.get(k))
+    return {"changed": changed, "only_a": sorted(set(ga) - set(gb)), "only_b": sorted(set(gb) - set(ga)),
+            "precision": {n: (ga[n].precision, gb[n].precision) for n in changed if ga[n].precision != gb[n].precision},
+            "fields": fields}
+
+
+@click.group("bundle")
+def bundle_group() -> None:
+    """Operate on a bundle: verify it, compare two."""
+
+
+@bundle_group.command("verify")
+@click.argument("directory", metavar="OUT/", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Penn Treebank directory for the parity perplexity [default: the usual lookup].")
+@click.option("--rtol", default=1e-4, show_default=True, type=click.FloatRange(min=0),
+              help="Allowed relative change of the recorded perplexities.")
+@click.option("--atol", default=1e-4, show_default=True, type=click.FloatRange(min=0),
+              help="Allowed |routed - dense| on random inputs (float bundles).")
+def verify_command(directory: Path, data: Path | None, rtol: float, atol: float) -> None:
+    """Check OUT/: checksums, schema, graphs' inputs and outputs, and parity measured again."""
+    r = verify(directory, data, rtol, atol)
+    for name, ok, detail in r["checks"]:
+        click.echo(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}")
+    if not r["ok"]:
+        raise ModrtError(f"{directory}: {sum(not ok for _, ok, _ in r['checks'])} check(s) failed")
+
+
+@bundle_group.command("diff")
+@click.argument("a", metavar="A/", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("b", metavar="B/", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON.")
+def diff_command(a: Path, b: Path, as_json: bool) -> None:
+    """Which graphs of A/ and B/ differ; exit 1 when they differ (as diff(1) does)."""
+    if a.resolve() == b.resolve():
+        raise InputError("give two different bundle directories")
+    d = diff(a, b)
+    if as_json:
+        click.echo(json.dumps(d, indent=1))
+    else:
+        for n in d["changed"]:
+            p = d["precision"].get(n)
+            click.echo(f"changed  {n}" + (f"  ({p[0]} -> {p[1]})" if p else ""))
+        for n in d["only_a"]:
+            click.echo(f"only in {a}: {n}")
+        for n in d["only_b"]:
+            click.echo(f"only in {b}: {n}")
+        for k, (x, y) in d["fields"].items():
+            click.echo(f"manifest {k}: {json.dumps(x)[:80]} -> {json.dumps(y)[:80]}")
+        if not any((d["changed"], d["only_a"], d["only_b"], d["fields"])):
+            click.echo("same graphs")
+    if any((d["changed"], d["only_a"], d["only_b"], d["fields"])):
+        raise SystemExit(1)
+
+
+__all__ = ["bundle_group", "diff", "verify"]

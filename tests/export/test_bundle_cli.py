@@ -1,0 +1,50 @@
+"""``modrt bundle verify`` and ``modrt bundle diff`` on exported PTB bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from modrt import quantize
+from modrt.cli import cli
+
+from .conftest import PTB
+
+
+def test_verify_measures_the_recorded_parity_again(bundles, tmp_path):
+    _, src = bundles["k1"]
+    r = CliRunner().invoke(cli, ["bundle", "verify", str(src), "--data", str(PTB)])
+    assert r.exit_code == 0, r.output
+    assert "ok    routed perplexity:" in r.output and "ok    dense perplexity:" in r.output
+    d = tmp_path / "edited"
+    shutil.copytree(src, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["parity"]["ppl_routed"] *= 1.01  # a record that no longer matches the graphs
+    (d / "manifest.json").write_text(json.dumps(m))
+    r = CliRunner().invoke(cli, ["bundle", "verify", str(d), "--data", str(PTB)])
+    assert r.exit_code == 1 and "FAIL  routed perplexity" in r.output and "1 check(s) failed" in r.output
+    graph = next(d.glob("layer0.module*.onnx"))
+    graph.write_bytes(graph.read_bytes()[:-10])
+    r = CliRunner().invoke(cli, ["bundle", "verify", str(d)])
+    assert r.exit_code == 1 and "wrong checksum" in r.output and "Traceback" not in r.output
+
+
+def test_verify_an_int8_bundle_and_diff(bundles, tmp_path):
+    _, src = bundles["k1"]
+    q = tmp_path / "int8"
+    quantize.quantize(src, q, force=True, data=PTB, parity_tokens=1000, progress=False)
+    r = CliRunner().invoke(cli, ["bundle", "verify", str(q), "--data", str(PTB)])
+    assert r.exit_code == 0 and "ok    int8 perplexity:" in r.output, r.output
+    r = CliRunner().invoke(cli, ["bundle", "diff", str(src), str(q), "--json"])
+    assert r.exit_code == 1
+    d = json.loads(r.output)
+    assert "head" in d["changed"] and "layer0.controller" not in d["changed"] and d["precision"]["head"] == [
+        "float32", "int8"]
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    r = CliRunner().invoke(cli, ["bundle", "diff", str(src), str(copy)])
+    assert r.exit_code == 0 and r.output.strip() == "same graphs"
+    r = CliRunner().invoke(cli, ["bundle", "diff", str(src), str(src)])
+    assert r.exit_code == 1 and "two different bundle directories" in r.output
