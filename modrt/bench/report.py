@@ -124,6 +124,8 @@ def run(
             samples = measure(fns, cfg, on_done=lambda name: bar.update(1))
             row: dict[str, Any] = {"batch": B}
             for v in VARIANTS:
+                if v.startswith("ref_") and against is None:
+                    continue  # only with --against: the report's rows keep DESIGN.md §8's keys otherwise
                 row[v] = stats(samples[v], B, cfg.seq if recurrent else None) if v in samples else None
             row["strategy"] = model.strategy_for(B)
             results.append(row)
@@ -165,7 +167,7 @@ def format_table(report: dict[str, Any]) -> str:
     if c.get("against"):
         head += f"\nref_* = {c['against']} (the same inputs, measured side by side)"
     lines = [head, "", "latency µs: p50 (p99)"]
-    cols = [v for v in VARIANTS if any(r[v] for r in report["results"])]
+    cols = [v for v in VARIANTS if any(r.get(v) for r in report["results"])]
     lines.append(f"{'batch':>6}" + "".join(f"{v:>22}" for v in cols) + "  routed strategy")
     for r in report["results"]:
         lines.append(f"{r['batch']:>6}" + "".join(
