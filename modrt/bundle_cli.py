@@ -2,6 +2,7 @@
 
     modrt bundle verify OUT/ [--data PTB]    checksums, schema, and parity measured again
     modrt bundle diff A/ B/                  which graphs (and which manifest fields) differ
+    modrt bundle replace OUT/ GRAPH NEW.onnx one graph swapped in, atomically; parity stale
 
 ``verify`` loads the bundle as the runtime does (every graph's sha256, the manifest's
 schema and types, each graph's inputs and outputs against the manifest), then measures
@@ -51,7 +52,22 @@ def verify(directory: Path, data: Path | None = None, rtol: float = 1e-4, atol: 
         checks.append(("routed vs dense (random inputs)", same and diff <= atol,
                        f"max |diff| {diff:.3g} (atol {atol:g}), routing {'equal' if same else 'DIFFERS'}"))
     p = m.parity
-    if m.topology == "recurrent" and m.task.get("name") == "ptb" and "ppl_routed" in p:
+    if p.get("stale") and m.topology == "recurrent" and m.task.get("name") == "ptb" and "ppl_routed" in p:
+        from modrt.evaluate import parity_streams, split_ids, stream_ppl
+
+        bptt = p.get("bptt", 35)
+        xs, ys = parity_streams(split_ids(m, "valid", data), p.get("parity_tokens", 2000), p.get("batch", 4), bptt)
+        routed, dense = stream_ppl(model, xs, ys, bptt), stream_ppl(model, xs, ys, bptt, dense=True)
+        rel = abs(routed / dense - 1)
+        checks.append(("routed vs dense perplexity (parity was stale)", rel <= rtol or int8,
+                       f"routed {routed:.4f}, dense {dense:.4f} on {xs.size} validation tokens; recorded"))
+        if rel <= rtol or int8:
+            from dataclasses import replace
+
+            fresh = {k: v for k, v in p.items() if k != "stale"}
+            fresh.update(ppl_routed=routed, ppl_dense=dense, remeasured=True)
+            bundle.write(directory, replace(m, parity=fresh))
+    elif m.topology == "recurrent" and m.task.get("name") == "ptb" and "ppl_routed" in p:
         from modrt.evaluate import parity_streams, split_ids, stream_ppl
 
         ids = split_ids(m, "valid", data)
@@ -101,9 +117,53 @@ def diff(a: Path, b: Path) -> dict[str, Any]:
             "fields": fields}
 
 
+def replace_graph(directory: Path, name: str, new: Path) -> str:
+    """Put ``new`` (an ONNX file) in place of graph ``name``: refused, with one line, when its
+    inputs or outputs (names, dtypes, shapes) differ from the graph it replaces. Atomic:
+    the new graph is written under a new file name, then the manifest is swapped in one
+    rename, then the old file removed, so a crash at any point leaves a bundle that loads
+    (the old one until the rename, the new one after). Parity is marked stale until
+    ``verify --data`` measures it again. Returns the new file's name."""
+    import dataclasses
+    import os
+    import shutil
+
+    from modrt import bundle
+
+    m = bundle.load(directory)
+    if name not in m.graphs:
+        raise InputError(f"{directory}: no graph {name!r}; it has {', '.join(sorted(m.graphs))}")
+    if not new.is_file():
+        raise InputError(f"{new}: no such file")
+    spec = bundle.graph_spec_from_onnx(new)  # BundleError (one line) when it is not ONNX
+    old = m.graphs[name]
+    for kind, want, have in (("inputs", old.inputs, spec.inputs), ("outputs", old.outputs, spec.outputs)):
+        if [(t.name, t.dtype, t.shape) for t in want] != [(t.name, t.dtype, t.shape) for t in have]:
+            raise InputError(f"{new}: its {kind} {[(t.name, t.dtype, list(t.shape)) for t in have]} differ from "
+                             f"graph {name!r}'s {[(t.name, t.dtype, list(t.shape)) for t in want]}")
+    file = f"{name}.{spec.sha256[:12]}.onnx"
+    tmp = directory / (file + ".tmp")
+    shutil.copyfile(new, tmp)
+    os.replace(tmp, directory / file)
+    precision = "int8" if _is_int8(new) else "float32"
+    graphs = {**m.graphs, name: dataclasses.replace(spec, file=file, precision=precision)}
+    parity = {**m.parity, "stale": f"graph {name!r} replaced; modrt bundle verify --data measures it again"}
+    bundle.write(directory, dataclasses.replace(m, graphs=graphs, parity=parity))  # the one atomic step
+    if old.file != file and not any(g.file == old.file for g in graphs.values()):
+        (directory / old.file).unlink(missing_ok=True)
+    return file
+
+
+def _is_int8(path: Path) -> bool:
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    return bool(ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "ConvInteger"})
+
+
 @click.group("bundle")
 def bundle_group() -> None:
-    """Operate on a bundle: verify it, compare two."""
+    """Operate on a bundle: verify it, compare two, replace one graph."""
 
 
 @bundle_group.command("verify")
@@ -121,6 +181,16 @@ def verify_command(directory: Path, data: Path | None, rtol: float, atol: float)
         click.echo(f"{'ok  ' if ok else 'FAIL'}  {name}: {detail}")
     if not r["ok"]:
         raise ModrtError(f"{directory}: {sum(not ok for _, ok, _ in r['checks'])} check(s) failed")
+
+
+@bundle_group.command("replace")
+@click.argument("directory", metavar="OUT/", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("name", metavar="GRAPH")
+@click.argument("new", metavar="NEW.onnx", type=click.Path(dir_okay=False, path_type=Path))
+def replace_command(directory: Path, name: str, new: Path) -> None:
+    """Replace one graph of OUT/ (e.g. layer0.module3) by NEW.onnx of the same inputs and outputs."""
+    file = replace_graph(directory, name, new)
+    click.echo(f"replaced {name} by {new} ({file}); parity is stale: modrt bundle verify {directory} --data ...")
 
 
 @bundle_group.command("diff")
@@ -150,4 +220,4 @@ def diff_command(a: Path, b: Path, as_json: bool) -> None:
         raise SystemExit(1)
 
 
-__all__ = ["bundle_group", "diff", "verify"]
+__all__ = ["bundle_group", "diff", "replace_graph", "verify"]

@@ -48,3 +48,49 @@ def test_verify_an_int8_bundle_and_diff(bundles, tmp_path):
     assert r.exit_code == 0 and r.output.strip() == "same graphs"
     r = CliRunner().invoke(cli, ["bundle", "diff", str(src), str(src)])
     assert r.exit_code == 1 and "two different bundle directories" in r.output
+
+
+def test_replace_one_graph_atomically_then_verify_measures_the_stale_parity(bundles, tmp_path, monkeypatch):
+    import os
+
+    import modrt
+    from modrt import bundle_cli
+
+    _, src = bundles["k1"]
+    d = tmp_path / "b"
+    shutil.copytree(src, d)
+    q = tmp_path / "int8"
+    quantize.quantize(src, q, force=True, data=PTB, parity_tokens=1000, progress=False)
+    new = q / json.loads((q / "manifest.json").read_text())["graphs"]["layer0.module3"]["file"]
+    r = CliRunner().invoke(cli, ["bundle", "replace", str(d), "layer0.module3", str(q / "head.onnx")])
+    assert r.exit_code == 1 and "differ from graph 'layer0.module3'" in r.output  # the head's I/O: refused
+    r = CliRunner().invoke(cli, ["bundle", "replace", str(d), "layer0.nope", str(new)])
+    assert r.exit_code == 1 and "no graph 'layer0.nope'" in r.output
+    # a crash at the manifest's rename: the bundle on disk is the old one, and it loads
+    real = os.replace
+
+    def crash(a, b):
+        if str(b).endswith("manifest.json"):
+            raise OSError("power cut")
+        return real(a, b)
+
+    monkeypatch.setattr(os, "replace", crash)
+    before = json.loads((d / "manifest.json").read_text())
+    try:
+        bundle_cli.replace_graph(d, "layer0.module3", new)
+    except OSError:
+        pass
+    monkeypatch.setattr(os, "replace", real)
+    assert json.loads((d / "manifest.json").read_text()) == before
+    modrt.load(d)
+    r = CliRunner().invoke(cli, ["bundle", "replace", str(d), "layer0.module3", str(new)])
+    assert r.exit_code == 0 and "parity is stale" in r.output, r.output
+    m = json.loads((d / "manifest.json").read_text())
+    assert m["graphs"]["layer0.module3"]["precision"] == "int8" and "stale" in m["parity"]
+    modrt.load(d)  # checksums hold
+    r = CliRunner().invoke(cli, ["bundle", "verify", str(d), "--data", str(PTB)])
+    assert r.exit_code == 0 and "parity was stale" in r.output, r.output
+    m = json.loads((d / "manifest.json").read_text())
+    assert "stale" not in m["parity"] and m["parity"]["remeasured"]
+    r = CliRunner().invoke(cli, ["bundle", "diff", str(src), str(d), "--json"])
+    assert json.loads(r.output)["changed"] == ["layer0.module3"]
