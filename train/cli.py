@@ -167,8 +167,6 @@ def ptb(ctx: click.Context, **opts) -> None:
         import torch
 
         torch.set_num_threads(opts["threads"])
-    else:
-        _warn_if_busy()
     from modrt.data import ptb as ptb_data
     from modrt.train import checkpoint
     from modrt.train.trainer import Trainer
@@ -193,6 +191,8 @@ def ptb(ctx: click.Context, **opts) -> None:
     trainer = Trainer(mcfg, tcfg, corpus, out, resume=resume, progress=not opts["quiet"])
     click.echo(f"modrt: training {mcfg.method} M={mcfg.modules} K={mcfg.k} on {trainer.device} "
                f"({trainer.windows} windows/epoch, {trainer.total_steps()} steps) -> {out}", err=True)
+    if not opts["threads"] and trainer.device.type == "cpu":  # after every check: errors stay one line
+        _warn_if_busy()
     result = trainer.fit()
     if result.get("stopped"):
         click.echo(f"modrt: stopped at step {result['step']}; checkpoint {result['checkpoint']} "
