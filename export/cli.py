@@ -17,8 +17,13 @@ from modrt._exceptions import ModrtError
               help="Penn Treebank directory for the parity check (default: as `modrt train`).")
 @click.option("--parity-tokens", type=click.IntRange(min=200), default=2000, show_default=True,
               help="Validation tokens on which PyTorch and ONNX Runtime are compared.")
+@click.option("--only", "only", metavar="GRAPH", default=None,
+              help="Re-export just this graph (e.g. layer0.module3; with its layer's dense baseline, which holds "
+                   "it too) into the existing bundle OUT, whose other graphs must be what CKPT exports (checked "
+                   "by sha256); parity is then marked stale.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def export(ckpt: Path, out: Path, force: bool, data: Path | None, parity_tokens: int, quiet: bool) -> None:
+def export(ckpt: Path, out: Path, force: bool, data: Path | None, parity_tokens: int, only: str | None,
+           quiet: bool) -> None:
     """Export a training checkpoint to a bundle: manifest.json + per-module ONNX graphs.
 
     \b
@@ -33,6 +38,13 @@ def export(ckpt: Path, out: Path, force: bool, data: Path | None, parity_tokens:
     except ImportError as exc:
         raise ModrtError("export needs PyTorch: pip install 'modrt[train]'") from exc
     from modrt.export.exporter import export as run_export
+
+    if only is not None:
+        from modrt.export.exporter import export_only
+
+        done = export_only(ckpt, out, only)
+        click.echo(f"re-exported {', '.join(done)} into {out}; parity is stale: modrt bundle verify {out} --data ...")
+        return
 
     m = run_export(ckpt, out, force=force, progress=not quiet, data=data, parity_tokens=parity_tokens)
     p = m.parity

@@ -61,6 +61,53 @@ def _graph_parity(g: G.GraphDef, data: bytes) -> float:
     return diff
 
 
+def _onnx_of(g) -> tuple[bytes, float]:
+    try:
+        raw = G.to_onnx(g)
+    except Exception as exc:  # torch.onnx raises many kinds; name the graph
+        raise ExportError(f"graph {g.name}: ONNX export failed ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    diff = _graph_parity(g, raw)
+    if not diff <= GRAPH_ATOL:
+        raise ExportError(f"graph {g.name}: ONNX Runtime differs from PyTorch by {diff:.3g} (tolerance {GRAPH_ATOL})")
+    return raw, diff
+
+
+def export_only(ckpt_path: str | Path, out: str | Path, name: str) -> list[str]:
+    """Re-export graph ``name`` from a checkpoint into the existing bundle ``out`` (with the
+    dense baseline of its layer, which holds every module and the controller). Every other
+    graph must be what this checkpoint exports, byte for byte (the export is deterministic:
+    each is exported again and its sha256 compared with the manifest's), so the bundle
+    never mixes two models. Each graph goes in as ``modrt bundle replace`` puts one
+    (atomically; parity marked stale). Returns the graphs written."""
+    import tempfile
+
+    from modrt.bundle_cli import replace_graph
+
+    out = Path(out)
+    m = bundle.load(out)
+    model, _ = checkpoint.load_model(ckpt_path)
+    defs = {g.name: g for g in G.graph_defs(model)}
+    if name not in defs or name not in m.graphs:
+        raise ExportError(f"no graph {name!r} to export; the bundle has {', '.join(sorted(m.graphs))}")
+    todo = [name]
+    for layer in m.layers:
+        if name in (layer.controller, *layer.module_graphs) and layer.name in m.dense:
+            todo.append(m.dense[layer.name])  # it holds the changed parameters too
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = {}
+        for n, g in defs.items():
+            raw = G.to_onnx(g) if n not in todo else _onnx_of(g)[0]
+            fresh[n] = Path(tmp) / f"{n}.onnx"
+            fresh[n].write_bytes(raw)
+        differ = [n for n in defs if n not in todo and bundle.sha256_file(fresh[n]) != m.graphs[n].sha256]
+        if differ:
+            raise ExportError(f"{out}: graph(s) {', '.join(differ)} are not what {ckpt_path} exports: --only would "
+                              "mix two models; export the whole bundle")
+        for n in todo:
+            replace_graph(out, n, fresh[n])
+    return todo
+
+
 def export(ckpt_path: str | Path, out: str | Path, force: bool = False, progress: bool = True,
            data: str | Path | None = None, parity_tokens: int = 2000) -> bundle.Manifest:
     out = Path(out)
@@ -76,14 +123,7 @@ def export(ckpt_path: str | Path, out: str | Path, force: bool = False, progress
     specs: dict[str, bundle.GraphSpec] = {}
     graph_diff: dict[str, float] = {}
     for g in tqdm(defs, desc="export", unit="graph", disable=not progress):
-        try:
-            raw = G.to_onnx(g)
-        except Exception as exc:  # torch.onnx raises many kinds; name the graph
-            raise ExportError(f"graph {g.name}: ONNX export failed ({type(exc).__name__}: {str(exc)[:200]})") from exc
-        graph_diff[g.name] = _graph_parity(g, raw)
-        if not graph_diff[g.name] <= GRAPH_ATOL:
-            raise ExportError(f"graph {g.name}: ONNX Runtime differs from PyTorch by {graph_diff[g.name]:.3g} "
-                              f"(tolerance {GRAPH_ATOL})")
+        raw, graph_diff[g.name] = _onnx_of(g)
         path = out / f"{g.name}.onnx"
         path.write_bytes(raw)
         specs[g.name] = bundle.graph_spec_from_onnx(path)

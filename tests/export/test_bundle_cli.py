@@ -94,3 +94,34 @@ def test_replace_one_graph_atomically_then_verify_measures_the_stale_parity(bund
     assert "stale" not in m["parity"] and m["parity"]["remeasured"]
     r = CliRunner().invoke(cli, ["bundle", "diff", str(src), str(d), "--json"])
     assert json.loads(r.output)["changed"] == ["layer0.module3"]
+
+
+def test_export_only_one_graph_equals_a_full_export_of_it(bundles, tmp_path):
+    import torch
+
+    from modrt.export.exporter import export
+
+    ckpt, src = bundles["k1"]
+    tuned = tmp_path / "tuned.pt"  # the checkpoint with module 3 changed, as after fine-tuning it alone
+    state = torch.load(ckpt, weights_only=True)
+    for k in state["model"]:
+        if k.startswith("layer.cells.3."):
+            state["model"][k] = state["model"][k] + 0.01
+    torch.save(state, tuned)
+    full = tmp_path / "full"
+    export(tuned, full, progress=False, data=PTB, parity_tokens=400)
+    d = tmp_path / "b"
+    shutil.copytree(src, d)
+    r = CliRunner().invoke(cli, ["export", str(tuned), str(d), "--only", "head"])
+    assert r.exit_code == 1 and "layer0.module3, layer0.dense are not what" in r.output  # would mix models
+    r = CliRunner().invoke(cli, ["export", str(tuned), str(d), "--only", "layer0.module3"])
+    assert r.exit_code == 0 and "parity is stale" in r.output, r.output
+    m, f = (json.loads((x / "manifest.json").read_text()) for x in (d, full))
+    got = (d / m["graphs"]["layer0.module3"]["file"]).read_bytes()
+    assert got == (full / f["graphs"]["layer0.module3"]["file"]).read_bytes()
+    assert m["graphs"]["layer0.module3"]["sha256"] == f["graphs"]["layer0.module3"]["sha256"]
+    assert "layer0.module3, layer0.dense" in r.output
+    r = CliRunner().invoke(cli, ["bundle", "diff", str(d), str(full), "--json"])
+    assert json.loads(r.output)["changed"] == []  # the bundle is now the tuned checkpoint's, graph for graph
+    r = CliRunner().invoke(cli, ["export", str(tuned), str(d), "--only", "layer0.nope"])
+    assert r.exit_code == 1 and "no graph 'layer0.nope'" in r.output
