@@ -30,13 +30,7 @@ PPL_RTOL = 1e-3  # model level: perplexity, PyTorch vs ONNX Runtime (routed and 
 
 
 def _prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise ExportError(f"{out}: exists and is not empty (pass --force to replace it)")
-        if not (out / "manifest.json").is_file():
-            raise ExportError(f"{out}: not a modrt bundle; refusing to delete it even with --force")
+    if bundle.prepare_output(out, force, ExportError):
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -221,6 +221,22 @@ def save_graphs(directory: str | os.PathLike, graphs: dict[str, Any]) -> dict[st
     return specs
 
 
+def prepare_output(out: str | os.PathLike, force: bool, error: type[Exception] = BundleError) -> bool:
+    """Check that ``out`` may receive a bundle: absent, an empty directory, or (with
+    ``force``) a directory holding a bundle, never anything else. Raises ``error`` (one
+    line). Returns whether a bundle is there to be replaced."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise error(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise error(f"{out}: exists and is not empty (pass --force to replace it)")
+        if not (out / "manifest.json").is_file():
+            raise error(f"{out}: not a modrt bundle; refusing to replace it even with --force")
+        return True
+    return False
+
+
 def write(directory: str | os.PathLike, manifest: Manifest) -> Path:
     path = Path(directory) / "manifest.json"
     tmp = path.with_suffix(".json.tmp")

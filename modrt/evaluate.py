@@ -74,6 +74,16 @@ def stream_ppl(model, x: np.ndarray, y: np.ndarray, bptt: int = 35, dense: bool 
     return float(np.exp(np.concatenate(nll, 1).mean()))
 
 
+def probe_feeds(model, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of a bundle's signature for comparing two runs of it (routed and dense,
+    float and int8): (8, 35) token ids of its vocabulary, or 256 rows of N(0, 1) features."""
+    rng = np.random.default_rng(seed)
+    t = model.signature.input
+    if model.topology == "recurrent":
+        return {t.name: rng.integers(0, t.bounds[1], (8, 35))}
+    return {t.name: rng.standard_normal((256, *t.shape[1:])).astype(np.float32)}
+
+
 def split_ids(manifest, split: str, data: str | Path | None) -> np.ndarray:
     """A PTB split as ids of the bundle's vocabulary (unknown words -> <unk>)."""
     from modrt.data import ptb

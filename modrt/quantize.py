@@ -62,20 +62,21 @@ def controller_nodes(model) -> list[str]:
     return [name for name in seen if name]
 
 
-def plan(manifest: bundle.Manifest, controller: bool = False) -> dict[str, list[str]]:
-    """graph name -> node names to leave float, for each graph to quantise."""
+def plan(manifest: bundle.Manifest, controller: bool = False) -> dict[str, bool]:
+    """The graphs to quantise -> whether their controller's nodes stay float (a dense graph
+    holds its layer's controller; with ``controller`` nothing stays float)."""
     names = {l.name for l in manifest.layers}
     last = max(i for i, s in enumerate(manifest.stages) if s in names)
-    chosen: dict[str, list[str]] = {}
+    chosen: dict[str, bool] = {}
     for layer in manifest.layers:
         for g in layer.module_graphs:
-            chosen[g] = []
+            chosen[g] = False
         if controller:
-            chosen[layer.controller] = []
+            chosen[layer.controller] = False
         if layer.name in manifest.dense:
-            chosen[manifest.dense[layer.name]] = ["<controller>"] if not controller else []
+            chosen[manifest.dense[layer.name]] = not controller
     for s in manifest.stages[last + 1:]:
-        chosen[s] = []
+        chosen[s] = False
     return chosen
 
 
@@ -98,7 +99,8 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, controller: bool = 
             shutil.copy2(src / spec.file, work / spec.file)
         graphs = dict(m.graphs)
         quantised = []
-        for name, keep in tqdm(plan(m, controller).items(), desc="quantize", unit="graph", disable=not progress):
+        for name, keep_selection in tqdm(plan(m, controller).items(), desc="quantize", unit="graph",
+                                         disable=not progress):
             spec = m.graphs[name]
             path = work / spec.file
             model = onnx.load(str(path))
@@ -107,7 +109,7 @@ def quantize(src: str | os.PathLike, dst: str | os.PathLike, controller: bool = 
                 if not node.name:
                     node.name = f"{node.op_type}_{i}"
             onnx.save(model, str(named))
-            exclude = controller_nodes(model) if keep == ["<controller>"] else []
+            exclude = controller_nodes(model) if keep_selection else []
             tmp = path.with_suffix(".int8.onnx")
             with _quiet_advice():
                 quantize_dynamic(str(named), str(tmp), weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
@@ -145,21 +147,15 @@ def measure(float_dir: Path, int8_dir: Path, data=None, tokens: int = 20_000, pr
             ) -> dict[str, Any]:
     """The int8 bundle against the float one on the same inputs: max |output diff|, routing
     agreement, and for a PTB language model the perplexity of both on validation text."""
+    from modrt.evaluate import probe_feeds
     from modrt.runtime import load
 
     f = load(float_dir, provider="cpu", strategy="host")
     q = load(int8_dir, provider="cpu", strategy="host")
-    rng = np.random.default_rng(0)
     rec: dict[str, Any] = {}
-    if f.topology == "recurrent":
-        V = f.signature.input.bounds[1]
-        x = rng.integers(0, V, (8, 35))
-        a, b = f.run(tokens=x), q.run(tokens=x)
-        key = "logits"
-    else:
-        x = rng.standard_normal((256, *f.input.shape[1:])).astype(np.float32)
-        a, b = f.run(x=x), q.run(x=x)
-        key = f.output.name
+    feeds = probe_feeds(f)
+    a, b = f.run(**feeds), q.run(**feeds)
+    key = f.signature.outputs[0].name  # logits, or the feed-forward output
     rec["max_abs_diff"] = float(np.abs(a[key] - b[key]).max())
     rec["max_abs_output"] = float(np.abs(a[key]).max())
     rec["routing_agreement"] = float((a["modules"] == b["modules"]).all(-1).all(-1).mean())
@@ -190,11 +186,7 @@ def _quiet_advice():
 
 
 def _prepare(dst: Path, force: bool) -> None:
-    if dst.exists() and any(dst.iterdir()):
-        if not force:
-            raise ModrtError(f"{dst}: exists and is not empty (pass --force to replace it)")
-        if not (dst / "manifest.json").is_file():
-            raise ModrtError(f"{dst}: not a modrt bundle; refusing to replace it even with --force")
+    bundle.prepare_output(dst, force, ModrtError)  # replaced only once the new one is whole
     dst.parent.mkdir(parents=True, exist_ok=True)
 
 

@@ -284,7 +284,7 @@ class DataPlane:
         if len(inputs) > 1:
             sig.check_batch({name: shape for name, _, shape in inputs})
         outputs = self.choose_outputs(requested, default)
-        lead = [int(g) for w, g in zip(sig.input.shape, first, strict=True) if w == -1]  # batch (and time)
+        lead = sig.lead(first)  # batch (and time)
         n = math.prod(lead)
         if n > self.max_tokens:
             raise PayloadTooLargeError(

@@ -72,13 +72,17 @@ def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
 
 
+def message_of(exc: BaseException) -> str:
+    """The one line a client is told: a ``ModrtError``'s own, else that it is internal."""
+    return str(exc) if isinstance(exc, ModrtError) else f"internal error: {type(exc).__name__}: {exc}"
+
+
 def answer(exc: Exception, where: str) -> tuple[int, bytes]:
     """(status, JSON body) for an exception raised while answering ``where``; a bug (not
     a ``ModrtError``) is logged with its traceback."""
-    if isinstance(exc, ModrtError):
-        return status_of(exc), error_body(str(exc))
-    log.error("internal error on %s", where, exc_info=exc)
-    return 500, error_body(f"internal error: {type(exc).__name__}: {exc}")
+    if not isinstance(exc, ModrtError):
+        log.error("internal error on %s", where, exc_info=exc)
+    return status_of(exc), error_body(message_of(exc))
 
 
 def install(app, on_failure) -> None:
@@ -112,4 +116,4 @@ def install(app, on_failure) -> None:
 
 
 __all__ = ["BatcherClosedError", "ModelNotFoundError", "NotReadyError", "PayloadTooLargeError", "LoadError", "STATUS",
-           "UnsupportedEncodingError", "answer", "error_body", "install", "status_of"]
+           "UnsupportedEncodingError", "answer", "message_of", "error_body", "install", "status_of"]

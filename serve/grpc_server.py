@@ -104,7 +104,10 @@ class Servicer:
         return pb.ServerMetadataResponse(name=m.name, version=m.version, extensions=m.extensions)
 
     async def ModelMetadata(self, request, context):
-        m = await self._call(context, self.plane.metadata, request.name, request.version)
+        try:
+            m = self.plane.metadata(request.name, request.version)
+        except Exception as exc:  # noqa: BLE001 - answered with its status
+            await _abort(context, exc, "gRPC ModelMetadata")
         t = pb.ModelMetadataResponse_TensorMetadata
         return pb.ModelMetadataResponse(
             name=m.name, versions=m.versions, platform=m.platform,
@@ -117,22 +120,15 @@ class Servicer:
             res = await plane.answer(request.model_name, request.model_version, lambda: decode(plane, request))
             return encode(plane, res)
         except Exception as exc:  # noqa: BLE001 - answered with its status (a bug: INTERNAL, logged)
-            status, _ = errors.answer(exc, f"gRPC ModelInfer {request.model_name!r}")
-            plane.metrics.observe_failure(status)
-            await context.abort(CODES.get(status, grpc.StatusCode.INTERNAL), _message(exc))
-
-    async def _call(self, context, fn, *args):
-        try:
-            return fn(*args)
-        except Exception as exc:  # noqa: BLE001
-            status, _ = errors.answer(exc, f"gRPC {fn.__name__}")
-            await context.abort(CODES.get(status, grpc.StatusCode.INTERNAL), _message(exc))
+            plane.metrics.observe_failure(errors.status_of(exc))
+            await _abort(context, exc, f"gRPC ModelInfer {request.model_name!r}")
 
 
-def _message(exc: Exception) -> str:
-    from modrt._exceptions import ModrtError
-
-    return str(exc) if isinstance(exc, ModrtError) else f"internal error: {type(exc).__name__}: {exc}"
+async def _abort(context, exc: Exception, where: str) -> None:
+    """End the RPC with the status code of ``exc``'s HTTP status and its one line (a bug is
+    logged with its traceback, as ``errors.answer`` does)."""
+    status, _ = errors.answer(exc, where)
+    await context.abort(CODES.get(status, grpc.StatusCode.INTERNAL), errors.message_of(exc))
 
 
 def handler(servicer: Servicer) -> grpc.GenericRpcHandler:

@@ -102,19 +102,22 @@ class Pipeline:
         width = self._head_width
         step = max(1, HEAD_CHUNK_BYTES // max(1, B * width * 4)) if width > 0 else T
         if step >= T:  # one call: the common case (a window of a few dozen steps)
-            cur = np.ascontiguousarray(np.swapaxes(x_tm, 0, 1))
-            for g in self.post:
-                cur = g({g.input_names[0]: cur})[0]
+            cur = self._after(x_tm)
             return cur.argmax(-1) if argmax else cur
         out = None
         for t in range(0, T, step):
-            cur = np.ascontiguousarray(np.swapaxes(x_tm[t:t + step], 0, 1))  # (B, c, H)
-            for g in self.post:
-                cur = g({g.input_names[0]: cur})[0]
+            cur = self._after(x_tm[t:t + step])  # (B, c, V)
             if out is None:
                 out = np.empty((B, T) if argmax else (B, T, *cur.shape[2:]), np.int64 if argmax else cur.dtype)
             out[:, t:t + cur.shape[1]] = cur.argmax(-1) if argmax else cur
         return out
+
+    def _after(self, x_tm: np.ndarray) -> np.ndarray:
+        """The stages after the layers on time-major states (c, B, H) -> (B, c, ...)."""
+        cur = np.ascontiguousarray(np.swapaxes(x_tm, 0, 1))
+        for g in self.post:
+            cur = g({g.input_names[0]: cur})[0]
+        return cur
 
 
 __all__ = ["Pipeline"]

@@ -25,6 +25,7 @@ read as a classifier, as before kinds were recorded.)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -110,18 +111,18 @@ class Signature:
             if shape[0] != B:
                 raise InputError(f"input {name!r} has batch size {shape[0]}, {first.name!r} has {B}")
 
+    def lead(self, shape: tuple[int, ...] | list[int]) -> list[int]:
+        """The sizes of the first input's -1 axes in ``shape``: batch (and time)."""
+        return [int(g) for w, g in zip(self.input.shape, shape, strict=True) if w == -1]
+
     def positions(self, shape: tuple[int, ...] | list[int]) -> int:
         """Positions the first input of ``shape`` asks the model to compute: rows x time steps
         of a language model, rows of a feed-forward one (the product of its -1 axes)."""
-        n = 1
-        for w, g in zip(self.input.shape, shape, strict=True):
-            if w == -1:
-                n *= int(g)
-        return n
+        return math.prod(self.lead(shape))
 
     def shape_of(self, output: str, shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
         """The shape of ``output`` when the first input has ``shape``."""
-        lead = iter(int(g) for w, g in zip(self.input.shape, shape, strict=True) if w == -1)
+        lead = iter(self.lead(shape))
         return tuple(next(lead) if d == -1 else d for d in self.output(output).shape)
 
     def check(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
