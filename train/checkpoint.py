@@ -71,21 +71,50 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
             f"{path}: checkpoint format version {ckpt.get('version')}, this modrt "
             f"({__version__}) reads version {VERSION}"
         )
-    for key in ("model_config", "train_config", "vocab", "model"):
+    for key in ("model_config", "train_config", "model"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'")
+    task = task_of(ckpt)
+    meta = "classes" if task == "cifar10" else "vocab"
+    if meta not in ckpt:
+        raise CheckpointError(f"{path}: checkpoint lacks '{meta}'")
     return ckpt
+
+
+def task_of(ckpt: dict[str, Any]) -> str:
+    """The task a checkpoint's model config belongs to: "ptb" or "cifar10"."""
+    cfg = ckpt.get("model_config")
+    return cfg.get("task", "ptb") if isinstance(cfg, dict) else "ptb"
+
+
+def model_config(ckpt: dict[str, Any]):
+    """The checkpoint's model config object (``ModelConfig`` or ``ImageModelConfig``); a
+    config this modrt cannot build raises TypeError or ValueError."""
+    from modrt.train.config import ImageModelConfig, ModelConfig
+
+    cls = ImageModelConfig if task_of(ckpt) == "cifar10" else ModelConfig
+    return cls(**ckpt["model_config"])
+
+
+def build_model(cfg):
+    """The untrained model of a config: ``ModularLM`` or ``ModularConvNet``."""
+    from modrt.train.config import ImageModelConfig
+
+    if isinstance(cfg, ImageModelConfig):
+        from modrt.train.conv import ModularConvNet
+
+        return ModularConvNet(cfg)
+    from modrt.train.model import ModularLM
+
+    return ModularLM(cfg)
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"):
     """The model a checkpoint holds, rebuilt from its config (eval mode), and the checkpoint.
     Used by training (``--resume``), export and inspect; any fault is one ``CheckpointError``."""
-    from modrt.train.config import ModelConfig
-    from modrt.train.model import ModularLM
-
     ckpt = load(path, map_location)
     try:
-        model = ModularLM(ModelConfig(**ckpt["model_config"]))
+        model = build_model(model_config(ckpt))
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: model does not rebuild from its config ({str(exc)[:200]})") from exc

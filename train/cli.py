@@ -12,10 +12,20 @@ from pathlib import Path
 import click
 
 from modrt._exceptions import CheckpointError, ModrtError
-from modrt.train.config import E_STEPS, EM_ONLY, METHODS, RESUMABLE_CHANGES, ModelConfig, TrainConfig
+from modrt.train.config import (
+    E_STEPS,
+    EM_ONLY,
+    METHODS,
+    RESUMABLE_CHANGES,
+    ImageModelConfig,
+    ModelConfig,
+    TrainConfig,
+)
 
 _M = ModelConfig()
+_I = ImageModelConfig()
 _T = TrainConfig()
+IMAGE_BATCH = 128  # images per step (the official demo's)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -54,6 +64,70 @@ def _warn_if_busy() -> None:
                    f"fewer than {cores}) keeps the trainings from slowing each other down many times over", err=True)
 
 
+def _options(*decorators):
+    """Apply click options in the order they are listed (as written above a command)."""
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+# Options of EM and the baselines, the same for every task.
+_method_options = _options(
+    click.option("--samples", "-S", type=click.IntRange(min=1), default=_T.samples, show_default=True,
+                 help="S, E-step candidates per example: the stored a* plus S-1 controller draws."),
+    click.option("--e-step-every", type=click.IntRange(min=1), default=_T.e_step_every, show_default=True,
+                 help="E-step each window (example) on every n-th of its visits, staggered over windows "
+                      "so that every window gets one in any n consecutive epochs (images: every n-th "
+                      "batch of an epoch, staggered over epochs)."),
+    click.option("--prior-weight", type=click.FloatRange(min=0), default=_T.prior_weight, show_default=True,
+                 help="E-step score: log p(y|x,a) + w * log p(a|x). 1 is the paper's joint; 0 scores candidates "
+                      "by their likelihood alone (they are still drawn from the controller)."),
+    click.option("--balance-rate", type=click.FloatRange(min=0), default=_T.balance_rate, show_default=True,
+                 help="EM: loss-free balancing (Wang et al. 2024). A per-module bias on the E-step's scores, "
+                      "moved this many nats per E-step towards under-used modules; no loss term. 0: off."),
+    click.option("--warm-start", type=click.IntRange(min=0), default=_T.warm_start, show_default=True,
+                 help="EM: train modules 0..K-1 densely for this many steps, then copy them into every module "
+                      "with small noise (sparse upcycling) and start EM. 0: off."),
+    click.option("--prior-anneal", type=click.IntRange(min=0), default=_T.prior_anneal, show_default=True,
+                 help="EM: raise the prior weight linearly from 0 to --prior-weight over this many steps "
+                      "(after any warm start). 0: off."),
+    click.option("--baseline-decay", type=click.FloatRange(0, 1, max_open=True), default=_T.baseline_decay,
+                 show_default=True, help="REINFORCE: decay of the reward's moving-average baseline."),
+    click.option("--importance-weight", type=click.FloatRange(min=0), default=_T.importance_weight,
+                 show_default=True, help="noisy-topk: weight of the importance (gate mass balance) loss."),
+    click.option("--load-weight", type=click.FloatRange(min=0), default=_T.load_weight, show_default=True,
+                 help="noisy-topk: weight of the load (top-k count balance) loss."),
+)
+
+# How a run optimises, where it writes, how it resumes: the same for every task.
+_run_options = _options(
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_T.lr, show_default=True,
+                 help="Adam learning rate (modules and controller together)."),
+    click.option("--clip", type=click.FloatRange(min=0), default=_T.clip, show_default=True,
+                 help="Max global gradient norm (0: no clipping)."),
+    click.option("--epochs", type=click.IntRange(min=1), default=_T.epochs, show_default=True,
+                 help="Passes over the training set."),
+    click.option("--steps", type=click.IntRange(min=0), default=_T.steps, show_default=True,
+                 help="Stop after this many steps in total (0: all epochs). For quick runs."),
+    click.option("--seed", type=int, default=_T.seed, show_default=True, help="Random seed."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_T.device, show_default=True,
+                 help="auto: CUDA when torch sees a GPU, else CPU."),
+    click.option("--ckpt-every", type=click.IntRange(min=0), default=_T.ckpt_every, show_default=True,
+                 help="Also write ckpt.pt every n steps (always at epoch ends, Ctrl-C and the end)."),
+    click.option("--log-every", type=click.IntRange(min=1), default=_T.log_every, show_default=True,
+                 help="One metrics.jsonl line per n steps."),
+    click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Continue from this ckpt.pt exactly where it stopped (its config is used)."),
+    click.option("--force", is_flag=True, help="Overwrite a run already in --out."),
+    click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="CPU threads for PyTorch (0: its default, one per core). On a shared machine use 1: "
+                      "two multi-threaded trainings on the same cores slow each other down many times over."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar."),
+)
+
+
 @train.command("ptb")
 @click.option("--method", type=click.Choice(METHODS), default=_M.method, show_default=True,
               help="em: the paper's generalised EM. dense: the same network with every module used "
@@ -68,39 +142,17 @@ def _warn_if_busy() -> None:
               help="How the selected modules' new states combine. Same for K=1; for K>1 the official "
                    "code's sum lets the GRU state grow K-fold per step, mean keeps it bounded. "
                    "noisy-topk always weights by its gates.")
-@click.option("--samples", "-S", type=click.IntRange(min=1), default=_T.samples, show_default=True,
-              help="S, E-step candidates per example: the stored a* plus S-1 controller draws.")
-@click.option("--e-step-every", type=click.IntRange(min=1), default=_T.e_step_every, show_default=True,
-              help="E-step each window (example) on every n-th of its visits, staggered over windows "
-                   "so that every window gets one in any n consecutive epochs.")
-@click.option("--prior-weight", type=click.FloatRange(min=0), default=_T.prior_weight, show_default=True,
-              help="E-step score: log p(y|x,a) + w * log p(a|x). 1 is the paper's joint; 0 scores candidates "
-                   "by their likelihood alone (they are still drawn from the controller).")
 @click.option("--e-step", type=click.Choice(E_STEPS), default=_T.e_step, show_default=True,
               help="EM's search. window: S whole-window candidates (a* and S-1 controller draws), the "
                    "best by the window's score. position: walk the window, at each step keep the best of "
                    "a*_t and S-1 draws (K=1, S>=M: every module) by that step's score, then accept the "
                    "path only if its window score beats a*'s (never worse).")
-@click.option("--balance-rate", type=click.FloatRange(min=0), default=_T.balance_rate, show_default=True,
-              help="EM: loss-free balancing (Wang et al. 2024). A per-module bias on the E-step's scores, "
-                   "moved this many nats per E-step towards under-used modules; no loss term. 0: off.")
-@click.option("--warm-start", type=click.IntRange(min=0), default=_T.warm_start, show_default=True,
-              help="EM: train modules 0..K-1 densely for this many steps, then copy them into every module "
-                   "with small noise (sparse upcycling) and start EM. 0: off.")
-@click.option("--prior-anneal", type=click.IntRange(min=0), default=_T.prior_anneal, show_default=True,
-              help="EM: raise the prior weight linearly from 0 to --prior-weight over this many steps "
-                   "(after any warm start). 0: off.")
 @click.option("--e-step-dtype", type=click.Choice(["float32", "bfloat16"]), default=_T.e_step_dtype,
               show_default=True,
               help="Precision of the E-step's head matmul (its scores only rank candidates). bfloat16 "
                    "scored 1.7x faster on a CPU with AMX (and suits GPUs); scores move by ~0.02 nats per "
                    "window, so a near-tie between candidates may resolve the other way.")
-@click.option("--baseline-decay", type=click.FloatRange(0, 1, max_open=True), default=_T.baseline_decay,
-              show_default=True, help="REINFORCE: decay of the reward's moving-average baseline.")
-@click.option("--importance-weight", type=click.FloatRange(min=0), default=_T.importance_weight,
-              show_default=True, help="noisy-topk: weight of the importance (gate mass balance) loss.")
-@click.option("--load-weight", type=click.FloatRange(min=0), default=_T.load_weight, show_default=True,
-              help="noisy-topk: weight of the load (top-k count balance) loss.")
+@_method_options
 @click.option("--embedding", type=click.IntRange(min=1), default=_M.embedding, show_default=True,
               help="E, word embedding width.")
 @click.option("--hidden", type=click.IntRange(min=1), default=_M.hidden, show_default=True,
@@ -113,33 +165,12 @@ def _warn_if_busy() -> None:
               help="B, parallel streams.")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=_T.eval_batch_size, show_default=True,
               help="Parallel streams for validation and test perplexity.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=_T.lr, show_default=True,
-              help="Adam learning rate (modules and controller together).")
-@click.option("--clip", type=click.FloatRange(min=0), default=_T.clip, show_default=True,
-              help="Max global gradient norm (0: no clipping).")
-@click.option("--epochs", type=click.IntRange(min=1), default=_T.epochs, show_default=True,
-              help="Passes over the training set.")
-@click.option("--steps", type=click.IntRange(min=0), default=_T.steps, show_default=True,
-              help="Stop after this many steps in total (0: all epochs). For quick runs.")
-@click.option("--seed", type=int, default=_T.seed, show_default=True, help="Random seed.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=_T.device, show_default=True,
-              help="auto: CUDA when torch sees a GPU, else CPU.")
 @click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Directory with ptb.{train,valid,test}.txt (or a ptb/ folder). Default: "
                    "$MODRT_DATA, the user cache, ../shared/data/ptb in a checkout, else download.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Run directory for ckpt.pt and metrics.jsonl.  [default: runs/ptb-<method>-M<M>K<K>]")
-@click.option("--ckpt-every", type=click.IntRange(min=0), default=_T.ckpt_every, show_default=True,
-              help="Also write ckpt.pt every n steps (always at epoch ends, Ctrl-C and the end).")
-@click.option("--log-every", type=click.IntRange(min=1), default=_T.log_every, show_default=True,
-              help="One metrics.jsonl line per n steps.")
-@click.option("--resume", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Continue from this ckpt.pt exactly where it stopped (its config is used).")
-@click.option("--force", is_flag=True, help="Overwrite a run already in --out.")
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-              help="CPU threads for PyTorch (0: its default, one per core). On a shared machine use 1: "
-                   "two multi-threaded trainings on the same cores slow each other down many times over.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_run_options
 @click.pass_context
 def ptb(ctx: click.Context, **opts) -> None:
     """Learn a modular recurrent language model on Penn Treebank.
@@ -162,12 +193,76 @@ def ptb(ctx: click.Context, **opts) -> None:
     3 hours on one core of a 2-core CPU (an EM step costs ~4.7 dense steps; the
     dense network's 10 epochs take ~20 min). Quick check:  modrt train ptb --steps 300
     """
+    from modrt.data import ptb as ptb_data
+
+    _train(ctx, opts, "ptb", _configs, lambda: ptb_data.load(opts["data"]))
+
+
+# The image network's sizes (``--size``): the official demo's, and the default wide one.
+SIZES = ("default", "demo")
+
+
+@train.command("cifar10")
+@click.option("--method", type=click.Choice([m for m in METHODS if m != "hash"]), default=_I.method,
+              show_default=True,
+              help="em: the paper's generalised EM (a* kept per training image). dense: every module used "
+                   "(M = K). reinforce / noisy-topk: the paper's baselines.")
+@click.option("--size", type=click.Choice(SIZES), default="default", show_default=True,
+              help="default: 4 modular conv layers of M=8 modules of 64, 64, 128, 128 filters, K=1 (an image "
+                   "pays for 1/8 of each layer). demo: the official demo's 4 layers x 5 modules of 8 filters.")
+@click.option("--channels", type=str, default=None,
+              help="Filters of each module per modular layer, comma-separated (e.g. 32,64,128): one layer "
+                   "each, a 2x2 max pool after each.  [default: by --size]")
+@click.option("--modules", "-M", type=click.IntRange(min=1), default=None,
+              help="M, modules per modular layer.  [default: by --size; dense: K]")
+@click.option("--k", "-K", type=click.IntRange(min=1), default=None,
+              help="K, controller slots per layer: modules picked per image.  [default: 1; noisy-topk: 2 "
+                   "(with k=1 its gate weight is always 1 and gets no gradient)]")
+@click.option("--combine", type=click.Choice(["sum", "mean"]), default=_I.combine, show_default=True,
+              help="How the distinct selected modules' feature maps combine (the official code sums). "
+                   "noisy-topk always weights by its gates.")
+@_method_options
+@click.option("--augment/--no-augment", default=_T.augment, show_default=True,
+              help="Random crops (4-pixel padding) and horizontal flips of the training images. The E-step "
+                   "scores the image the M-step trains on (augmented, when on).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=IMAGE_BATCH, show_default=True,
+              help="B, images per step (the official demo's 128).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="CIFAR-10: the official python batches (cifar-10-batches-py/ or cifar-10-python.tar.gz) or "
+                   "JPEG class folders ({train,test}/<class>/*.jpg, a folder or a tarball). Default: $MODRT_DATA, "
+                   "the user cache, ../shared/data/cifar10 in a checkout, else download.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Run directory for ckpt.pt and metrics.jsonl.  [default: runs/cifar10-<method>-M<M>K<K>]")
+@_run_options
+@click.pass_context
+def cifar10(ctx: click.Context, **opts) -> None:
+    """Learn a modular convolutional network on CIFAR-10.
+
+    \b
+    Model: modular conv layers (each module a 3x3 conv -> batch norm -> ReLU; a
+    controller per layer picks K of M modules per image from the layer's globally
+    pooled input), a 2x2 max pool after each, a linear head over 10 classes.
+    Training (--method em): the a* memory holds every training image's selection
+    per layer; the E-step scores a* and S-1 controller draws by
+    log p(y|x,a) + w log p(a|x) and keeps the best; the M-step trains the modules
+    on a* and the controllers towards it. Evaluated by test accuracy after every
+    epoch (and the train accuracy of a fixed 10,000-image subset).
+
+    \b
+    Quick check:  modrt train cifar10 --steps 200
+    """
+    from modrt.data import cifar10 as cifar_data
+
+    _train(ctx, opts, "cifar10", _image_configs, lambda: cifar_data.load(opts["data"]))
+
+
+def _train(ctx: click.Context, opts: dict, task: str, configs, load_data) -> None:
+    """What every ``modrt train TASK`` does once its options are read."""
     _require_torch()
     if opts["threads"]:
         import torch
 
         torch.set_num_threads(opts["threads"])
-    from modrt.data import ptb as ptb_data
     from modrt.train import checkpoint
     from modrt.train.trainer import Trainer
 
@@ -176,21 +271,24 @@ def ptb(ctx: click.Context, **opts) -> None:
     resume = None
     if opts["resume"] is not None:
         resume = checkpoint.load(opts["resume"])
+        if checkpoint.task_of(resume) != task:
+            raise CheckpointError(f"{opts['resume']}: a {checkpoint.task_of(resume)} checkpoint; continue it with "
+                                  f"modrt train {checkpoint.task_of(resume)} --resume")
         mcfg, tcfg = _resumed_configs(resume, opts, explicit)
         out = opts["out"] or opts["resume"].parent
     else:
-        mcfg, tcfg = _configs(opts)
-        out = opts["out"] or Path("runs") / f"ptb-{mcfg.method}-M{mcfg.modules}K{mcfg.k}"
+        mcfg, tcfg = configs(opts)
+        out = opts["out"] or Path("runs") / f"{task}-{mcfg.method}-M{mcfg.modules}K{mcfg.k}"
         if (out / "ckpt.pt").exists() and not opts["force"]:
             raise ModrtError(f"{out} already holds a run: continue it with --resume {out / 'ckpt.pt'}, "
                              "or pass --force to overwrite, or --out elsewhere")
     _check_writable(out)
-    corpus = ptb_data.load(opts["data"])
+    dataset = load_data()
     if resume is None:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    trainer = Trainer(mcfg, tcfg, corpus, out, resume=resume, progress=not opts["quiet"])
+    trainer = Trainer(mcfg, tcfg, dataset, out, resume=resume, progress=not opts["quiet"])
     click.echo(f"modrt: training {mcfg.method} M={mcfg.modules} K={mcfg.k} on {trainer.device} "
-               f"({trainer.windows} windows/epoch, {trainer.total_steps()} steps) -> {out}", err=True)
+               f"({trainer.windows} {trainer.task.unit}/epoch, {trainer.total_steps()} steps) -> {out}", err=True)
     if not opts["threads"] and trainer.device.type == "cpu":  # after every check: errors stay one line
         _warn_if_busy()
     result = trainer.fit()
@@ -200,8 +298,10 @@ def ptb(ctx: click.Context, **opts) -> None:
         ctx.exit(130)
     usage = (f", modules in use {result['modules_in_use']}/{mcfg.modules} "
              f"(exp usage entropy {result['usage_exp_entropy']})") if mcfg.routed else ""
-    click.echo(f"done: {result['step']} steps in {result['minutes']} min; valid ppl {result['valid_ppl']}, "
-               f"test ppl {result['test_ppl']}{usage}; checkpoint {out / 'ckpt.pt'}")
+    figures = (f"valid ppl {result['valid_ppl']}, test ppl {result['test_ppl']}" if task == "ptb" else
+               f"train acc {result['train_acc']:.4f}, test acc {result['test_acc']:.4f}")
+    click.echo(f"done: {result['step']} steps in {result['minutes']} min; {figures}{usage}; "
+               f"checkpoint {out / 'ckpt.pt'}")
 
 
 def _configs(opts: dict) -> tuple[ModelConfig, TrainConfig]:
@@ -215,22 +315,58 @@ def _configs(opts: dict) -> tuple[ModelConfig, TrainConfig]:
         if opts["combine"] != _M.combine:
             raise click.UsageError("--combine does not apply to noisy-topk: its gates weight the modules")
         m["combine"] = "gate"
-    t = {f.name: opts[f.name] for f in fields(TrainConfig) if f.name in opts}
-    if opts["method"] != "em":
-        for name, default in EM_ONLY.items():
-            if t.get(name, default) != default:
-                raise click.UsageError(f"--{name.replace('_', '-')} is an EM option; --method {opts['method']} "
-                                       "does not use it")
+    t = _train_fields(opts)
     try:
         return ModelConfig(modules=modules, **m), TrainConfig(**t)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
 
 
+def _train_fields(opts: dict) -> dict:
+    """TrainConfig's fields from the options; EM's options refused for other methods."""
+    t = {f.name: opts[f.name] for f in fields(TrainConfig) if f.name in opts}
+    if opts["method"] != "em":
+        for name, default in EM_ONLY.items():
+            if t.get(name, default) != default:
+                raise click.UsageError(f"--{name.replace('_', '-')} is an EM option; --method {opts['method']} "
+                                       "does not use it")
+    return t
+
+
+def _channels(text: str) -> tuple[int, ...]:
+    try:
+        channels = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise click.UsageError(f"--channels {text!r}: comma-separated filter counts, e.g. 64,64,128,128") from None
+    if not channels or min(channels) < 1:
+        raise click.UsageError(f"--channels {text!r}: every filter count must be at least 1")
+    return channels
+
+
+def _image_configs(opts: dict) -> tuple[ImageModelConfig, TrainConfig]:
+    size = ImageModelConfig.demo() if opts["size"] == "demo" else ImageModelConfig()
+    k = opts["k"] or (2 if opts["method"] == "noisy-topk" else size.k)
+    modules = opts["modules"] or (k if opts["method"] == "dense" else size.modules)
+    channels = _channels(opts["channels"]) if opts["channels"] else size.channels
+    combine = opts["combine"]
+    if opts["method"] == "noisy-topk":
+        if combine != _I.combine:
+            raise click.UsageError("--combine does not apply to noisy-topk: its gates weight the modules")
+        combine = "gate"
+    t = _train_fields(opts)
+    try:
+        return (ImageModelConfig(channels=channels, modules=modules, k=k, combine=combine, method=opts["method"]),
+                TrainConfig(**t))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+
+
 def _resumed_configs(ckpt: dict, opts: dict, explicit: set[str]) -> tuple[ModelConfig, TrainConfig]:
     """The checkpoint's configs, with the few fields a resumed run may change."""
+    from modrt.train import checkpoint
+
     try:
-        mcfg = ModelConfig(**ckpt["model_config"])
+        mcfg = checkpoint.model_config(ckpt)
         tsaved = dict(ckpt["train_config"])
         tcfg_saved = TrainConfig(**tsaved)
     except (TypeError, ValueError) as exc:

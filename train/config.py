@@ -118,8 +118,13 @@ class ImageModelConfig:
             raise ValueError(f"{len(self.channels)} layers halve a {self.image}-pixel image to a fraction")
         if self.method not in METHODS:
             raise ValueError(f"method {self.method!r} unknown; choose one of {', '.join(METHODS)}")
-        if self.combine not in ("sum", "mean"):
-            raise ValueError(f"combine {self.combine!r} unknown for images; choose sum or mean")
+        if self.method == "hash":
+            raise ValueError("hash routing keys modules on the current word; an image has none "
+                             "(choose em, dense, reinforce or noisy-topk)")
+        if self.combine not in COMBINE_RULES:
+            raise ValueError(f"combine {self.combine!r} unknown; choose one of {', '.join(COMBINE_RULES)}")
+        if (self.combine == "gate") != (self.method == "noisy-topk"):
+            raise ValueError("combine 'gate' is noisy top-k's rule, and noisy top-k combines only by 'gate'")
         if self.k > self.modules:
             raise ValueError(f"k ({self.k}) cannot exceed modules ({self.modules})")
         if self.method == "dense" and self.modules != self.k:
@@ -136,6 +141,15 @@ class ImageModelConfig:
     @property
     def routed(self) -> bool:
         return self.method != "dense"
+
+    @property
+    def selection(self) -> str:
+        """As ``ModelConfig.selection``: "slots" (K softmaxes) or "topk" (noisy top-k)."""
+        return "topk" if self.method == "noisy-topk" else "slots"
+
+    @property
+    def exportable(self) -> bool:
+        return True
 
     @property
     def layers(self) -> int:
@@ -187,6 +201,8 @@ class TrainConfig:
     # Noisy top-k: Shazeer et al. (2017)'s importance and load losses, weight 0.1 each.
     importance_weight: float = 0.1
     load_weight: float = 0.1
+    # Images: random crops (4-pixel zero padding) and horizontal flips of the training images.
+    augment: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "samples", "e_step_every", "bptt", "batch_size", "eval_batch_size", "lr", "epochs", "log_every")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from modrt.train import routing
 from modrt.train.config import ImageModelConfig
-from modrt.train.model import Policy
+from modrt.train.model import Policy, noisy_top_k
 
 
 class ImageOutput(NamedTuple):
@@ -33,6 +33,10 @@ class ImageOutput(NamedTuple):
     a: torch.Tensor  # (L, B, K) selections used
     log_pa: torch.Tensor  # (L, B) log p(a_l | x) summed over slots (0 when dense)
     log_probs: torch.Tensor | None  # (L, B, K, M) controllers' log-softmax (None when dense)
+    # Noisy top-k only: (L, M) gate mass per module (Importance) and P(in the top k) (Load)
+    # of each layer, summed over the batch, for the balance losses.
+    importance: torch.Tensor | None = None
+    load: torch.Tensor | None = None
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -41,28 +45,54 @@ def conv_block(cin: int, cout: int) -> nn.Sequential:
 
 
 class ModularConv(nn.Module):
-    """M conv blocks and a controller choosing K of them per image."""
+    """M conv blocks and a controller choosing K of them per image. ``selection="topk"``
+    (noisy top-k): the controller is a gating network, one distribution over the M modules
+    with learned noise while training; its k largest are kept and weight the outputs."""
 
-    def __init__(self, cin: int, cout: int, modules: int, k: int, combine: str, routed: bool = True):
+    def __init__(self, cin: int, cout: int, modules: int, k: int, combine: str, routed: bool = True,
+                 selection: str = "slots"):
         super().__init__()
-        self.modules_, self.k, self.combine = modules, k, combine
+        self.modules_, self.k, self.combine, self.selection = modules, k, combine, selection
         self.blocks = nn.ModuleList(conv_block(cin, cout) for _ in range(modules))
-        self.controller = nn.Linear(cin, modules * k) if routed else None
+        self.controller = self.noise = None
+        if routed and selection == "topk":
+            # Shazeer et al.: W_g and W_noise start at zero (balanced gates, unit-ish noise).
+            self.controller, self.noise = nn.Linear(cin, modules), nn.Linear(cin, modules)
+            for lin in (self.controller, self.noise):
+                nn.init.zeros_(lin.weight)
+                nn.init.zeros_(lin.bias)
+        elif routed:
+            self.controller = nn.Linear(cin, modules * k)
+
+    @staticmethod
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        """The controller's input: the global average pool of the block's input. -> (B, C)."""
+        return x.mean(dim=(2, 3))
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Controller log-probabilities from the globally pooled input. (B, C, H, W) -> (B, K, M)."""
-        logits = self.controller(x.mean(dim=(2, 3)))
-        return F.log_softmax(logits.view(x.shape[0], self.k, self.modules_), dim=-1)
+        """Controller log-probabilities from the globally pooled input. (B, C, H, W) -> (B, K, M),
+        or (B, 1, M) for noisy top-k's one gate distribution."""
+        slots = 1 if self.selection == "topk" else self.k
+        logits = self.controller(self.pooled(x))
+        return F.log_softmax(logits.view(x.shape[0], slots, self.modules_), dim=-1)
 
-    def forward(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The selected blocks on their rows, combined. x (B, C, H, W), a (B, K) -> (B, C', H, W)."""
+    def gate(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Noisy top-k gating of the pooled input (``model.noisy_top_k``)."""
+        p = self.pooled(x)
+        return noisy_top_k(self.controller(p), self.noise(p) if self.training else None, self.k)
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """The selected blocks on their rows, combined. x (B, C, H, W), a (B, K) -> (B, C', H, W);
+        ``weights`` (B, M): module m's output for row b scaled by weights[b, m] (gate)."""
         B, M = x.shape[0], self.modules_
         d = routing.dispatch(a, M)
         parts = []
         for m in range(M):
             lo, hi = d.offsets[m], d.offsets[m + 1]
             if hi > lo:
-                parts.append(self.blocks[m](x[d.rows[lo:hi]]))
+                rows = d.rows[lo:hi]
+                y = self.blocks[m](x[rows])
+                parts.append(y if weights is None else y * weights[rows, m].view(-1, 1, 1, 1))
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
         return routing.combine(y, d, B, self.combine)
 
@@ -75,7 +105,8 @@ class ModularConvNet(nn.Module):
         self.cfg = cfg
         cin, layers = cfg.in_channels, []
         for c in cfg.channels:
-            layers.append(ModularConv(cin, c, cfg.modules, cfg.k, cfg.combine, routed=cfg.routed))
+            layers.append(ModularConv(cin, c, cfg.modules, cfg.k, cfg.combine, routed=cfg.routed,
+                                      selection=cfg.selection))
             cin = c
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(cin, cfg.classes)
@@ -87,28 +118,54 @@ class ModularConvNet(nn.Module):
         x = pixels.permute(0, 3, 1, 2).float().div_(255.0)
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor, policy: Policy) -> ImageOutput:
-        """x (B, 3, H, W) normalised -> logits and the selections ``policy`` made per layer."""
+    def forward(self, x: torch.Tensor, policy: Policy | None = None) -> ImageOutput:
+        """x (B, 3, H, W) normalised -> logits and the selections ``policy`` made per layer
+        (noisy top-k: its gates decide, no policy; dense: every module, no policy)."""
         B, K = x.shape[0], self.cfg.k
-        a_all, lpa, lps = [], [], []
+        topk = self.cfg.selection == "topk"
+        a_all, lpa, lps, imp, load = [], [], [], [], []
         for li, layer in enumerate(self.layers):
+            w = None
             if layer.controller is None:  # dense: every module on every row
                 a = torch.arange(K, device=x.device).expand(B, K)
                 lpa.append(x.new_zeros(B))
+            elif topk:
+                a, w, lp, p_in = layer.gate(x)
+                lps.append(lp)
+                lpa.append(x.new_zeros(B))
+                imp.append(w.sum(0))
+                load.append(p_in.sum(0) if p_in is not None else x.new_zeros(self.cfg.modules))
             else:
                 lp = layer.scores(x)
                 a = policy(li, lp)
                 lps.append(lp)
                 lpa.append(routing.log_prob(lp, a))
             a_all.append(a)
-            x = F.max_pool2d(layer(x, a), 2)
+            x = F.max_pool2d(layer(x, a, w), 2)
         logits = self.head(x.mean(dim=(2, 3)))
-        return ImageOutput(logits, torch.stack(a_all), torch.stack(lpa),
-                           torch.stack(lps) if lps else None)
+        return ImageOutput(logits, torch.stack(a_all), torch.stack(lpa), torch.stack(lps) if lps else None,
+                           torch.stack(imp) if topk else None, torch.stack(load) if topk else None)
 
     def log_likelihood(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """log p(y | x, a) per image. (B, classes), (B,) -> (B,)."""
         return -F.cross_entropy(logits, y, reduction="none")
+
+    # The training methods' view of a model, as ``ModularLM``'s: a selection of the whole
+    # network is (L, B, K), positions are layers; one image has one log p(y | x, a).
+    def run_examples(self, x: torch.Tensor, h: None = None, policy: Policy | None = None,
+                     repeat: int = 1) -> ImageOutput:
+        """``forward`` over ``repeat`` copies of the batch (copy s owns rows s*B .. s*B+B-1);
+        ``h`` is the recurrent model's state and must be None here."""
+        return self(x.repeat(repeat, 1, 1, 1) if repeat > 1 else x, policy)
+
+    def example_log_likelihood(self, out: ImageOutput, y: torch.Tensor, repeat: int = 1,
+                               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """log p(y | x, a) per image of ``run_examples``' output: (1, repeat*B). ``dtype`` is
+        the recurrent model's head precision and has no meaning here (the head is tiny)."""
+        return self.log_likelihood(out.logits, y.repeat(repeat) if repeat > 1 else y).unsqueeze(0)
+
+    def module_lists(self) -> list[nn.ModuleList]:
+        return [layer.blocks for layer in self.layers]
 
 
 __all__ = ["ImageOutput", "ModularConv", "ModularConvNet", "conv_block"]

@@ -106,22 +106,9 @@ class ModularGRU(nn.Module):
         return F.log_softmax(logits.view(B, slots, self.cfg.modules), dim=-1)
 
     def gate(self, e_t: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Noisy top-k gating. Returns a (B, K), gate weights (B, M) (zero off the top k),
-        clean log-softmax (B, 1, M) and P(module in top k) (B, M) (None in eval mode)."""
-        k, M = self.cfg.k, self.cfg.modules
+        """Noisy top-k gating of [e_t; h] (``noisy_top_k``)."""
         xh = torch.cat([e_t, h], dim=1)
-        clean = self.controller(xh)  # (B, M)
-        noisy, std = clean, None
-        if self.training:
-            std = F.softplus(self.noise(xh)) + 1e-2
-            noisy = clean + torch.randn_like(clean) * std
-        # Stable descending sort, not topk: ties go to the lower module id, as ONNX TopK and
-        # the runtime break them (a zero-initialised gate ties every module).
-        top, a = torch.sort(noisy, dim=1, descending=True, stable=True)
-        top, a = top[:, : k + 1], a[:, : k + 1]  # (B, k+1): the (k+1)-th is Load's threshold
-        weights = torch.zeros_like(clean).scatter(1, a[:, :k], F.softmax(top[:, :k], dim=1))
-        p_in = prob_in_top_k(clean, noisy, std, top, k) if std is not None and k < M else None
-        return a[:, :k], weights, F.log_softmax(clean, dim=1).unsqueeze(1), p_in
+        return noisy_top_k(self.controller(xh), self.noise(xh) if self.training else None, self.cfg.k)
 
     @property
     def compute_all(self) -> bool:
@@ -217,6 +204,25 @@ class ModularGRU(nn.Module):
         return RecurrentOutput(hs_t, h, a_t, e.new_zeros(T, B), None)
 
 
+def noisy_top_k(clean: torch.Tensor, noise: torch.Tensor | None, k: int) -> tuple[torch.Tensor, ...]:
+    """Noisy top-k gating (Shazeer et al. 2017) of gate logits ``clean`` (B, M); ``noise``
+    (B, M): the noise network's logits (training), None in eval mode (no noise). Returns
+    a (B, k), gate weights (B, M) (zero off the top k), clean log-softmax (B, 1, M) and
+    P(module in top k) (B, M) (None without noise or when k = M)."""
+    M = clean.shape[1]
+    noisy, std = clean, None
+    if noise is not None:
+        std = F.softplus(noise) + 1e-2
+        noisy = clean + torch.randn_like(clean) * std
+    # Stable descending sort, not topk: ties go to the lower module id, as ONNX TopK and
+    # the runtime break them (a zero-initialised gate ties every module).
+    top, a = torch.sort(noisy, dim=1, descending=True, stable=True)
+    top, a = top[:, : k + 1], a[:, : k + 1]  # (B, k+1): the (k+1)-th is Load's threshold
+    weights = torch.zeros_like(clean).scatter(1, a[:, :k], F.softmax(top[:, :k], dim=1))
+    p_in = prob_in_top_k(clean, noisy, std, top, k) if std is not None and k < M else None
+    return a[:, :k], weights, F.log_softmax(clean, dim=1).unsqueeze(1), p_in
+
+
 def prob_in_top_k(clean: torch.Tensor, noisy: torch.Tensor, std: torch.Tensor, top: torch.Tensor,
                   k: int) -> torch.Tensor:
     """P(module m is in the top k when only its own noise is redrawn) (Shazeer et al. 2017,
@@ -254,6 +260,25 @@ class ModularLM(nn.Module):
         if self.cfg.method == "hash":
             policy = hashed(self.hash_table, x)
         return self.layer(e, h, policy)
+
+    # The training methods' view of a model (``modrt.train.methods``), the same for the image
+    # network (``modrt.train.conv``): examples in, per-position selections and log p(y) out.
+    def run_examples(self, x: torch.Tensor, h: torch.Tensor, policy: Policy | None = None,
+                     repeat: int = 1) -> RecurrentOutput:
+        """``forward`` over ``repeat`` copies of the batch side by side (copy s owns columns
+        s*B .. s*B+B-1: the E-step's candidates)."""
+        if repeat > 1:
+            x, h = x.repeat(1, repeat), h.repeat(repeat, 1)
+        return self(x, h, policy)
+
+    def example_log_likelihood(self, out: RecurrentOutput, y: torch.Tensor, repeat: int = 1,
+                               dtype: torch.dtype | None = None) -> torch.Tensor:
+        """log p(y_t | ...) per token of ``run_examples``' output: (T, repeat*B)."""
+        return self.token_log_likelihood(out.hs, y.repeat(1, repeat) if repeat > 1 else y, dtype=dtype)
+
+    def module_lists(self) -> list[nn.ModuleList]:
+        """Each modular layer's M modules (EM's warm start copies among them)."""
+        return [self.layer.cells]
 
     def logits(self, hs: torch.Tensor) -> torch.Tensor:
         """(T, B, H) -> (T, B, V)."""

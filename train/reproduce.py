@@ -227,9 +227,11 @@ def _small(ctx: click.Context, out: Path, results: Path, only: tuple[str, ...], 
 
 
 def _register_small() -> None:
+    from modrt.train.cifar_table import cifar10
     from modrt.train.small import ptb_small
 
     reproduce.add_command(ptb_small)
+    reproduce.add_command(cifar10)
 
 
 _register_small()

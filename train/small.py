@@ -155,6 +155,36 @@ def write(out: Path, results: Path) -> list[dict]:
     return rows
 
 
+def train_missing(task: str, out: Path, rows: dict, only: tuple[str, ...], seeds: list[int], epochs: int,
+                  threads: int, after_each, finished) -> None:
+    """Train every row x seed of ``rows`` (name -> (M, K, ``modrt train TASK`` arguments))
+    that has not finished (``finished(run)`` is None) in ``OUT/<name>-s<seed>``: resumed
+    from its checkpoint when one is there; a run another process holds (``locks.claim``)
+    is left to it. ``after_each()`` after every run (rewrites the table)."""
+    from modrt.train.locks import claim
+
+    for name in only or rows:
+        M, K, args = rows[name]
+        for seed in seeds:
+            run = out / f"{name}-s{seed}"
+            if finished(run) is not None:
+                continue
+            lock = claim(out, run.name)
+            if lock is None:
+                continue
+            with lock:
+                cmd = [sys.executable, "-m", "modrt", "train", task, "--threads", str(threads), "--quiet"]
+                if (run / "ckpt.pt").exists():
+                    cmd += ["--resume", str(run / "ckpt.pt")]
+                else:
+                    cmd += [*args, "--modules", str(M), "--k", str(K), "--epochs", str(epochs),
+                            "--seed", str(seed), "--out", str(run), "--force"]
+                rc = subprocess.run(cmd).returncode
+            if rc != 0:
+                raise ModrtError(f"{run.name} failed (exit {rc}); its run directory is {run}")
+            after_each()
+
+
 def _seeds(ctx, param, value: str) -> list[int]:
     try:
         seeds = [int(s) for s in value.split(",") if s.strip()]
@@ -186,29 +216,9 @@ def ptb_small(out: Path, results: Path, only: tuple[str, ...], seeds: list[int],
     epoch; EM with the window E-step (S=10) ~2.8 s a step, the position E-step (S=4)
     ~1.6 s: the full table (8 rows x 3 seeds x 6 epochs) is about 2 core-days.
     """
-    from modrt.train.locks import claim
-
     if not table_only:
-        for name in only or ROWS:
-            M, K, args = ROWS[name]
-            for seed in seeds:
-                run = out / f"{name}-s{seed}"
-                if run_row(run) is not None:
-                    continue
-                lock = claim(out, run.name)
-                if lock is None:
-                    continue
-                with lock:
-                    cmd = [sys.executable, "-m", "modrt", "train", "ptb", "--threads", str(threads), "--quiet"]
-                    if (run / "ckpt.pt").exists():
-                        cmd += ["--resume", str(run / "ckpt.pt")]
-                    else:
-                        cmd += [*args, *SIZE, "--modules", str(M), "--k", str(K), "--epochs", str(epochs),
-                                "--seed", str(seed), "--out", str(run), "--force"]
-                    rc = subprocess.run(cmd).returncode
-                if rc != 0:
-                    raise ModrtError(f"{run.name} failed (exit {rc}); its run directory is {run}")
-                write(out, results)
+        train_missing("ptb", out, {n: (M, K, [*args, *SIZE]) for n, (M, K, args) in ROWS.items()}, only, seeds,
+                      epochs, threads, lambda: write(out, results), run_row)
     rows = write(out, results)
     click.echo(f"{len(rows)} finished runs; table: {results / 'ptb_table_small.md'}")
     if rows and not math.isfinite(min(r["test_ppl"] for r in rows)):

@@ -1,12 +1,14 @@
-"""The training loop: EM (or a baseline) over PTB windows, with checkpoints.
+"""The training loop: EM (or a baseline) over a task's batches, with checkpoints.
 
-One step = one window of B streams through the run's method (``methods``: EM, REINFORCE,
-noisy top-k, hash, dense), which returns its losses (EM runs its E-step there when due),
-then one gradient step on their sum. The hidden state carries across windows
-and restarts at each epoch. Validation perplexity (greedy routing) after
-every epoch, test perplexity at the end. ``metrics.jsonl`` gets one line per log interval
-and per evaluation; ``ckpt.pt`` is written at epoch ends, every ``ckpt_every`` steps, on
-Ctrl-C / SIGTERM and at the end, and holds everything to continue exactly.
+One loop for every task (``tasks``: PTB windows, CIFAR-10 images) and method (``methods``:
+EM, REINFORCE, noisy top-k, hash, dense). One step = one batch through the run's method,
+which returns its losses (EM runs its E-step there when due), then one gradient step on
+their sum. PTB's hidden state carries across windows and restarts at each epoch.
+An evaluation after every epoch (PTB: valid perplexity; images: test accuracy and the
+train accuracy of a fixed subset), the final figures at the end. ``metrics.jsonl`` gets one
+line per log interval and per evaluation; ``ckpt.pt`` is written at epoch ends, every
+``ckpt_every`` steps, on Ctrl-C / SIGTERM and at the end, and holds everything to continue
+exactly.
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from modrt._exceptions import CheckpointError, ModrtError, TrainingError
-from modrt.data.ptb import Corpus
-from modrt.train import checkpoint, data, methods
+from modrt._exceptions import ModrtError, TrainingError
+from modrt.train import checkpoint, methods, tasks
 from modrt.train import model as lm
-from modrt.train.config import ModelConfig, TrainConfig
+from modrt.train.config import ImageModelConfig, ModelConfig, TrainConfig
+from modrt.train.tasks import evaluate  # noqa: F401 - PTB perplexity, imported from here by callers
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,35 +39,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ModrtError("--device cuda: no CUDA device is available to torch (use --device cpu or auto)")
     return torch.device(name)
-
-
-@torch.no_grad()
-def evaluate(model: lm.ModularLM, tokens: torch.Tensor, bptt: int,
-             device: torch.device, entropy: list[float] | None = None) -> tuple[float, torch.Tensor]:
-    """Mean negative log-likelihood per token (nats) with greedy routing, and how often
-    each module was selected. tokens: (N, B) -> (nll, usage (M,)). Given a list,
-    ``entropy`` gets the controller's mean per-example entropy (nats; how decided it is)."""
-    was = model.training
-    model.eval()
-    h = model.init_hidden(tokens.shape[1], device)
-    total, count = 0.0, 0
-    usage = torch.zeros(model.cfg.modules, dtype=torch.long)
-    ent, ent_n = 0.0, 0
-    for w in range(data.num_windows(tokens, bptt)):
-        x, y = (t.to(device) for t in data.window(tokens, w, bptt))
-        out = model(x, h, lm.greedy_policy())
-        total -= model.token_log_likelihood(out.hs, y).sum().item()
-        count += y.numel()
-        usage += torch.bincount(out.a.flatten().cpu(), minlength=model.cfg.modules)
-        if out.log_probs is not None:
-            lp = out.log_probs
-            ent -= float((lp.exp() * lp).sum(-1).mean(-1).sum())  # slots averaged, positions summed
-            ent_n += lp.shape[0] * lp.shape[1]
-        h = out.h_last
-    model.train(was)
-    if entropy is not None:
-        entropy.append(ent / ent_n if ent_n else 0.0)
-    return total / count, usage
 
 
 class _Interval:
@@ -82,15 +55,18 @@ class _Interval:
         self.e_changed = s.get("e_changed", 0)
         self.e_total = s.get("e_total", 0)
         self.seconds = s.get("seconds", 0.0)
+        self.correct = s.get("correct", 0)  # images: training accuracy of the interval's batches
+        self.count = s.get("count", 0)
 
     def state(self) -> dict[str, Any]:
         return dict(nll=self.nll, ctrl=self.ctrl, steps=self.steps, ent_ex=self.ent_ex,
                     ent_b=self.ent_b, usage=self.usage, e_changed=self.e_changed,
-                    e_total=self.e_total, seconds=self.seconds)
+                    e_total=self.e_total, seconds=self.seconds, correct=self.correct, count=self.count)
 
     def record(self, step: int, epoch: int) -> dict[str, Any]:
         n = max(self.steps, 1)
         loss = self.nll / n
+        acc = {"acc": round(self.correct / self.count, 5)} if self.count else {}
         return {
             "kind": "train",
             "step": step,
@@ -103,51 +79,52 @@ class _Interval:
             "module_usage": self.usage.tolist(),
             "e_step_improved": round(self.e_changed / self.e_total, 4) if self.e_total else None,
             "steps_per_s": round(self.steps / self.seconds, 3) if self.seconds else None,
+            **acc,
         }
 
 
 class Trainer:
-    def __init__(self, model_cfg: ModelConfig, train_cfg: TrainConfig, corpus: Corpus,
+    def __init__(self, model_cfg: ModelConfig | ImageModelConfig, train_cfg: TrainConfig, dataset,
                  out: Path, resume: dict[str, Any] | None = None, progress: bool = True):
+        """``dataset``: a PTB ``Corpus`` for a ``ModelConfig``, a ``CIFAR10`` for an
+        ``ImageModelConfig``."""
         self.mcfg, self.tcfg, self.out, self.progress = model_cfg, train_cfg, Path(out), progress
         self.device = resolve_device(train_cfg.device)
-        self.vocab = list(corpus.vocab)
-        if model_cfg.vocab_size != len(self.vocab):
-            raise ModrtError(f"model vocab_size {model_cfg.vocab_size} != corpus vocabulary {len(self.vocab)}")
         torch.manual_seed(train_cfg.seed)
         random.seed(train_cfg.seed)
         np.random.seed(train_cfg.seed)
-        self.train_data = data.batchify(corpus.train, train_cfg.batch_size)  # (N/B, B)
-        self.valid_data = data.batchify(corpus.valid, train_cfg.eval_batch_size)
-        self.test_data = data.batchify(corpus.test, train_cfg.eval_batch_size)
-        self.windows = data.num_windows(self.train_data, train_cfg.bptt)
-        self.model = lm.ModularLM(model_cfg).to(self.device)
+        self.task = tasks.build(model_cfg, dataset, train_cfg, self.device)
+        self.model = self.task.build_model().to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
-        B, M = train_cfg.batch_size, model_cfg.modules
-        self.method = methods.build(self.model, model_cfg, train_cfg, self.windows, self.train_data)
+        self.method = self.task.build_method(self.model)
         self.step = self.epoch = self.window = 0
-        self.hidden = self.model.init_hidden(B, self.device)
+        self.hidden = self.task.initial_carry(self.model)  # PTB: the recurrent state; images: None
         self.metrics: list[dict[str, Any]] = []
-        self.interval = _Interval(M)
+        self.interval = _Interval(model_cfg.modules)
         self.seconds_before = 0.0  # wall time of earlier sessions of this run (resume)
         self._session_start = time.perf_counter()
         if resume is not None:
             self._restore(resume)
         self._stop_signal: int | None = None
 
+    @property
+    def windows(self) -> int:
+        """Batches per epoch (PTB: windows)."""
+        return self.task.batches
+
     # ---- checkpoints -------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         return {
             "model_config": asdict(self.mcfg),
             "train_config": asdict(self.tcfg),
-            "vocab": self.vocab,
+            **self.task.meta(),
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
             "method": self.method.state(),
             "step": self.step,
             "epoch": self.epoch,
             "window": self.window,
-            "hidden": self.hidden.detach().cpu(),
+            "hidden": None if self.hidden is None else self.hidden.detach().cpu(),
             "interval": self.interval.state(),
             "rng": checkpoint.rng_state(),
             "metrics": self.metrics,
@@ -164,13 +141,12 @@ class Trainer:
         return path
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
-        if ckpt["vocab"] != self.vocab:
-            raise CheckpointError("checkpoint vocabulary differs from this data set's: cannot continue")
+        self.task.check_resume(ckpt)
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.method.load_state(ckpt["method"])
         self.step, self.epoch, self.window = ckpt["step"], ckpt["epoch"], ckpt["window"]
-        self.hidden = ckpt["hidden"].to(self.device)
+        self.hidden = None if ckpt["hidden"] is None else ckpt["hidden"].to(self.device)
         self.interval = _Interval(self.mcfg.modules, ckpt["interval"])
         self.metrics = list(ckpt["metrics"])
         self.seconds_before = float(ckpt.get("seconds", 0.0))
@@ -188,12 +164,11 @@ class Trainer:
 
     # ---- one step ----------------------------------------------------------------
     def train_step(self) -> float:
-        """One window -> the method's losses -> backward -> optimiser step -> log.
+        """One batch -> the method's losses -> backward -> optimiser step -> log.
         Returns the step's nll."""
-        tc, dev = self.tcfg, self.device
-        x, y = (t.to(dev) for t in data.window(self.train_data, self.window, tc.bptt))
+        tc = self.tcfg
         t0 = time.perf_counter()
-        w = methods.Window(x, y, self.hidden, self.window, self.epoch, self.step)
+        w = self.task.batch(self.window, self.epoch, self.step, self.hidden)
         m = self.method.losses(w)
         self.opt.zero_grad(set_to_none=True)
         m.total.backward()
@@ -203,7 +178,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip)
         self.opt.step()
         self.method.after_step(w, m)
-        self.hidden = m.out.h_last.detach()
+        self.hidden = self.task.carry(m.out)
         iv = self.interval
         iv.nll += m.nll.item()
         iv.ctrl += m.auxiliary.item()
@@ -212,6 +187,9 @@ class Trainer:
         iv.usage += st["usage"].cpu()
         iv.e_changed += m.info.get("e_changed", 0)
         iv.e_total += m.info.get("e_total", 0)
+        acc = self.task.batch_stats(m.out, w)
+        iv.correct += acc.get("correct", 0)
+        iv.count += acc.get("count", 0)
         iv.steps += 1
         iv.seconds += time.perf_counter() - t0
         return m.nll.item()
@@ -220,7 +198,7 @@ class Trainer:
         """A module no row selected in this window gets no gradient (None, as when rows are
         dispatched to modules), so Adam leaves it alone, also when the layer computed every
         module and masked (``ModularGRU.compute_all``: there its gradient is exactly 0)."""
-        if not self.model.layer.compute_all:
+        if not isinstance(self.model, lm.ModularLM) or not self.model.layer.compute_all:
             return
         for m in (usage == 0).nonzero().flatten().tolist():
             for p in self.model.layer.cells[m].parameters():
@@ -271,7 +249,7 @@ class Trainer:
         try:
             while self.step < total and self.epoch < tc.epochs:
                 if self.window == 0:
-                    self.hidden = self.model.init_hidden(tc.batch_size, self.device)
+                    self.hidden = self.task.initial_carry(self.model)
                 self.losses.append(self._checked_step())
                 self.step += 1
                 self.window += 1
@@ -280,15 +258,14 @@ class Trainer:
                     rec = self.interval.record(self.step, self.epoch)
                     self._log(rec)
                     self.interval = _Interval(self.mcfg.modules)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", ppl=f"{rec['ppl']:.1f}",
-                                    expH_batch=f"{rec['exp_entropy_batch']:.2f}")
+                    shown = {"acc": f"{rec['acc']:.3f}"} if "acc" in rec else {"ppl": f"{rec['ppl']:.1f}"}
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", **shown, expH_batch=f"{rec['exp_entropy_batch']:.2f}")
                 if self.window == self.windows:  # epoch end: validate, checkpoint
-                    vloss, _ = evaluate(self.model, self.valid_data, tc.bptt, self.device)
+                    rec = self.task.validate(self.model)
                     self.epoch += 1
                     self.window = 0
-                    self._log({"kind": "valid", "step": self.step, "epoch": self.epoch,
-                               "loss": round(vloss, 5), "ppl": round(math.exp(vloss), 3)})
-                    bar.write(f"epoch {self.epoch}: valid ppl {math.exp(vloss):.2f}")
+                    self._log({"kind": "valid", "step": self.step, "epoch": self.epoch, **rec})
+                    bar.write(f"epoch {self.epoch}: {self.task.describe(rec)}")
                     self.save()
                 elif tc.ckpt_every and self.step % tc.ckpt_every == 0:
                     self.save()
@@ -303,18 +280,8 @@ class Trainer:
         if self.interval.steps:
             self._log(self.interval.record(self.step, self.epoch))
             self.interval = _Interval(self.mcfg.modules)
-        vloss, _ = evaluate(self.model, self.valid_data, tc.bptt, self.device)
-        ent: list[float] = []
-        tloss, usage = evaluate(self.model, self.test_data, tc.bptt, self.device, ent)
-        summary = {"kind": "test", "step": self.step, "epoch": self.epoch,
-                   "valid_ppl": round(math.exp(vloss), 3), "test_ppl": round(math.exp(tloss), 3),
+        summary = {"kind": "test", "step": self.step, "epoch": self.epoch, **self.task.final(self.model),
                    "minutes": round(self.elapsed() / 60, 2), "seconds": round(self.elapsed(), 3)}
-        # Module use on the test set under greedy routing: are all M modules in use?
-        p = usage.double() / usage.sum()
-        summary["test_module_usage"] = usage.tolist()
-        summary["modules_in_use"] = int((usage > 0).sum())
-        summary["controller_exp_entropy"] = round(math.exp(ent[0]), 3)
-        summary["usage_exp_entropy"] = round(float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum())), 3)
         self._log(summary)
         self.save()
         return summary

@@ -125,10 +125,25 @@ def test_train_ptb_help_lists_every_config_field(tmp_path):
     from modrt.train.config import ModelConfig, TrainConfig
 
     help_text = modrt("train", "ptb", "--help", cwd=tmp_path).stdout
-    not_options = {"vocab_size", "task"}  # set by the task, not by the user
+    not_options = {"vocab_size", "task", "augment"}  # set by the task, or an image-only field
     for f in [*fields(ModelConfig), *fields(TrainConfig)]:
         if f.name not in not_options:
             assert f"--{f.name.replace('_', '-')}" in help_text, f.name
+
+
+def test_train_cifar10_help_lists_every_field_it_uses(tmp_path):
+    from dataclasses import fields
+
+    from modrt.train.config import ImageModelConfig, TrainConfig
+
+    help_text = modrt("train", "cifar10", "--help", cwd=tmp_path).stdout
+    # Set by the task or the data (classes, image size, normalisation), or PTB's alone.
+    not_options = {"task", "classes", "in_channels", "image", "mean", "std", "bptt", "eval_batch_size", "e_step",
+                   "e_step_dtype"}
+    for f in [*fields(ImageModelConfig), *fields(TrainConfig)]:
+        if f.name not in not_options:
+            assert f"--{f.name.replace('_', '-')}" in help_text, f.name
+    assert "--size" in help_text and "demo" in help_text
 
 
 # ---- usage errors: exit 2 ---------------------------------------------------------------

@@ -107,7 +107,9 @@ def test_pixels_are_normalised_by_the_config():
                                        ({"channels": (8, 0)}, "positive filter counts"),
                                        ({"k": 9}, "cannot exceed"),
                                        ({"method": "dense"}, "modules \\(8\\) must equal k"),
-                                       ({"combine": "gate"}, "choose sum or mean"),
+                                       ({"combine": "gate"}, "noisy top-k.s rule"),
+                                       ({"method": "hash"}, "an image has none"),
+                                       ({"combine": "max"}, "choose one of sum, mean, gate"),
                                        ({"std": (0.2, 0.2, 0.0)}, "std positive")])
 def test_config_refuses_what_cannot_be_built(kw, match):
     with pytest.raises(ValueError, match=match):

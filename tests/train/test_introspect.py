@@ -33,8 +33,8 @@ def ckpt(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     tr = Trainer(ModelConfig(embedding=8, hidden=16, modules=4, k=2), TrainConfig(
         device="cpu", batch_size=4, bptt=5, steps=6, log_every=2, eval_batch_size=50), corpus, out, progress=False)
-    tr.train_data = tr.train_data[:60]  # a few windows: quick
-    tr.windows = 3
+    tr.task.train_data = tr.task.train_data[:60]  # a few windows: quick
+    tr.task.batches = 3
     tr.fit()
     return out / "ckpt.pt"
 

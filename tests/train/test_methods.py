@@ -147,7 +147,7 @@ def test_hash_routing_follows_the_current_word(tiny_model_config):
     mcfg = tiny_model_config(vocab_size=V, modules=M, k=1, method="hash")
     model = lm.ModularLM(mcfg)
     tokens = torch.randint(0, V, (50, 4))
-    method = build(model, mcfg, TrainConfig(bptt=T, batch_size=B), 1, tokens)
+    method = build(model, mcfg, TrainConfig(bptt=T, batch_size=B), B, T, tokens)
     x, y = torch.randint(0, V, (T, B)), torch.randint(0, V, (T, B))
     losses = method.losses(Window(x, y, model.init_hidden(B), 0, 0, 0))
     assert torch.equal(losses.out.a[..., 0], model.hash_table[x, 0])
@@ -158,7 +158,7 @@ def test_hash_routing_follows_the_current_word(tiny_model_config):
 def test_warm_start_copies_the_dense_cell(tiny_model_config):
     mcfg = tiny_model_config(vocab_size=V, modules=M, k=1, dropout=0.0)
     model = lm.ModularLM(mcfg)
-    method = build(model, mcfg, TrainConfig(bptt=T, batch_size=B, warm_start=2), 1)
+    method = build(model, mcfg, TrainConfig(bptt=T, batch_size=B, warm_start=2), B, T)
     x, y = torch.randint(0, V, (T, B)), torch.randint(0, V, (T, B))
     h = model.init_hidden(B)
     dense = method.losses(Window(x, y, h, 0, 0, 1))
@@ -173,7 +173,7 @@ def test_warm_start_copies_the_dense_cell(tiny_model_config):
 
 def test_prior_anneal(tiny_model_config):
     mcfg = tiny_model_config(vocab_size=V, modules=M, k=1)
-    method = build(lm.ModularLM(mcfg), mcfg, TrainConfig(prior_weight=1.0, prior_anneal=10, warm_start=4), 1)
+    method = build(lm.ModularLM(mcfg), mcfg, TrainConfig(prior_weight=1.0, prior_anneal=10, warm_start=4), 1, 1)
     assert [method.prior_weight(s) for s in (0, 4, 9, 14, 100)] == [0.0, 0.0, 0.5, 1.0, 1.0]
 
 

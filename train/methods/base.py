@@ -11,7 +11,8 @@ from modrt.train.config import ModelConfig, TrainConfig
 
 
 class Window(NamedTuple):
-    """One training step's input: window ``index`` of epoch ``epoch`` at global ``step``."""
+    """One PTB training step's input: window ``index`` of epoch ``epoch`` at global ``step``.
+    Its examples are the window's B streams, n = index * B + b (the a* memory's rows)."""
 
     x: torch.Tensor  # (T, B) tokens
     y: torch.Tensor  # (T, B) next tokens
@@ -20,11 +21,47 @@ class Window(NamedTuple):
     epoch: int
     step: int
 
+    @property
+    def rows(self) -> slice:
+        """The a* memory's rows of this window's examples."""
+        B = self.x.shape[1]
+        return slice(self.index * B, (self.index + 1) * B)
+
+    @property
+    def positions(self) -> int:
+        """Selections per example: one per time step."""
+        return self.x.shape[0]
+
+
+class Images(NamedTuple):
+    """One image training step's input: batch ``index`` of epoch ``epoch`` at ``step``.
+    Its examples are training images, keyed by their index in the training set."""
+
+    x: torch.Tensor  # (B, 3, H, W) normalised (and augmented) images
+    y: torch.Tensor  # (B,) labels
+    ids: torch.Tensor  # (B,) long: the images' indices in the training set (CPU)
+    layers: int  # L: modular layers, one selection per example each
+    index: int
+    epoch: int
+    step: int
+    h: None = None  # no recurrent state
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.ids
+
+    @property
+    def positions(self) -> int:
+        return self.layers
+
+
+Batch = Window | Images
+
 
 class Losses(NamedTuple):
     nll: torch.Tensor  # scalar: -mean log p(y | x, a) per token (nats)
     aux: dict[str, torch.Tensor]  # named auxiliary losses (controller, balance), minimised too
-    out: lm.RecurrentOutput
+    out: Any  # the model's output: lm.RecurrentOutput, or conv.ImageOutput
     info: dict[str, float] = {}  # counters for the log (EM: e_changed, e_total)
 
     @property
@@ -42,13 +79,16 @@ class Method:
 
     name = "base"
 
-    def __init__(self, model: lm.ModularLM, mcfg: ModelConfig, tcfg: TrainConfig, windows: int):
-        self.model, self.mcfg, self.tcfg, self.windows = model, mcfg, tcfg, windows
+    def __init__(self, model: lm.ModularLM, mcfg: ModelConfig, tcfg: TrainConfig, examples: int, positions: int):
+        """``examples``: N, the training examples (PTB: windows x streams; images: images);
+        ``positions``: P, the selections each one holds (PTB: time steps; images: layers)."""
+        self.model, self.mcfg, self.tcfg = model, mcfg, tcfg
+        self.examples, self.positions = examples, positions
 
-    def losses(self, w: Window) -> Losses:
+    def losses(self, w: Batch) -> Losses:
         raise NotImplementedError
 
-    def after_step(self, w: Window, losses: Losses) -> None:
+    def after_step(self, w: Batch, losses: Losses) -> None:
         """Called after the optimiser step."""
 
     def state(self) -> dict[str, Any]:
@@ -58,12 +98,12 @@ class Method:
         """Restore ``state()`` from a checkpoint."""
 
 
-def nll_of(model: lm.ModularLM, out: lm.RecurrentOutput, y: torch.Tensor) -> torch.Tensor:
-    """-mean log p(y | ...) per token of a forward pass (with gradient)."""
-    return -model.token_log_likelihood(out.hs, y).mean()
+def nll_of(model, out, y: torch.Tensor) -> torch.Tensor:
+    """-mean log p(y | ...) per token (or image) of a forward pass (with gradient)."""
+    return -model.example_log_likelihood(out, y).mean()
 
 
-def stats(out: lm.RecurrentOutput, modules: int) -> dict[str, torch.Tensor]:
+def stats(out, modules: int) -> dict[str, torch.Tensor]:
     """Controller entropies (nats) and module usage of one step's forward pass."""
     from modrt.train import routing
 
@@ -75,4 +115,4 @@ def stats(out: lm.RecurrentOutput, modules: int) -> dict[str, torch.Tensor]:
     return {"entropy_example": ex, "entropy_batch": batch, "usage": counts}
 
 
-__all__ = ["Losses", "Method", "Window", "nll_of", "stats"]
+__all__ = ["Batch", "Images", "Losses", "Method", "Window", "nll_of", "stats"]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from modrt.train.methods.base import Losses, Method, Window, nll_of
+from modrt.train.methods.base import Batch, Losses, Method, nll_of
 
 
 class Dense(Method):
     name = "dense"
 
-    def losses(self, w: Window) -> Losses:
-        out = self.model(w.x, w.h)
+    def losses(self, w: Batch) -> Losses:
+        out = self.model.run_examples(w.x, w.h)
         return Losses(nll_of(self.model, out, w.y), {}, out)

@@ -1,8 +1,9 @@
 """Generalised EM with a partial (Viterbi) E-step (Kirsch et al. 2018, §3; DESIGN.md §3),
 and its E-step variants (docs/design-notes.md, "E-step variants").
 
-For each example n (one BPTT window of one stream) a memory keeps a*_n, the best
-selection found so far (T, K per modular layer).
+For each example n (one BPTT window of one stream; or one training image) a memory keeps
+a*_n, the best selection found so far (T, K for a window; L, K over an image network's L
+modular layers).
 
 E-step (no gradient, dropout off): S candidates per example, candidate 0 the stored a*_n
 and 1..S-1 whole-window selections drawn from the controller while the RNN runs forward,
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 
 from modrt.train import model as lm
 from modrt.train import routing
-from modrt.train.methods.base import Losses, Method, Window, nll_of
+from modrt.train.methods.base import Batch, Losses, Method, Window, nll_of
 
 # Warm start: the copies differ from the dense cell by Gaussian noise of this std.
 UPCYCLE_NOISE = 0.01
@@ -68,33 +69,40 @@ def e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tenso
            a_star: torch.Tensor, samples: int, generator: torch.Generator | None = None,
            prior_weight: float = 1.0, dtype: torch.dtype | None = None,
            bias: torch.Tensor | None = None) -> EStep:
-    """Score the stored a* and S-1 fresh draws per window; keep the best.
+    """``e_step_of`` for one PTB window: x, y (T, B), h (B, H) the state entering it."""
+    return e_step_of(model, Window(x, y, h, 0, 0, 0), a_star, samples, generator, prior_weight, dtype, bias)
 
-    x, y: (T, B) inputs and targets; h: (B, H) state entering the window;
-    a_star: (T, B, K) stored selections. The score is log p(y|x,a) + prior_weight * log p(a|x):
+
+@torch.no_grad()
+def e_step_of(model, w: Batch, a_star: torch.Tensor, samples: int, generator: torch.Generator | None = None,
+              prior_weight: float = 1.0, dtype: torch.dtype | None = None,
+              bias: torch.Tensor | None = None) -> EStep:
+    """Score the stored a* and S-1 fresh draws per example; keep the best.
+
+    ``w``: a PTB window or a batch of images; a_star: (P, B, K) stored selections (P: time
+    steps, or modular layers). The score is log p(y|x,a) + prior_weight * log p(a|x):
     1 is the paper's joint; 0 scores by the likelihood alone, the controller then acting only
     through the candidates it proposes (see docs/design-notes.md, "E-step score").
     ``dtype``: the precision of the head's matmul in the scores (None: the model's).
-    ``bias`` (M,): added to a candidate's score once per step for each distinct module it
-    uses there (balancing; None: none).
+    ``bias`` (M,), or (P, M) per position (a layer's own modules): added to a candidate's
+    score once per position for each distinct module it uses there (balancing; None: none).
     """
     was_training = model.training
     model.eval()
     try:
-        T, B = x.shape
+        P, B = a_star.shape[:2]
         S = samples
-        xs = x.repeat(1, S)  # (T, S*B): candidate s owns columns s*B .. s*B+B-1
-        hs0 = h.repeat(S, 1)  # (S*B, H)
-        out = model(xs, hs0, lm.sample_policy(keep=a_star, generator=generator))
-        ll = model.token_log_likelihood(out.hs, y.repeat(1, S), dtype=dtype)  # (T, S*B)
-        step_scores = ll + prior_weight * out.log_pa
+        # Candidate s owns examples s*B .. s*B+B-1; candidate 0 follows the stored a*.
+        out = model.run_examples(w.x, w.h, lm.sample_policy(keep=a_star, generator=generator), repeat=S)
+        ll = model.example_log_likelihood(out, w.y, repeat=S, dtype=dtype)  # (T, S*B), or (1, S*B)
+        prior = prior_weight * out.log_pa  # (P, S*B)
         if bias is not None:
-            step_scores = step_scores + bias_term(out.a, bias)
-        scores = step_scores.sum(0).view(S, B)  # (S, B)
+            prior = prior + bias_term(out.a, bias)
+        scores = (ll.sum(0) + prior.sum(0)).view(S, B)  # (S, B)
         pick = scores.argmax(0)  # (B,) first maximum: ties keep the stored a*
-        cands = out.a.view(T, S, B, -1).permute(1, 0, 2, 3)  # (S, T, B, K)
-        best = cands[pick, :, torch.arange(B, device=x.device)]  # (B, T, K)
-        best = best.permute(1, 0, 2).contiguous()  # (T, B, K)
+        cands = out.a.view(P, S, B, -1).permute(1, 0, 2, 3)  # (S, P, B, K)
+        best = cands[pick, :, torch.arange(B, device=a_star.device)]  # (B, P, K)
+        best = best.permute(1, 0, 2).contiguous()  # (P, B, K)
         changed = (best != a_star).any(2).any(0)  # (B,)
         return EStep(best, changed, scores, cands)
     finally:
@@ -102,11 +110,13 @@ def e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tenso
 
 
 def bias_term(a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The balancing bias of selections a (..., K): the sum of bias over each one's
-    distinct modules. -> (...)."""
-    M = bias.numel()
+    """The balancing bias of selections a (P, ..., K): the sum of bias over each one's
+    distinct modules; bias (M,), or (P, M) one row per position. -> (P, ...)."""
+    M = bias.shape[-1]
     mask = torch.zeros(*a.shape[:-1], M, device=a.device).scatter_(-1, a, 1.0)
-    return mask @ bias
+    if bias.dim() == 1:
+        return mask @ bias
+    return (mask * bias.view(bias.shape[0], *([1] * (a.dim() - 2)), M)).sum(-1)
 
 
 @torch.no_grad()
@@ -205,23 +215,33 @@ def distinct_log_likelihood(model: lm.ModularLM, states: torch.Tensor, y_t: torc
 
 def m_step_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
                 a_star: torch.Tensor) -> Losses:
-    """The M-step objective for one window: -mean log p(y|x,a*) - mean log p(a*|x)."""
-    out = model(x, h, lm.given(a_star))
-    return Losses(nll_of(model, out, y), {"controller": -out.log_pa.mean()}, out)
+    """``m_step_of`` one PTB window."""
+    return m_step_of(model, Window(x, y, h, 0, 0, 0), a_star)
+
+
+def m_step_of(model, w: Batch, a_star: torch.Tensor) -> Losses:
+    """The M-step objective for one batch: -mean log p(y|x,a*) - mean log p(a*|x) (the
+    second per position: per time step, or per modular layer)."""
+    out = model.run_examples(w.x, w.h, lm.given(a_star))
+    return Losses(nll_of(model, out, w.y), {"controller": -out.log_pa.mean()}, out)
 
 
 class EM(Method):
-    """Owns the a* memory (one (T, K) selection per example n = window * B + stream,
-    uniform at random at first), the E-step schedule and variant, the balancing bias and
-    the warm start."""
+    """Owns the a* memory (one (P, K) selection per example: PTB n = window * B + stream,
+    P time steps; images n = the image's index, P modular layers; uniform at random at
+    first), the E-step schedule and variant, the balancing bias and the warm start."""
 
     name = "em"
 
-    def __init__(self, model, mcfg, tcfg, windows):
-        super().__init__(model, mcfg, tcfg, windows)
-        B, T, K, M = tcfg.batch_size, tcfg.bptt, mcfg.k, mcfg.modules
-        self.memory = torch.randint(0, M, (windows * B, T, K), dtype=torch.int16)
-        self.bias = torch.zeros(M)
+    def __init__(self, model, mcfg, tcfg, examples, positions):
+        super().__init__(model, mcfg, tcfg, examples, positions)
+        K, M = mcfg.k, mcfg.modules
+        if tcfg.e_step == "position" and not isinstance(model, lm.ModularLM):
+            raise ValueError("the position E-step walks a recurrent window; it has no meaning for images")
+        self.memory = torch.randint(0, M, (examples, positions, K), dtype=torch.int16)
+        # One bias row per modular layer that has its own modules (PTB: one layer, (M,)).
+        groups = len(model.module_lists())
+        self.bias = torch.zeros(M) if groups == 1 else torch.zeros(groups, M)
         self.upcycled = tcfg.warm_start == 0
 
     def prior_weight(self, step: int) -> float:
@@ -230,39 +250,53 @@ class EM(Method):
             return tc.prior_weight
         return tc.prior_weight * min(1.0, max(0, step - tc.warm_start) / tc.prior_anneal)
 
-    def losses(self, w: Window) -> Losses:
+    def losses(self, w: Batch) -> Losses:
         tc, dev = self.tcfg, w.x.device
-        T, B = w.x.shape
-        K = self.mcfg.k
+        P, K = w.positions, self.mcfg.k
+        a_star = self.memory[w.rows, :P].long().permute(1, 0, 2).to(dev)  # (P, B, K)
         if w.step < tc.warm_start:  # the dense phase: modules 0..K-1 on every row, no controller loss
-            a = torch.arange(K, device=dev).expand(T, B, K)
-            out = self.model(w.x, w.h, lm.given(a))
+            a = torch.arange(K, device=dev).expand(*a_star.shape[:2], K)
+            out = self.model.run_examples(w.x, w.h, lm.given(a))
             return Losses(nll_of(self.model, out, w.y), {}, out)
         if not self.upcycled:
             self.upcycle()
-        ids = slice(w.index * B, (w.index + 1) * B)
-        a_star = self.memory[ids, :T].long().permute(1, 0, 2).to(dev)  # (T, B, K)
         info = {}
         if e_step_due(w.index, w.epoch, tc.e_step_every):
-            search = position_e_step if tc.e_step == "position" else e_step
             bias = self.bias.to(dev) if tc.balance_rate else None
-            e = search(self.model, w.x, w.y, w.h, a_star, tc.samples, prior_weight=self.prior_weight(w.step),
-                       dtype=getattr(torch, tc.e_step_dtype), bias=bias)
+            pw, dtype = self.prior_weight(w.step), getattr(torch, tc.e_step_dtype)
+            if tc.e_step == "position":
+                e = position_e_step(self.model, w.x, w.y, w.h, a_star, tc.samples, prior_weight=pw, dtype=dtype,
+                                    bias=bias)
+            else:
+                e = e_step_of(self.model, w, a_star, tc.samples, prior_weight=pw, dtype=dtype, bias=bias)
             a_star = e.best
-            self.memory[ids, :T] = a_star.permute(1, 0, 2).to(torch.int16).cpu()
+            self.memory[w.rows, :P] = a_star.permute(1, 0, 2).to(torch.int16).cpu()
             if tc.balance_rate:
-                load = torch.bincount(a_star.flatten().cpu(), minlength=self.mcfg.modules).float()
-                self.bias += tc.balance_rate * torch.sign(load.mean() - load)
+                self.rebalance(a_star.cpu())
             info = {"e_changed": int(e.changed.sum()), "e_total": e.changed.numel()}
-        return m_step_loss(self.model, w.x, w.y, w.h, a_star)._replace(info=info)
+        return m_step_of(self.model, w, a_star)._replace(info=info)
+
+    def rebalance(self, a_star: torch.Tensor) -> None:
+        """Move the bias against each module's load in the new a* (P, B, K): over all
+        positions for one layer, per layer's own row otherwise."""
+        M = self.mcfg.modules
+        if self.bias.dim() == 1:
+            load = torch.bincount(a_star.flatten(), minlength=M).float()
+            self.bias += self.tcfg.balance_rate * torch.sign(load.mean() - load)
+            return
+        load = torch.stack([torch.bincount(row.flatten(), minlength=M) for row in a_star]).float()  # (L, M)
+        self.bias += self.tcfg.balance_rate * torch.sign(load.mean(1, keepdim=True) - load)
 
     @torch.no_grad()
     def upcycle(self) -> None:
-        """Copy the dense phase's cells 0..K-1 into every module, plus small noise."""
-        cells, K = self.model.layer.cells, self.mcfg.k
-        for m in range(K, self.mcfg.modules):
-            for p, src in zip(cells[m].parameters(), cells[m % K].parameters(), strict=True):
-                p.copy_(src + UPCYCLE_NOISE * torch.randn_like(src))
+        """Copy the dense phase's modules 0..K-1 into every module of each layer, plus small noise."""
+        K = self.mcfg.k
+        for mods in self.model.module_lists():
+            for m in range(K, self.mcfg.modules):
+                for p, src in zip(mods[m].parameters(), mods[m % K].parameters(), strict=True):
+                    p.copy_(src + UPCYCLE_NOISE * torch.randn_like(src))
+                for b, src in zip(mods[m].buffers(), mods[m % K].buffers(), strict=True):
+                    b.copy_(src)  # batch norm's running statistics
         self.upcycled = True
 
     def state(self) -> dict[str, Any]:

@@ -30,8 +30,8 @@ def balanced_table(counts: torch.Tensor, modules: int, k: int) -> torch.Tensor:
 class Hash(Method):
     name = "hash"
 
-    def __init__(self, model, mcfg, tcfg, windows, train_tokens: torch.Tensor | None = None):
-        super().__init__(model, mcfg, tcfg, windows)
+    def __init__(self, model, mcfg, tcfg, examples, positions, train_tokens: torch.Tensor | None = None):
+        super().__init__(model, mcfg, tcfg, examples, positions)
         if train_tokens is not None:
             counts = torch.bincount(train_tokens.flatten().cpu(), minlength=mcfg.vocab_size)
             model.hash_table.copy_(balanced_table(counts, mcfg.modules, mcfg.k))

@@ -12,10 +12,9 @@ module is in the top k, over all positions of the batch; CV = std / mean (popula
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from modrt.train import model as lm
-from modrt.train.methods.base import Losses, Method, Window
+from modrt.train.methods.base import Batch, Losses, Method, Window, nll_of
 
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -27,7 +26,12 @@ def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 
 def balance_loss(importance: torch.Tensor, load: torch.Tensor | None, w_importance: float,
                  w_load: float) -> torch.Tensor:
-    """Shazeer et al.'s importance and load losses. (M,), (M,) -> scalar."""
+    """Shazeer et al.'s importance and load losses. (M,), (M,) -> scalar; (L, M) each (one
+    row per modular layer, as in an image network): the layers' losses summed."""
+    if importance.dim() == 2:
+        return sum((balance_loss(i, None if load is None else l, w_importance, w_load)
+                    for i, l in zip(importance, importance if load is None else load, strict=True)),
+                   importance.new_zeros(()))
     loss = w_importance * cv_squared(importance)
     if load is not None:
         loss = loss + w_load * cv_squared(load)
@@ -36,9 +40,13 @@ def balance_loss(importance: torch.Tensor, load: torch.Tensor | None, w_importan
 
 def noisy_topk_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
                     w_importance: float, w_load: float) -> Losses:
-    out = model(x, h)
-    logits = model.logits(out.hs)  # (T, B, V)
-    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    """``noisy_topk_of`` one PTB window."""
+    return noisy_topk_of(model, Window(x, y, h, 0, 0, 0), w_importance, w_load)
+
+
+def noisy_topk_of(model, w: Batch, w_importance: float, w_load: float) -> Losses:
+    out = model.run_examples(w.x, w.h)
+    nll = nll_of(model, out, w.y)
     load = out.load if model.cfg.k < model.cfg.modules else None
     aux = balance_loss(out.importance, load, w_importance, w_load)
     return Losses(nll, {"balance": aux}, out)
@@ -47,5 +55,5 @@ def noisy_topk_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: to
 class NoisyTopK(Method):
     name = "noisy-topk"
 
-    def losses(self, w: Window) -> Losses:
-        return noisy_topk_loss(self.model, w.x, w.y, w.h, self.tcfg.importance_weight, self.tcfg.load_weight)
+    def losses(self, w: Batch) -> Losses:
+        return noisy_topk_of(self.model, w, self.tcfg.importance_weight, self.tcfg.load_weight)

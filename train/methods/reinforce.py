@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from modrt.train import model as lm
-from modrt.train.methods.base import Losses, Method, Window
+from modrt.train.methods.base import Batch, Losses, Method, Window
 
 
 class MovingAverage:
@@ -45,17 +45,23 @@ def reinforce_surrogate(log_pa: torch.Tensor, reward: torch.Tensor, baseline: fl
 
 def reinforce_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
                    baseline: MovingAverage) -> tuple[Losses, torch.Tensor]:
+    """``reinforce_of`` one PTB window."""
+    return reinforce_of(model, Window(x, y, h, 0, 0, 0), baseline)
+
+
+def reinforce_of(model, w: Batch, baseline: MovingAverage) -> tuple[Losses, torch.Tensor]:
     """One REINFORCE step's objective and its (B,) rewards (detached); the caller updates
     ``baseline`` with the rewards after the step."""
-    out = model(x, h, lm.sample_policy())
-    ll = model.token_log_likelihood(out.hs, y)  # (T, B)
+    out = model.run_examples(w.x, w.h, lm.sample_policy())
+    ll = model.example_log_likelihood(out, w.y)  # (T, B) per token, or (1, B) per image
     nll = -ll.mean()
-    reward = ll.mean(0).detach()  # (B,) mean log-likelihood per token of each window
+    reward = ll.mean(0).detach()  # (B,) mean log-likelihood per token of each window (or the image's)
     if baseline.value is None:  # no past rewards yet: no controller step (keeps it unbiased)
         ctrl = nll.new_zeros(())
     else:
-        # Per-token scale: log p(a | x) of the window divided by T, like the reward.
-        ctrl = reinforce_surrogate(out.log_pa.mean(0), reward, baseline.value)
+        # On the reward's scale: log p(a | x) of the whole example, per token of a window
+        # (divided by T like the reward); an image's selections over its layers, summed.
+        ctrl = reinforce_surrogate(out.log_pa.sum(0) / ll.shape[0], reward, baseline.value)
     return Losses(nll, {"controller": ctrl}, out), reward
 
 
@@ -64,16 +70,16 @@ class Reinforce(Method):
 
     name = "reinforce"
 
-    def __init__(self, model, mcfg, tcfg, windows):
-        super().__init__(model, mcfg, tcfg, windows)
+    def __init__(self, model, mcfg, tcfg, examples, positions):
+        super().__init__(model, mcfg, tcfg, examples, positions)
         self.baseline = MovingAverage(tcfg.baseline_decay)
         self._reward: torch.Tensor | None = None
 
-    def losses(self, w: Window) -> Losses:
-        losses, self._reward = reinforce_loss(self.model, w.x, w.y, w.h, self.baseline)
+    def losses(self, w: Batch) -> Losses:
+        losses, self._reward = reinforce_of(self.model, w, self.baseline)
         return losses
 
-    def after_step(self, w: Window, losses: Losses) -> None:
+    def after_step(self, w: Batch, losses: Losses) -> None:
         self.baseline.update(float(self._reward.mean()))
 
     def state(self) -> dict[str, Any]:
