@@ -27,6 +27,9 @@ from modrt.train.model import ModularLM, greedy_policy
 
 GRAPH_ATOL = 1e-4  # per graph, on its sample input
 PPL_RTOL = 1e-3  # model level: perplexity, PyTorch vs ONNX Runtime (routed and dense)
+# Images: accuracy, PyTorch vs ONNX Runtime; a near-tie of a controller or of the classes may
+# flip in float32 (different kernels), so a few images in a thousand may differ.
+ACC_ATOL = 3e-3
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -80,7 +83,7 @@ def export_only(ckpt_path: str | Path, out: str | Path, name: str) -> list[str]:
     out = Path(out)
     m = bundle.load(out)
     model, _ = checkpoint.load_model(ckpt_path)
-    defs = {g.name: g for g in G.graph_defs(model)}
+    defs = {g.name: g for g in G.defs_of(model)}
     if name not in defs or name not in m.graphs:
         raise ExportError(f"no graph {name!r} to export; the bundle has {', '.join(sorted(m.graphs))}")
     todo = [name]
@@ -103,51 +106,125 @@ def export_only(ckpt_path: str | Path, out: str | Path, name: str) -> list[str]:
 
 
 def export(ckpt_path: str | Path, out: str | Path, force: bool = False, progress: bool = True,
-           data: str | Path | None = None, parity_tokens: int = 2000) -> bundle.Manifest:
+           data: str | Path | None = None, parity_tokens: int = 2000, parity_images: int = 1000) -> bundle.Manifest:
     out = Path(out)
     model, ckpt = checkpoint.load_model(ckpt_path)
     if not model.cfg.exportable:
         raise ExportError(f"{ckpt_path}: a {model.cfg.method}-routed model is a training baseline; the bundle "
                           "format holds controllers of [e_t; h] (export em, reinforce, noisy-topk or dense)")
     cfg = model.cfg
-    if cfg.task != "ptb":
+    if cfg.task not in ("ptb", "cifar10"):
         raise ExportError(f"{ckpt_path}: task {cfg.task!r} has no exporter yet")
     _prepare_out(out, force)
-    defs = list(G.graph_defs(model))
     specs: dict[str, bundle.GraphSpec] = {}
     graph_diff: dict[str, float] = {}
-    for g in tqdm(defs, desc="export", unit="graph", disable=not progress):
+    for g in tqdm(list(G.defs_of(model)), desc="export", unit="graph", disable=not progress):
         raw, graph_diff[g.name] = _onnx_of(g)
         path = out / f"{g.name}.onnx"
         path.write_bytes(raw)
         specs[g.name] = bundle.graph_spec_from_onnx(path)
-    layer = bundle.LayerSpec(
-        name="layer0", modules=cfg.modules, k=cfg.k, combine=cfg.combine,
-        controller="layer0.controller",
-        module_graphs=tuple(f"layer0.module{m}" for m in range(cfg.modules)), state="h",
-        selection=cfg.selection)
-    manifest = bundle.Manifest(
-        task={"name": "ptb", "kind": "language-model", "vocab": list(ckpt["vocab"]),
-              "eos": "<eos>", "unk": "<unk>", "hidden": cfg.hidden, "embedding": cfg.embedding},
-        topology="recurrent",
-        stages=("embedding", "layer0", "head"),
-        layers=(layer,),
-        dense={"layer0": "layer0.dense"},
-        graphs=specs,
-        opset=G.OPSET,
-        model={**ckpt["model_config"], "trained_steps": ckpt.get("step"), "trained_epochs": ckpt.get("epoch")},
-        parity={"graphs_max_abs_diff": graph_diff},
-    )
+    trained = {"trained_steps": ckpt.get("step"), "trained_epochs": ckpt.get("epoch")}
+    if cfg.task == "cifar10":
+        manifest = _image_manifest(cfg, ckpt, specs, graph_diff, trained)
+    else:
+        layer = bundle.LayerSpec(
+            name="layer0", modules=cfg.modules, k=cfg.k, combine=cfg.combine,
+            controller="layer0.controller",
+            module_graphs=tuple(f"layer0.module{m}" for m in range(cfg.modules)), state="h",
+            selection=cfg.selection)
+        manifest = bundle.Manifest(
+            task={"name": "ptb", "kind": "language-model", "vocab": list(ckpt["vocab"]),
+                  "eos": "<eos>", "unk": "<unk>", "hidden": cfg.hidden, "embedding": cfg.embedding},
+            topology="recurrent",
+            stages=("embedding", "layer0", "head"),
+            layers=(layer,),
+            dense={"layer0": "layer0.dense"},
+            graphs=specs,
+            opset=G.OPSET,
+            model={**ckpt["model_config"], **trained},
+            parity={"graphs_max_abs_diff": graph_diff},
+        )
     bundle.write(out, manifest)
-    parity = measure_parity(model, out, ckpt["vocab"], data=data, tokens=parity_tokens)
+    if cfg.task == "cifar10":
+        parity = measure_image_parity(model, out, data=data, images=parity_images)
+        ok = parity["acc_abs_diff_routed"] <= ACC_ATOL and parity["acc_abs_diff_dense"] <= ACC_ATOL
+        what = (f"accuracy torch {parity['acc_torch']:.4f}, routed {parity['acc_routed']:.4f}, dense "
+                f"{parity['acc_dense']:.4f} (atol {ACC_ATOL})")
+    else:
+        parity = measure_parity(model, out, ckpt["vocab"], data=data, tokens=parity_tokens)
+        # "not <=" so that a NaN (a model that overflows) fails too.
+        ok = parity["ppl_rel_diff_routed"] <= PPL_RTOL and parity["ppl_rel_diff_dense"] <= PPL_RTOL
+        what = (f"perplexity torch {parity['ppl_torch']:.4f}, routed {parity['ppl_routed']:.4f}, dense "
+                f"{parity['ppl_dense']:.4f} (rtol {PPL_RTOL})")
     manifest = replace(manifest, parity={**manifest.parity, **parity})
     bundle.write(out, manifest)
-    # "not <=" so that a NaN (a model that overflows) fails too.
-    if not (parity["ppl_rel_diff_routed"] <= PPL_RTOL and parity["ppl_rel_diff_dense"] <= PPL_RTOL):
-        raise ExportError(
-            f"{out}: parity out of tolerance: perplexity torch {parity['ppl_torch']:.4f}, "
-            f"routed {parity['ppl_routed']:.4f}, dense {parity['ppl_dense']:.4f} (rtol {PPL_RTOL})")
+    if not ok:
+        raise ExportError(f"{out}: parity out of tolerance: {what}")
     return manifest
+
+
+def _image_manifest(cfg, ckpt: dict[str, Any], specs: dict[str, bundle.GraphSpec], graph_diff: dict[str, float],
+                    trained: dict[str, Any]) -> bundle.Manifest:
+    """The manifest of an image network: feed-forward, its layers with the pools between
+    them, the head; the task records the input picture, its normalisation and the classes."""
+    layers = tuple(bundle.LayerSpec(
+        name=f"layer{li}", modules=cfg.modules, k=cfg.k, combine=cfg.combine, controller=f"layer{li}.controller",
+        module_graphs=tuple(f"layer{li}.module{m}" for m in range(cfg.modules)), selection=cfg.selection)
+        for li in range(cfg.layers))
+    return bundle.Manifest(
+        task={"name": "cifar10", "kind": "classification", "classes": list(ckpt["classes"]),
+              "image": {"input": "image", "layout": "NCHW", "channels": cfg.in_channels, "height": cfg.image,
+                        "width": cfg.image, "mean": list(cfg.mean), "std": list(cfg.std),
+                        "normalisation": "image = (pixels / 255 - mean) / std per channel; pixels uint8 HWC RGB"}},
+        topology="feedforward",
+        stages=G.image_stages(cfg.layers),
+        layers=layers,
+        dense={l.name: f"{l.name}.dense" for l in layers},
+        graphs=specs,
+        opset=G.OPSET,
+        model={**ckpt["model_config"], **trained},
+        parity={"graphs_max_abs_diff": graph_diff},
+    )
+
+
+def measure_image_parity(model, out: Path, data: str | Path | None, images: int, batch: int = 50) -> dict[str, Any]:
+    """PyTorch vs ONNX Runtime (routed and dense) on the first ``images`` CIFAR-10 test images:
+    accuracy of each, max |logit diff|, and how often the routing agrees (every layer)."""
+    import modrt
+    from modrt.data import cifar10
+
+
+    ds = cifar10.load(data)
+    # Evenly spaced over the test set: a copy stored class by class (the JPEG folders) would
+    # otherwise give images of one class only.
+    pick = np.linspace(0, len(ds.test_labels) - 1, min(images, len(ds.test_labels))).astype(np.int64)
+    pixels, labels = ds.test_images[pick], ds.test_labels[pick]
+    x_all = cifar10.normalise(pixels, model.cfg.mean, model.cfg.std)
+    rt = modrt.load(out, provider="cpu")
+    correct = {"torch": 0, "routed": 0, "dense": 0}
+    max_diff = {"routed": 0.0, "dense": 0.0}
+    agree = 0
+    for lo in range(0, len(labels), batch):
+        x, y = x_all[lo:lo + batch], labels[lo:lo + batch]
+        with torch.no_grad():
+            o = model(torch.from_numpy(x), greedy_policy())
+        lt = o.logits.numpy()
+        r, d = rt.run(image=x), rt.run_dense(image=x)
+        for name, logits in (("torch", lt), ("routed", r["logits"]), ("dense", d["logits"])):
+            correct[name] += int((logits.argmax(1) == y).sum())
+        max_diff["routed"] = max(max_diff["routed"], float(np.abs(r["logits"] - lt).max()))
+        max_diff["dense"] = max(max_diff["dense"], float(np.abs(d["logits"] - lt).max()))
+        agree += int((r["modules"] == o.a.permute(1, 0, 2).numpy()).all((1, 2)).sum())
+    n = len(labels)
+    acc = {k: v / n for k, v in correct.items()}
+    return {
+        "data": f"cifar10 test, {n} images evenly spaced", "images": n, "acc_torch": acc["torch"],
+        "acc_routed": acc["routed"],
+        "acc_dense": acc["dense"], "acc_abs_diff_routed": abs(acc["routed"] - acc["torch"]),
+        "acc_abs_diff_dense": abs(acc["dense"] - acc["torch"]),
+        "logits_max_abs_diff_routed": max_diff["routed"], "logits_max_abs_diff_dense": max_diff["dense"],
+        "routing_agreement": agree / n,
+    }
 
 
 def measure_parity(model: ModularLM, out: Path, vocab: list[str], data: str | Path | None,

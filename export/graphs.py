@@ -142,3 +142,114 @@ def to_onnx(g: GraphDef) -> bytes:
                           dynamic_axes=g.dynamic, opset_version=OPSET, dynamo=False,
                           do_constant_folding=True)
     return buf.getvalue()
+
+
+# --- the CIFAR-10 network (modrt.train.conv) ----------------------------------------------
+# Stages: layer0, pool0, layer1, pool1, ..., layer{L-1}, head. Layer l's controller and
+# modules take its input (layer0: "image", the normalised (B, 3, H, W) picture; later
+# layers "x"); the pools and the head are the glue. Only the batch axis is dynamic.
+
+IMAGE_SAMPLE_ROWS = 3
+
+
+class ImageController(nn.Module):
+    """A conv layer's controller: log-softmax (B, K, M) of its pooled input ((B, 1, M) for
+    noisy top-k, no noise at inference). Dense (no controller): slot k picks module k."""
+
+    def __init__(self, layer, k: int, modules: int):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("fixed", torch.full((k, modules), -1e9).fill_diagonal_(0.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layer.controller is not None:
+            return self.layer.scores(x)
+        zero = (x.mean(dim=(1, 2, 3)) * 0).view(-1, 1, 1)  # keeps the input in the graph
+        return F.log_softmax(self.fixed.unsqueeze(0) + zero, dim=-1)
+
+
+class ImageDense(nn.Module):
+    """A conv layer as a plain export runs it: every block on every row, the selected ones
+    combined by masking (or weighted by the gates). Same outputs as routing, M times the work."""
+
+    def __init__(self, layer, k: int, modules: int, combine: str):
+        super().__init__()
+        self.controller = ImageController(layer, k, modules)
+        self.blocks = layer.blocks
+        self.m, self.k, self.rule = modules, k, combine
+        self.topk = layer.selection == "topk"
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lp = self.controller(x)
+        outs = torch.stack([b(x) for b in self.blocks], 1)  # (B, M, C, H, W)
+        if self.topk:
+            if torch.onnx.is_in_onnx_export():
+                top, a = lp[:, 0].topk(self.k, dim=-1)
+            else:
+                top, a = torch.sort(lp[:, 0], dim=-1, descending=True, stable=True)
+                top, a = top[:, : self.k], a[:, : self.k]
+            w = torch.zeros_like(lp[:, 0]).scatter(1, a, F.softmax(top, dim=-1))  # (B, M)
+            return (outs * w.view(*w.shape, 1, 1, 1)).sum(1), a
+        a = lp.argmax(-1)
+        mask = F.one_hot(a, self.m).amax(1).to(x.dtype)  # (B, M) distinct selected modules
+        y = (outs * mask.view(*mask.shape, 1, 1, 1)).sum(1)
+        if self.rule == "mean":
+            y = y / mask.sum(1).view(-1, 1, 1, 1)
+        return y, a
+
+
+class Pool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H/2, W/2)
+        return F.max_pool2d(x, 2)
+
+
+class ImageHead(nn.Module):
+    """The last layer's pool, the global average pool and the linear head -> logits (B, classes)."""
+
+    def __init__(self, head: nn.Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.max_pool2d(x, 2).mean(dim=(2, 3)))
+
+
+def image_graph_defs(model) -> Iterator[GraphDef]:
+    """The graphs of a ``ModularConvNet`` in stage order (``image_stages``)."""
+    cfg = model.cfg
+    gen = torch.Generator().manual_seed(0)
+    size, cin = cfg.image, cfg.in_channels
+    batch = {0: "batch"}
+    for li, layer in enumerate(model.layers):
+        name = "image" if li == 0 else "x"
+        x = torch.randn(IMAGE_SAMPLE_ROWS, cin, size, size, generator=gen)
+        yield GraphDef(f"layer{li}.controller", ImageController(layer, cfg.k, cfg.modules), (x,), [name],
+                       ["log_probs"], {name: batch, "log_probs": batch})
+        for m, block in enumerate(layer.blocks):
+            r = 4 + m % 3
+            yield GraphDef(f"layer{li}.module{m}", block, (torch.randn(r, cin, size, size, generator=gen),),
+                           [name], ["y"], {name: {0: "rows"}, "y": {0: "rows"}})
+        yield GraphDef(f"layer{li}.dense", ImageDense(layer, cfg.k, cfg.modules, cfg.combine), (x,), [name],
+                       ["y", "selection"], {name: batch, "y": batch, "selection": batch})
+        cin = cfg.channels[li]
+        x = torch.randn(IMAGE_SAMPLE_ROWS, cin, size, size, generator=gen)
+        if li < cfg.layers - 1:
+            yield GraphDef(f"pool{li}", Pool(), (x,), ["x"], ["pooled"], {"x": batch, "pooled": batch})
+        else:
+            yield GraphDef("head", ImageHead(model.head), (x,), ["x"], ["logits"], {"x": batch, "logits": batch})
+        size //= 2
+
+
+def image_stages(layers: int) -> tuple[str, ...]:
+    names: list[str] = []
+    for li in range(layers):
+        names.append(f"layer{li}")
+        names.append(f"pool{li}" if li < layers - 1 else "head")
+    return tuple(names)
+
+
+def defs_of(model) -> Iterator[GraphDef]:
+    """The graphs of any trained model: the PTB LM's or the image network's."""
+    from modrt.train.conv import ModularConvNet
+
+    return image_graph_defs(model) if isinstance(model, ModularConvNet) else graph_defs(model)

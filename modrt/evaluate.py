@@ -1,8 +1,10 @@
-"""``modrt eval OUT/``: perplexity of a PTB bundle on a split, from the bundle alone.
+"""``modrt eval OUT/``: perplexity of a PTB bundle, or accuracy of an image bundle, on a
+split, from the bundle alone.
 
-Torch-free. Streams and windows as in training's evaluation (batchify into B streams,
-BPTT windows, state carried across windows), so the figure equals the PyTorch one for
-the same checkpoint.
+Torch-free. PTB: streams and windows as in training's evaluation (batchify into B streams,
+BPTT windows, state carried across windows); CIFAR-10: every image of the split, clean,
+normalised as the bundle records. Either way the figure equals the PyTorch one for the
+same checkpoint.
 """
 
 from __future__ import annotations
@@ -99,13 +101,40 @@ def split_ids(manifest, split: str, data: str | Path | None) -> np.ndarray:
     return lookup[corpus.split(split)]
 
 
+def accuracy(model, pixels: np.ndarray, labels: np.ndarray, batch: int = 100, dense: bool = False,
+             progress: bool = False) -> dict[str, Any]:
+    """Accuracy of an image bundle on uint8 (N, H, W, 3) pixels, normalised as its manifest
+    says; module use per layer under its routing."""
+    from tqdm import tqdm
+
+    from modrt.data.cifar10 import normalise
+
+    image = model.manifest.task["image"]
+    run = model.run_dense if dense else model.run
+    M = max(l.modules for l in model.manifest.layers)
+    usage = np.zeros((len(model.manifest.layers), M), np.int64)
+    correct = 0
+    t0 = time.perf_counter()
+    for lo in tqdm(range(0, len(labels), batch), desc="eval", unit="batch", disable=not progress):
+        out = run(image=normalise(pixels[lo:lo + batch], image["mean"], image["std"]))
+        correct += int((out["label"] == labels[lo:lo + batch]).sum())
+        for li in range(usage.shape[0]):
+            usage[li] += np.bincount(out["modules"][:, li].ravel(), minlength=M)
+    p = usage / usage.sum(1, keepdims=True)
+    ent = np.exp(-(p * np.log(np.clip(p, 1e-12, None))).sum(1))
+    return {"acc": correct / len(labels), "images": int(len(labels)), "seconds": time.perf_counter() - t0,
+            "modules_in_use": float((usage > 0).sum(1).mean()), "usage_exp_entropy": float(ent.mean()),
+            "module_usage": usage.tolist()}
+
+
 @click.command("eval", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle_dir", metavar="OUT", type=click.Path(path_type=Path))
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test", show_default=True)
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Penn Treebank directory (default: as `modrt train`).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Parallel streams (10 is the standard for PTB evaluation).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Penn Treebank directory, or CIFAR-10 (a directory or tarball), as the bundle's task needs "
+                   "(default: as `modrt train`).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="PTB: parallel streams (10, the standard for PTB evaluation). Images: images per call (100).")
 @click.option("--bptt", type=click.IntRange(min=1), default=35, show_default=True, help="Window length.")
 @click.option("--dense", is_flag=True, help="Run the dense baseline graph instead of routing.")
 @click.option("--provider", type=PROVIDER, default="auto", show_default=True,
@@ -114,12 +143,29 @@ def split_ids(manifest, split: str, data: str | Path | None) -> np.ndarray:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def eval_command(bundle_dir: Path, split: str, data: Path | None, batch_size: int, bptt: int,
                  dense: bool, provider: str, as_json: bool, quiet: bool) -> None:
-    """Perplexity of the bundle in OUT on a Penn Treebank split, without torch."""
+    """Perplexity (PTB) or accuracy (CIFAR-10) of the bundle in OUT on a split, without torch."""
     import modrt
 
     model = modrt.load(bundle_dir, provider=provider)
+    if model.manifest.task.get("name") == "cifar10":
+        from modrt.data import cifar10
+
+        if split == "valid":
+            raise click.UsageError("CIFAR-10 has no valid split; choose --split test or train")
+        pixels, labels = cifar10.load(data).split(split)
+        res = accuracy(model, pixels, labels, batch=batch_size or 100, dense=dense,
+                       progress=not quiet and not as_json)
+        res.update(split=split, path="dense" if dense else "routed", provider=model.provider, bundle=str(bundle_dir))
+        if as_json:
+            click.echo(json.dumps(res))
+            return
+        layer = model.manifest.layers[0]
+        click.echo(f"{split} accuracy {res['acc']:.4f} ({res['images']:,} images, {res['path']}, {model.provider}, "
+                   f"{res['seconds']:.1f} s); modules in use {res['modules_in_use']:.2f}/{layer.modules} per layer "
+                   f"(usage exp entropy {res['usage_exp_entropy']:.2f})")
+        return
     ids = split_ids(model.manifest, split, data)
-    res = perplexity(model, ids, batch=batch_size, bptt=bptt, dense=dense, progress=not quiet and not as_json)
+    res = perplexity(model, ids, batch=batch_size or 10, bptt=bptt, dense=dense, progress=not quiet and not as_json)
     res.update(split=split, path="dense" if dense else "routed", provider=model.provider, bundle=str(bundle_dir))
     if as_json:
         click.echo(json.dumps(res))

@@ -115,7 +115,8 @@ def combine(
     y: np.ndarray, d: Dispatch, batch: int, rule: str, out: np.ndarray | None = None,
     weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Put module outputs back in batch order and combine. (R, D) or (R+1, D) -> (B, D).
+    """Put module outputs back in batch order and combine. (R, D) or (R+1, D) -> (B, D);
+    any trailing shape, e.g. feature maps (R, C, H, W) -> (B, C, H, W).
 
     ``y`` holds the routed block (module m's rows at ``offsets[m]:offsets[m+1]``). With
     K > 1 and a row that drew one module twice, a zero row at index R is needed: pass
@@ -129,20 +130,21 @@ def combine(
     assert B == batch, (B, batch)
     R = d.rows.shape[0]
     if out is None:
-        out = np.empty((batch, y.shape[-1]), dtype=y.dtype)
+        out = np.empty((batch, *y.shape[1:]), dtype=y.dtype)
+    per_row = (-1, *([1] * (y.ndim - 1)))  # a (B,) column broadcast over each row's features
     if rule == "gate":
         w = weights.astype(out.dtype, copy=False)
         np.take(y, d.slots[:, 0], axis=0, out=out, mode="clip")
-        out *= w[:, :1]
+        out *= w[:, 0].reshape(per_row)
         for j in range(1, K):
-            out += np.take(y, d.slots[:, j], axis=0, mode="clip") * w[:, j : j + 1]
+            out += np.take(y, d.slots[:, j], axis=0, mode="clip") * w[:, j].reshape(per_row)
         return out
     if K == 1:
         # Each row has one module: a gather. mode="clip" skips numpy's bounds-check buffer.
         np.take(y, d.slots[:, 0], axis=0, out=out, mode="clip")
         return out  # one distinct module: mean == sum
     if R < B * K and y.shape[0] == R:  # some row repeats a module: needs the pad row
-        y = np.concatenate([y, np.zeros((1, y.shape[-1]), dtype=y.dtype)])
+        y = np.concatenate([y, np.zeros((1, *y.shape[1:]), dtype=y.dtype)])
     elif y.shape[0] > R:
         y[R] = 0
     # A loop over the K slots (not rows): K gathers and adds beat one (B, K, D) gather
@@ -153,7 +155,7 @@ def combine(
         np.take(y, d.slots[:, j], axis=0, out=tmp, mode="clip")
         out += tmp
     if rule == "mean":
-        out /= d.distinct[:, None].astype(out.dtype)
+        out /= d.distinct.reshape(per_row).astype(out.dtype)
     return out
 
 

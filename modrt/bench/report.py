@@ -62,9 +62,10 @@ def run(
     recurrent = m.topology == "recurrent"
     weights = None if recurrent else synthetic.read_weights(bundle_dir, m)
     skipped: dict[str, str] = {}
+    feed = "tokens" if recurrent else model.input.name  # x (synthetic), image (CIFAR-10), ...
     makers: dict[str, Callable[[np.ndarray], object]] = {
-        "routed": (lambda v: model.run(tokens=v)) if recurrent else (lambda v: model.run(x=v)),
-        "dense": (lambda v: model.run_dense(tokens=v)) if recurrent else (lambda v: model.run_dense(x=v)),
+        "routed": lambda v: model.run(**{feed: v}),
+        "dense": lambda v: model.run_dense(**{feed: v}),
     }
     if against is not None:
         from modrt._exceptions import InputError
@@ -72,8 +73,8 @@ def run(
         other = load(against, provider=cfg.provider, strategy=cfg.strategy, session_config=scfg)
         if other.signature.inputs != model.signature.inputs:
             raise InputError(f"--against {against}: its inputs differ from {bundle_dir}'s")
-        makers["ref_routed"] = (lambda v: other.run(tokens=v)) if recurrent else (lambda v: other.run(x=v))
-        makers["ref_dense"] = (lambda v: other.run_dense(tokens=v)) if recurrent else (lambda v: other.run_dense(x=v))
+        makers["ref_routed"] = lambda v: other.run(**{feed: v})
+        makers["ref_dense"] = lambda v: other.run_dense(**{feed: v})
     if cfg.bound:
         makers["bound"] = peers.make_bound(model)
     else:
@@ -112,9 +113,9 @@ def run(
                 got, ref = model.run(tokens=pool[0]), model.run_dense(tokens=pool[0])
                 key = "logits"
             else:
-                D = model.input.shape[1]
-                pool = [rng.standard_normal((B, D), dtype=np.float32) for _ in range(cfg.inputs)]
-                got, ref = model.run(x=pool[0]), model.run_dense(x=pool[0])
+                tail = tuple(model.input.shape[1:])  # (D,), or an image's (C, H, W)
+                pool = [rng.standard_normal((B, *tail), dtype=np.float32) for _ in range(cfg.inputs)]
+                got, ref = model.run(**{feed: pool[0]}), model.run_dense(**{feed: pool[0]})
                 key = model.output.name
             parity[B] = float(np.abs(got[key] - ref[key]).max())
             if not np.array_equal(got["modules"], ref["modules"]):

@@ -137,6 +137,15 @@ def channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), np.sqrt(np.maximum(var, 0.0)).astype(np.float32)
 
 
+def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 (B, H, W, 3) pixels -> the image networks' input, float32 (B, 3, H, W):
+    (p / 255 - mean) / std per channel (the bundle's ``task.image`` normalisation)."""
+    x = np.asarray(pixels).astype(np.float32).transpose(0, 3, 1, 2) / np.float32(255.0)
+    x -= np.asarray(mean, np.float32).reshape(1, -1, 1, 1)
+    x /= np.asarray(std, np.float32).reshape(1, -1, 1, 1)
+    return np.ascontiguousarray(x)
+
+
 def cache_dir() -> Path:
     return _cache.cache_dir("cifar10")
 
@@ -640,4 +649,4 @@ def load(data: str | os.PathLike | None = None, download: bool = True, verify: b
     return CIFAR10(classes=CLASSES, source=source, layout=layout, **arrays)
 
 
-__all__ = ["CIFAR10", "CLASSES", "SPLITS", "cache_dir", "channel_stats", "load", "resolve"]
+__all__ = ["CIFAR10", "CLASSES", "SPLITS", "cache_dir", "channel_stats", "load", "normalise", "resolve"]

@@ -62,6 +62,8 @@ def unsupported(spec: LayerSpec, manifest: Manifest, provider: str) -> str | Non
     outs = manifest.graphs[spec.module_graphs[0]].outputs
     if len(outs) != 1 or any(d < 0 for d in outs[0].shape[1:]):
         return "module graphs must have one output with a static feature shape"
+    if len(outs[0].shape) != 2:
+        return f"modules give feature maps {list(outs[0].shape[1:])} (composed graphs combine vectors (B, D))"
     if outs[0].dtype != "float32":
         return f"module outputs are {outs[0].dtype} (composed graphs combine float32)"
     return None

@@ -43,7 +43,8 @@ class _Workspace(threading.local):
 
 
 class HostLayer(Layer):
-    """One modular layer: ``layer(feeds) -> (out (B, D_out), a (B, K) int64)``."""
+    """One modular layer: ``layer(feeds) -> (out (B, D_out), a (B, K) int64)``; the
+    features may have any static shape (a conv module's (C, H, W) feature maps)."""
 
     kind = "host"
 
@@ -55,6 +56,7 @@ class HostLayer(Layer):
         self.module_inputs = list(self.modules[0].input_names)
         out = self.modules[0].spec.outputs[0]
         self.out_dim = out.shape[-1]
+        self.out_tail = tuple(out.shape[1:])  # (D,), or a feature map's (C, H, W)
         self.out_dtype = np.dtype(out.dtype)  # manifest dtypes are numpy names
         self._tails = {t.name: (tuple(t.shape[1:]), np.dtype(t.dtype))
                        for t in self.modules[0].spec.inputs}
@@ -78,7 +80,7 @@ class HostLayer(Layer):
             tail, dtype = self._tails[name]
             buf = ws.get(name, R, tail, dtype)
             gathered[name] = np.take(feeds[name], d.rows, axis=0, out=buf, mode="clip")
-        y = ws.get("_y", R + 1, (self.out_dim,), self.out_dtype)  # +1: combine's zero pad row
+        y = ws.get("_y", R + 1, self.out_tail, self.out_dtype)  # +1: combine's zero pad row
         off = d.offsets
         single = self.module_inputs[0] if len(self.module_inputs) == 1 else None
         for m, module in enumerate(self.modules):
@@ -90,7 +92,7 @@ class HostLayer(Layer):
                     res = module({n: g[lo:hi] for n, g in gathered.items()})
                 y[lo:hi] = res[0]
         if out is None:
-            out = np.empty((B, self.out_dim), self.out_dtype)
+            out = np.empty((B, *self.out_tail), self.out_dtype)
         routing.combine(y, d, B, self.spec.combine, out=out, weights=w)
         return out, a
 
