@@ -32,6 +32,8 @@ ROWS = {
     "dense-M1K1": (1, 1, ["--method", "dense"]),
     "dense-M2K2": (2, 2, ["--method", "dense"]),
     "em-M5K1": (5, 1, ["--method", "em"]),
+    # The paper's joint E-step score (our default scores by the likelihood alone).
+    "em-joint-M5K1": (5, 1, ["--method", "em", "--prior-weight", "1"]),
     "reinforce-M5K1": (5, 1, ["--method", "reinforce"]),
     "noisy-topk-M5K2": (5, 2, ["--method", "noisy-topk"]),
 }
@@ -53,6 +55,7 @@ def run_row(run: Path) -> dict | None:
     return {
         "run": run.name, "method": m["method"], "modules": m["modules"], "k": m["k"], "seed": t["seed"],
         "channels": list(m["channels"]), "epochs": t["epochs"], "steps": rec["step"], "augment": t["augment"],
+        "prior_weight": t["prior_weight"] if m["method"] == "em" else None,
         "train_acc": rec["train_acc"], "test_acc": rec["test_acc"],
         "usage_exp_entropy": rec.get("usage_exp_entropy"), "modules_in_use": rec.get("modules_in_use"),
         "controller_exp_entropy": rec.get("controller_exp_entropy"), "minutes": rec["minutes"],
@@ -65,7 +68,9 @@ def group(rows: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
         width = "-".join(str(c) for c in r["channels"])
-        out.setdefault(f"{r['method']} ({r['modules']},{r['k']}), {width} filters, {r['epochs']} ep", []).append(r)
+        joint = " joint" if r.get("prior_weight") else ""
+        out.setdefault(f"{r['method']}{joint} ({r['modules']},{r['k']}), {width} filters, {r['epochs']} ep",
+                       []).append(r)
     return out
 
 

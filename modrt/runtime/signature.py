@@ -127,8 +127,8 @@ class Signature:
 
     def check(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """``inputs`` validated: the declared names (optional ones may be left out), the
-        dtype kind (integer ids, floating features), the shapes, one batch size and the
-        bounds; returned contiguous in the declared dtypes. Raises InputError naming what is
+        dtype kind (integer ids, floating features), the shapes, one batch size, the
+        bounds and finite floats; returned contiguous in the declared dtypes. Raises InputError naming what is
         wrong."""
         self.check_names(list(inputs))
         out = {}
@@ -149,7 +149,14 @@ class Signature:
 
     @staticmethod
     def check_bounds(t: Tensor, x: np.ndarray) -> None:
-        if t.bounds is None or not x.size:
+        """The values: token ids within the vocabulary, floats finite."""
+        if not x.size:
+            return
+        if x.dtype.kind == "f":
+            if not np.isfinite(x).all():
+                raise InputError(f"input {t.name!r} holds NaN or infinite values")
+            return
+        if t.bounds is None:
             return
         lo, hi = int(x.min()), int(x.max())
         if lo < t.bounds[0] or hi >= t.bounds[1]:

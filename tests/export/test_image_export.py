@@ -1,0 +1,181 @@
+"""CIFAR-10 bundles: export, routed == dense == PyTorch through several modular layers (also
+when a module gets no rows or every row), eval from the bundle alone, bench, and serving
+images to tritonclient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import modrt
+from modrt.data import cifar10
+from modrt.evaluate import accuracy
+from modrt.export.exporter import export
+from modrt.train import checkpoint
+from modrt.train.config import ImageModelConfig, TrainConfig
+from modrt.train.model import greedy_policy
+from modrt.train.trainer import Trainer
+
+N_TRAIN, N_TEST = 40, 30
+
+
+def tiny_cifar(seed: int = 0) -> cifar10.CIFAR10:
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        labels = (np.arange(n) % 10).astype(np.int64)
+        base = (labels * 25).astype(np.int16)[:, None, None, None]
+        return np.clip(base + rng.integers(-40, 40, (n, 32, 32, 3)), 0, 255).astype(np.uint8), labels
+
+    tr, te = split(N_TRAIN), split(N_TEST)
+    return cifar10.CIFAR10(tr[0], tr[1], te[0], te[1], cifar10.CLASSES, Path("tiny"))
+
+
+CONFIGS = {
+    "em-sum": {"method": "em", "modules": 3, "k": 1},
+    "em-mean-k2": {"method": "em", "modules": 4, "k": 2, "combine": "mean"},
+    "noisy-topk": {"method": "noisy-topk", "modules": 3, "k": 2, "combine": "gate"},
+    "dense": {"method": "dense", "modules": 1, "k": 1},
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def bundle(request, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    data = tiny_cifar()
+    mp.setattr(cifar10, "load", lambda *a, **k: data)
+    run = tmp_path_factory.mktemp("run")
+    cfg = ImageModelConfig(channels=(4, 6, 4), **CONFIGS[request.param])
+    Trainer(cfg, TrainConfig(device="cpu", batch_size=16, samples=3, steps=4, log_every=2), data, run,
+            progress=False).fit()
+    out = run / "bundle"
+    manifest = export(run / "ckpt.pt", out, progress=False, parity_images=N_TEST)
+    yield request.param, manifest, out, run / "ckpt.pt", data
+    mp.undo()
+
+
+def test_manifest_records_the_image_and_every_graph(bundle):
+    name, m, out, _, _ = bundle
+    assert m.topology == "feedforward" and m.stages == ("layer0", "pool0", "layer1", "pool1", "layer2", "head")
+    assert [l.name for l in m.layers] == ["layer0", "layer1", "layer2"]
+    assert m.task["kind"] == "classification" and m.task["classes"] == list(cifar10.CLASSES)
+    assert m.task["image"]["mean"] == list(cifar10_mean()) and m.task["image"]["input"] == "image"
+    M = CONFIGS[name]["modules"]
+    assert len(m.graphs) == 3 * (M + 2) + 3  # per layer: controller, modules, dense; 2 pools, head
+    assert m.graphs["layer0.module0"].inputs[0].shape == (-1, 3, 32, 32)
+    assert m.graphs["layer1.module0"].outputs[0].shape == (-1, 6, 16, 16)
+    p = m.parity
+    assert p["images"] == N_TEST and p["routing_agreement"] == 1.0
+    assert p["acc_routed"] == p["acc_torch"] == p["acc_dense"]
+    assert p["logits_max_abs_diff_routed"] < 1e-4 and p["logits_max_abs_diff_dense"] < 1e-4
+
+
+def cifar10_mean():
+    from modrt.train.config import CIFAR10_MEAN
+
+    return CIFAR10_MEAN
+
+
+def _torch(ckpt: Path, x: np.ndarray):
+    model, _ = checkpoint.load_model(ckpt)
+    with torch.no_grad():
+        o = model(torch.from_numpy(x), greedy_policy())
+    return o.logits.numpy(), o.a.permute(1, 0, 2).numpy()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 64])
+def test_routed_equals_dense_equals_pytorch(bundle, batch):
+    _, m, out, ckpt, _ = bundle
+    x = np.random.default_rng(batch).standard_normal((batch, 3, 32, 32)).astype(np.float32)
+    rt = modrt.load(out, provider="cpu", threads=1)
+    r, d = rt.run(image=x), rt.run_dense(image=x)
+    lt, at = _torch(ckpt, x)
+    assert r["modules"].shape == (batch, 3, m.layers[0].k) and r["modules"].dtype == np.int32
+    np.testing.assert_array_equal(r["modules"], at)
+    np.testing.assert_array_equal(d["modules"], at)
+    np.testing.assert_allclose(r["logits"], lt, atol=1e-4)
+    np.testing.assert_allclose(d["logits"], lt, atol=1e-4)
+    np.testing.assert_array_equal(r["label"], lt.argmax(1))
+
+
+def test_a_module_with_every_row_and_modules_with_none(tmp_path):
+    """A controller forced onto module 1 in layer 1: it gets every row, the others none."""
+    data = tiny_cifar()
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cifar10, "load", lambda *a, **k: data)
+    try:
+        cfg = ImageModelConfig(channels=(4, 4), modules=3, k=1)
+        Trainer(cfg, TrainConfig(device="cpu", batch_size=16, samples=2, steps=1), data, tmp_path / "r",
+                progress=False).fit()
+        ckpt = checkpoint.load(tmp_path / "r" / "ckpt.pt")
+        ckpt["model"]["layers.1.controller.bias"] = torch.tensor([0.0, 50.0, 0.0])
+        checkpoint.save(tmp_path / "r" / "ckpt.pt", {k: v for k, v in ckpt.items()
+                                                      if k not in ("format", "version", "modrt_version")})
+        export(tmp_path / "r" / "ckpt.pt", tmp_path / "b", progress=False, parity_images=N_TEST)
+    finally:
+        mp.undo()
+    x = np.random.default_rng(0).standard_normal((9, 3, 32, 32)).astype(np.float32)
+    rt = modrt.load(tmp_path / "b", provider="cpu", threads=1)
+    r, d = rt.run(image=x), rt.run_dense(image=x)
+    assert (r["modules"][:, 1, 0] == 1).all()
+    lt, _ = _torch(tmp_path / "r" / "ckpt.pt", x)
+    np.testing.assert_allclose(r["logits"], lt, atol=1e-4)
+    np.testing.assert_allclose(d["logits"], lt, atol=1e-4)
+
+
+def test_eval_accuracy_from_the_bundle_equals_pytorch(bundle):
+    _, _, out, ckpt, data = bundle
+    rt = modrt.load(out, provider="cpu", threads=1)
+    res = accuracy(rt, data.test_images, data.test_labels, batch=7)
+    x = cifar10.normalise(data.test_images, cifar10_mean(), ImageModelConfig().std)
+    lt, _ = _torch(ckpt, x)
+    assert res["acc"] == float((lt.argmax(1) == data.test_labels).mean())
+    assert res["images"] == N_TEST and len(res["module_usage"]) == 3
+
+
+def test_bench_measures_an_image_bundle(bundle):
+    from modrt.bench.report import run
+    from modrt.bench.timing import BenchConfig
+
+    _, _, out, _, _ = bundle
+    rep = run(out, BenchConfig(batches=(1, 4), seconds=0.05, block=0.02, inputs=2, warmup=1, min_iters=2,
+                               threads=1, provider="cpu"), progress=False)
+    assert [r["batch"] for r in rep["results"]] == [1, 4]
+    for r in rep["results"]:
+        assert r["routed"]["p50_us"] > 0 and r["dense"]["p50_us"] > 0 and r["bound"]["p50_us"] > 0
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_classifies_images(bundle, binary):
+    tc = pytest.importorskip("tritonclient.http")
+    from modrt.serve.batcher import BatchConfig
+    from modrt.serve.dataplane import DataPlane
+    from tests.serve.conftest import ServerThread
+
+    _, _, out, ckpt, data = bundle
+    rt = modrt.load(out, provider="cpu", threads=1)
+    x = cifar10.normalise(data.test_images[:5], cifar10_mean(), ImageModelConfig().std)
+    with ServerThread(DataPlane(rt, "cifar", BatchConfig(max_batch=8, max_queue_delay_us=2000))) as s:
+        with tc.InferenceServerClient(s.url.removeprefix("http://")) as client:
+            meta = client.get_model_metadata("cifar")
+            assert meta["inputs"][0] == {"name": "image", "datatype": "FP32", "shape": [-1, 3, 32, 32]}
+            inp = tc.InferInput("image", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            outs = [tc.InferRequestedOutput(n, binary_data=binary) for n in ("logits", "label", "modules")]
+            res = client.infer("cifar", [inp], outputs=outs)
+            bad = tc.InferInput("image", [1, 3, 16, 16], "FP32")
+            bad.set_data_from_numpy(np.zeros((1, 3, 16, 16), np.float32))
+            with pytest.raises(Exception, match="shape"):
+                client.infer("cifar", [bad])
+            nan = tc.InferInput("image", [1, 3, 32, 32], "FP32")
+            nan.set_data_from_numpy(np.full((1, 3, 32, 32), np.nan, np.float32))
+            with pytest.raises(Exception):
+                client.infer("cifar", [nan])
+            assert client.is_server_live()
+    lt, at = _torch(ckpt, x)
+    np.testing.assert_allclose(res.as_numpy("logits"), lt, atol=1e-4)
+    np.testing.assert_array_equal(res.as_numpy("label"), lt.argmax(1))
+    np.testing.assert_array_equal(res.as_numpy("modules"), at)
