@@ -172,7 +172,7 @@ def test_tritonclient_classifies_images(bundle, binary):
                 client.infer("cifar", [bad])
             nan = tc.InferInput("image", [1, 3, 32, 32], "FP32")
             nan.set_data_from_numpy(np.full((1, 3, 32, 32), np.nan, np.float32))
-            with pytest.raises(Exception):
+            with pytest.raises(Exception, match="NaN or infinite"):
                 client.infer("cifar", [nan])
             assert client.is_server_live()
     lt, at = _torch(ckpt, x)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from modrt.data.cifar10 import CLASSES, CIFAR10
+from modrt.data.cifar10 import CIFAR10, CLASSES
 from modrt.train import checkpoint
 from modrt.train import model as lm
 from modrt.train.config import ImageModelConfig, TrainConfig
