@@ -102,19 +102,20 @@ def plot(rows: list[dict], path: Path) -> None:
     colors = {}
     palette = plt.get_cmap("tab10")
     for r in rows:
-        name = f"{r['method']} ({r['modules']},{r['k']})"
+        name = f"{r['method']}{' joint' if r.get('prior_weight') else ''} ({r['modules']},{r['k']})"
+        first = name not in colors
         color = colors.setdefault(name, palette(len(colors) % 10))
         ep = [c["epoch"] for c in r["curve"]]
         for ax, key in zip(axes, ("train_acc_subset", "test_acc"), strict=True):
             ax.plot(ep, [100 * c[key] for c in r["curve"]], "o-", color=color, ms=3, alpha=0.8,
-                    label=name if r["seed"] == min(x["seed"] for x in rows if x["method"] == r["method"]
-                                                   and x["modules"] == r["modules"]) else None)
+                    label=name if first else None)
     for ax, title in zip(axes, ("train accuracy (10,000-image subset)", "test accuracy"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
     axes[1].legend(fontsize=8)
+    axes[0].set_xticks(sorted({c["epoch"] for r in rows for c in r["curve"]}))
     fig.suptitle("CIFAR-10, modular conv layers (one line per run)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

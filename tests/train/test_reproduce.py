@@ -235,3 +235,35 @@ def test_size_small_is_ptb_small(tmp_path):
         res = runner.invoke(rp.reproduce, ["ptb", *args, "--table-only", "--out", str(tmp_path / "r2"),
                                            "--results", str(tmp_path / "res2")])
         assert res.exit_code == 2 and msg in res.output, (args, res.output)
+
+
+def test_cifar10_table_from_finished_runs(tmp_path):
+    """`modrt reproduce cifar10 --table-only` groups finished runs by configuration over seeds."""
+    import json
+
+    from click.testing import CliRunner
+
+    from modrt.cli import cli
+    from modrt.train import checkpoint
+
+    for method, M, K, seed, acc in [("dense", 1, 1, 1, 0.5), ("dense", 1, 1, 2, 0.52), ("em", 5, 1, 1, 0.4)]:
+        run = tmp_path / "runs" / f"{method}-M{M}K{K}-s{seed}"
+        run.mkdir(parents=True)
+        mc = {"channels": [8, 8], "modules": M, "k": K, "method": method, "task": "cifar10"}
+        checkpoint.save(run / "ckpt.pt", {"model_config": mc, "model": {}, "classes": ["a"],
+                                          "train_config": {"seed": seed, "epochs": 2, "augment": False,
+                                                           "prior_weight": 0.0}})
+        recs = [{"kind": "valid", "epoch": e, "test_acc": acc - 0.1 / e, "train_acc_subset": acc} for e in (1, 2)]
+        recs.append({"kind": "test", "step": 10, "train_acc": acc, "test_acc": acc - 0.01, "minutes": 1.0,
+                     "usage_exp_entropy": float(M), "modules_in_use": M, "controller_exp_entropy": 1.0})
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = CliRunner().invoke(cli, ["reproduce", "cifar10", "--out", str(tmp_path / "runs"), "--results",
+                                   str(tmp_path / "res"), "--table-only"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "res" / "cifar10_table.json").read_text())
+    assert {r["method"] for r in rows} == {"dense", "em"} and len(rows) == 3
+    assert {"method", "modules", "k", "seed", "train_acc", "test_acc", "usage_exp_entropy", "minutes"} <= rows[0].keys()
+    md = (tmp_path / "res" / "cifar10_table.md").read_text()
+    assert "| dense (1,1), 8-8 filters, 2 ep | 2 | 51.0 ± 1.4 |" in md
+    assert "em (5,1), 8-8 filters, 2 ep: train accuracy -11.0 points over dense" in res.output
+    assert (tmp_path / "res" / "cifar10_table.png").stat().st_size > 1000
