@@ -372,7 +372,9 @@ def _resumed_configs(ckpt: dict, opts: dict, explicit: set[str]) -> tuple[ModelC
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{opts['resume']}: its config is not valid for this modrt ({exc})") from exc
     saved = {**asdict(mcfg), **asdict(tcfg_saved)}
-    for name in sorted(explicit - {"resume", "out", "data", "force", "quiet", "threads"}):
+    if opts.get("channels"):  # given as text, saved as a tuple
+        opts = {**opts, "channels": _channels(opts["channels"])}
+    for name in sorted(explicit - {"resume", "out", "data", "force", "quiet", "threads", "size"}):
         if name in saved and opts[name] != saved[name] and name not in RESUMABLE_CHANGES:
             raise CheckpointError(
                 f"cannot continue {opts['resume']} with --{name.replace('_', '-')} {opts[name]}: "

@@ -158,8 +158,11 @@ def test_cli_trains_resumes_and_refuses_bad_input(tmp_path, monkeypatch):
     assert "train acc" in res.output and (run / "ckpt.pt").is_file()
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 1 and "already holds a run" in again.output
-    res = CliRunner().invoke(cli, ["train", "cifar10", "--resume", str(run / "ckpt.pt"), "--steps", "3", "-q"])
+    res = CliRunner().invoke(cli, ["train", "cifar10", "--resume", str(run / "ckpt.pt"), "--steps", "3", "-q",
+                                   "--channels", "4,4", "--size", "demo"])
     assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["train", "cifar10", "--resume", str(run / "ckpt.pt"), "--channels", "8,8"])
+    assert res.exit_code == 1 and "it was trained with (4, 4)" in res.output
     ptb = CliRunner().invoke(cli, ["train", "ptb", "--resume", str(run / "ckpt.pt")])
     assert ptb.exit_code == 1 and "a cifar10 checkpoint" in ptb.output
     for bad, msg in [(["--channels", "8,x"], "comma-separated filter counts"),
