@@ -155,21 +155,19 @@ def eval_command(bundle_dir: Path, split: str, data: Path | None, batch_size: in
         pixels, labels = cifar10.load(data).split(split)
         res = accuracy(model, pixels, labels, batch=batch_size or 100, dense=dense,
                        progress=not quiet and not as_json)
-        res.update(split=split, path="dense" if dense else "routed", provider=model.provider, bundle=str(bundle_dir))
-        if as_json:
-            click.echo(json.dumps(res))
-            return
-        layer = model.manifest.layers[0]
-        click.echo(f"{split} accuracy {res['acc']:.4f} ({res['images']:,} images, {res['path']}, {model.provider}, "
-                   f"{res['seconds']:.1f} s); modules in use {res['modules_in_use']:.2f}/{layer.modules} per layer "
-                   f"(usage exp entropy {res['usage_exp_entropy']:.2f})")
-        return
-    ids = split_ids(model.manifest, split, data)
-    res = perplexity(model, ids, batch=batch_size or 10, bptt=bptt, dense=dense, progress=not quiet and not as_json)
+    else:
+        ids = split_ids(model.manifest, split, data)
+        res = perplexity(model, ids, batch=batch_size or 10, bptt=bptt, dense=dense,
+                         progress=not quiet and not as_json)
     res.update(split=split, path="dense" if dense else "routed", provider=model.provider, bundle=str(bundle_dir))
     if as_json:
         click.echo(json.dumps(res))
         return
-    layer = model.manifest.layers[0]
-    click.echo(f"{split} perplexity {res['ppl']:.3f} ({res['tokens']:,} tokens, {res['path']}, "
-               f"{model.provider}, {res['seconds']:.1f} s); modules in use {res['modules_in_use']}/{layer.modules}")
+    M = model.manifest.layers[0].modules
+    if "acc" in res:
+        click.echo(f"{split} accuracy {res['acc']:.4f} ({res['images']:,} images, {res['path']}, {model.provider}, "
+                   f"{res['seconds']:.1f} s); modules in use {res['modules_in_use']:.2f}/{M} per layer "
+                   f"(usage exp entropy {res['usage_exp_entropy']:.2f})")
+    else:
+        click.echo(f"{split} perplexity {res['ppl']:.3f} ({res['tokens']:,} tokens, {res['path']}, "
+                   f"{model.provider}, {res['seconds']:.1f} s); modules in use {res['modules_in_use']}/{M}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from modrt._exceptions import ModrtError
-from modrt.train.small import _msd, _seeds, train_missing
+from modrt.train.small import _msd, _seeds, finished, train_missing
 
 # name -> (M, K, modrt train cifar10 arguments). Dense (1,1) has the active width of a
 # K=1 row; dense (2,2) that of noisy top-k's k=2 (with k=1 its gate gets no gradient).
@@ -41,17 +41,11 @@ ROWS = {
 
 def run_row(run: Path) -> dict | None:
     """A finished run's cifar10_table.json entry, or None."""
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file():
+    done = finished(run)
+    if done is None:
         return None
-    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    test = [r for r in recs if r.get("kind") == "test"]
-    if not test:
-        return None
-    import torch
-
-    ckpt = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
-    m, t, rec = ckpt["model_config"], ckpt["train_config"], test[-1]
+    recs, rec, ckpt = done
+    m, t = ckpt["model_config"], ckpt["train_config"]
     return {
         "run": run.name, "method": m["method"], "modules": m["modules"], "k": m["k"], "seed": t["seed"],
         "channels": list(m["channels"]), "epochs": t["epochs"], "steps": rec["step"], "augment": t["augment"],

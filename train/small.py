@@ -63,8 +63,9 @@ def variant(train_config: dict, method: str) -> str:
     return "+".join(parts)
 
 
-def run_row(run: Path) -> dict | None:
-    """A finished run's ptb_table_small.json entry, or None."""
+def finished(run: Path) -> tuple[list[dict], dict, dict] | None:
+    """A finished run's metrics records, its final (test) record and its checkpoint; None
+    while it has no test record. Shared by the PTB and CIFAR-10 tables."""
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         return None
@@ -74,8 +75,16 @@ def run_row(run: Path) -> dict | None:
         return None
     import torch
 
-    ckpt = torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
-    m, t, rec = ckpt["model_config"], ckpt["train_config"], test[-1]
+    return recs, test[-1], torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
+
+
+def run_row(run: Path) -> dict | None:
+    """A finished run's ptb_table_small.json entry, or None."""
+    done = finished(run)
+    if done is None:
+        return None
+    recs, rec, ckpt = done
+    m, t = ckpt["model_config"], ckpt["train_config"]
     return {
         "run": run.name, "method": m["method"], "variant": variant(t, m["method"]), "modules": m["modules"],
         "k": m["k"], "seed": t["seed"], "embedding": m["embedding"], "hidden": m["hidden"], "epochs": t["epochs"],
