@@ -62,6 +62,8 @@ class LazyGroup(click.Group):
         "train": ("modrt.train.cli:train", "Train a modular network with EM (or a baseline)."),
         "bench": ("modrt.bench:bench", "Measure routed vs dense vs peers on a bundle (or --synthetic)."),
         "export": ("modrt.export.cli:export", "Export a checkpoint to a bundle of per-module ONNX graphs."),
+        "export-triton": ("modrt.triton.cli:export_triton",
+                          "A Triton model repository that routes (BLS), and KServe manifests, from a bundle."),
         "eval": ("modrt.evaluate:eval_command", "Perplexity of a bundle on a PTB split, without torch."),
         "inspect": ("modrt.train.introspect:inspect_command", "Plot module use and which words each module serves."),
         "reproduce": ("modrt.train.reproduce:reproduce", "Train every configuration of the paper's PTB table."),
