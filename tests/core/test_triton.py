@@ -3,21 +3,18 @@ ONNX graphs, the KServe manifests, the routing model's answers, and (``slow``) a
 ``tritonserver`` serving the repository.
 
 The routing model (``model.py``) is Triton Python-backend code. Most tests here run it in
-this process under ``_Backend``, a small stand-in for ``triton_python_backend_utils``
-whose BLS calls run the repository's own ``model.onnx`` files with ONNX Runtime, so the
-router's routing is checked on every CI run; ``test_real_tritonserver`` runs the same
+this process (the ``triton_router`` fixture: a small stand-in for
+``triton_python_backend_utils`` whose BLS calls run the repository's own ``model.onnx``
+files with ONNX Runtime), so the router's routing is checked on every CI run; ``test_real_tritonserver`` runs the same
 repository in a real Triton (the ``nvidia-pytriton`` wheel's server) where one is set up.
 """
 
 from __future__ import annotations
 
-import asyncio
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-import types
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -161,111 +158,6 @@ def test_cli_help_and_one_line_errors(ff_bundle, tmp_path):
 # --- the routing model, in-process --------------------------------------------------
 
 
-class _Backend:
-    """A stand-in for ``triton_python_backend_utils``: the names the router uses, BLS
-    calls run on the repository's ``model.onnx`` with ONNX Runtime, counted per model
-    as Triton's ``nv_inference_count`` counts (rows)."""
-
-    def __init__(self, models: Path):
-        import onnxruntime as ort
-
-        self.calls: Counter[str] = Counter()
-        self.metrics: dict[tuple, int] = {}
-        sessions = {p.name: ort.InferenceSession(str(p / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-                    for p in models.iterdir() if (p / "1" / "model.onnx").is_file()}
-        backend = self
-        mod = types.ModuleType("triton_python_backend_utils")
-
-        class Tensor:
-            def __init__(self, name, array):
-                self._name, self._a = name, np.asarray(array)
-
-            def name(self):
-                return self._name
-
-            def as_numpy(self):
-                return self._a
-
-        class TritonError:
-            def __init__(self, msg):
-                self._m = msg
-
-            def message(self):
-                return self._m
-
-        class InferenceResponse:
-            def __init__(self, output_tensors, error=None):
-                self.outputs, self._error = {t.name(): t for t in output_tensors}, error
-
-            def has_error(self):
-                return self._error is not None
-
-            def error(self):
-                return self._error
-
-        class InferenceRequest:
-            def __init__(self, model_name, requested_output_names, inputs):
-                self.model, self.names, self.inputs = model_name, requested_output_names, inputs
-
-            async def async_exec(self):
-                feeds = {t.name(): t.as_numpy() for t in self.inputs}
-                backend.calls[self.model] += next(iter(feeds.values())).shape[0]
-                out = sessions[self.model].run(self.names, feeds)
-                return InferenceResponse([Tensor(n, v) for n, v in zip(self.names, out, strict=True)])
-
-        class Metric:
-            def __init__(self, labels):
-                self.key = (labels["layer"], int(labels["module"]))
-                backend.metrics[self.key] = 0
-
-            def increment(self, v):
-                backend.metrics[self.key] += int(v)
-
-        class MetricFamily:
-            COUNTER = "counter"
-
-            def __init__(self, name, description, kind):
-                self.name = name
-
-            def Metric(self, labels):  # noqa: N802 - Triton's name
-                return Metric(labels)
-
-        mod.Tensor, mod.TritonError, mod.InferenceResponse, mod.InferenceRequest = (
-            Tensor, TritonError, InferenceResponse, InferenceRequest)
-        mod.MetricFamily, mod.TritonModelException = MetricFamily, type("TritonModelException", (Exception,), {})
-        mod.get_input_tensor_by_name = lambda r, n: r.inputs.get(n)
-        mod.get_output_tensor_by_name = lambda r, n: r.outputs.get(n)
-        self.module = mod
-
-    def request(self, **feeds):
-        return types.SimpleNamespace(inputs={n: self.module.Tensor(n, v) for n, v in feeds.items()})
-
-
-def _load_router(repo: Path, name: str, monkeypatch) -> tuple[object, _Backend]:
-    models = repo / MODELS
-    backend = _Backend(models)
-    here = models / name / "1"
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", backend.module)
-    monkeypatch.syspath_prepend(str(here))
-    monkeypatch.delitem(sys.modules, "modrt_routing", raising=False)
-    spec = importlib.util.spec_from_file_location(f"router_{name}_{id(backend)}", here / "model.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    router = mod.TritonPythonModel()
-    router.initialize({"model_repository": str(models / name), "model_version": "1", "model_name": name,
-                       "model_config": (models / name / "config.pbtxt").read_text()})
-    return router, backend
-
-
-def _infer(router, backend, *requests):
-    return asyncio.run(router.execute([backend.request(**r) for r in requests]))
-
-
-def _outputs(resp) -> dict[str, np.ndarray]:
-    assert not resp.has_error(), resp.error().message()
-    return {n: t.as_numpy() for n, t in resp.outputs.items()}
-
-
 def _check_like_runtime(got: dict[str, np.ndarray], ref: dict) -> None:
     for name, v in ref.items():
         v = np.asarray(v)
@@ -279,51 +171,51 @@ def _check_like_runtime(got: dict[str, np.ndarray], ref: dict) -> None:
 
 
 @pytest.mark.parametrize("k,combine", [(1, "sum"), (2, "mean")])
-def test_router_feedforward_equals_runtime_and_calls_only_selected_modules(ff_bundle, tmp_path, monkeypatch,
+def test_router_feedforward_equals_runtime_and_calls_only_selected_modules(ff_bundle, tmp_path, triton_router,
                                                                            k, combine):
     b = ff_bundle(modules=5, k=k, combine=combine)
     repo = _repo(b, tmp_path)
-    router, backend = _load_router(repo, "synthetic", monkeypatch)
+    router = triton_router(repo, "synthetic")
     model = modrt.load(b, provider="cpu", strategy="host")
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((n, 8)).astype(np.float32) for n in (1, 6, 3)]
-    resps = _infer(router, backend, *[{"x": x} for x in xs])
+    resps = router.infer(*[{"x": x} for x in xs])
     for x, resp in zip(xs, resps, strict=True):
-        _check_like_runtime(_outputs(resp), model.run(x=x))
-    a = np.concatenate([_outputs(r)["modules"] for r in resps])[:, 0]  # (B, K)
+        _check_like_runtime(router.outputs(resp), model.run(x=x))
+    a = np.concatenate([router.outputs(r)["modules"] for r in resps])[:, 0]  # (B, K)
     distinct = Counter(m for row in a for m in set(row.tolist()))
-    assert {m: backend.calls[f"layer0.module{m}"] for m in range(5)} == {m: distinct[m] for m in range(5)}
-    assert backend.metrics == {("layer0", m): distinct[m] for m in range(5)}
-    assert backend.calls["layer0.dense"] == 0 and backend.calls["layer0.controller"] == 10
+    assert {m: router.calls[f"layer0.module{m}"] for m in range(5)} == {m: distinct[m] for m in range(5)}
+    assert router.metrics == {("layer0", m): distinct[m] for m in range(5)}
+    assert router.calls["layer0.dense"] == 0 and router.calls["layer0.controller"] == 10
 
 
 @pytest.mark.parametrize("mode", ["local", "bls"])
 @pytest.mark.parametrize("selection", ["slots", "topk"])
-def test_router_recurrent_equals_runtime(lm_bundle, tmp_path, monkeypatch, mode, selection):
+def test_router_recurrent_equals_runtime(lm_bundle, tmp_path, triton_router, mode, selection):
     b = lm_bundle(modules=4, k=2, combine="gate" if selection == "topk" else "sum", selection=selection)
     repo = _repo(b, tmp_path, recurrent=mode)
-    router, backend = _load_router(repo, "synthetic-lm", monkeypatch)
+    router = triton_router(repo, "synthetic-lm")
     model = modrt.load(b, provider="cpu", strategy="host")
     rng = np.random.default_rng(1)
     toks = rng.integers(0, 40, (3, 9)).astype(np.int64)
     h = rng.standard_normal((3, 1, 12)).astype(np.float32)
-    out = _outputs(_infer(router, backend, {"tokens": toks})[0])
+    out = router.outputs(router.infer({"tokens": toks})[0])
     _check_like_runtime(out, model.run(tokens=toks))
-    out = _outputs(_infer(router, backend, {"tokens": toks, "h": h})[0])
+    out = router.outputs(router.infer({"tokens": toks, "h": h})[0])
     _check_like_runtime(out, model.run(tokens=toks, h=h[:, 0]))
-    assert sum(backend.metrics.values()) > 0
-    hops = sum(backend.calls[f"layer0.module{m}"] for m in range(4)) + backend.calls["layer0.controller"]
+    assert sum(router.metrics.values()) > 0
+    hops = sum(router.calls[f"layer0.module{m}"] for m in range(4)) + router.calls["layer0.controller"]
     assert (hops == 0) == (mode == "local")  # local: the recurrent layer never leaves the router
 
 
-def test_router_answers_each_request_or_its_error(lm_bundle, tmp_path, monkeypatch):
+def test_router_answers_each_request_or_its_error(lm_bundle, tmp_path, triton_router):
     b = lm_bundle(modules=3)
-    router, backend = _load_router(_repo(b, tmp_path), "synthetic-lm", monkeypatch)
+    router = triton_router(_repo(b, tmp_path), "synthetic-lm")
     model = modrt.load(b, provider="cpu", strategy="host")
     good = np.array([[1, 2, 3]], np.int64)
-    r = _infer(router, backend, {"tokens": good}, {"tokens": np.array([[1, 99]], np.int64)},
+    r = router.infer({"tokens": good}, {"tokens": np.array([[1, 99]], np.int64)},
                {"tokens": np.array([[4, 5]], np.int64)})
-    _check_like_runtime(_outputs(r[0]), model.run(tokens=good))
+    _check_like_runtime(router.outputs(r[0]), model.run(tokens=good))
     assert r[1].has_error() and "[0, 40)" in r[1].error().message()
     assert not r[2].has_error()
 

@@ -179,3 +179,33 @@ def test_tritonclient_classifies_images(bundle, binary):
     np.testing.assert_allclose(res.as_numpy("logits"), lt, atol=1e-4)
     np.testing.assert_array_equal(res.as_numpy("label"), lt.argmax(1))
     np.testing.assert_array_equal(res.as_numpy("modules"), at)
+
+
+def test_triton_repository_routes_an_image_bundle(bundle, tmp_path, triton_router):
+    """Several modular conv layers with pooling between them and a head: every config
+    parses and matches its graph, and the routing model's answers (label included) are
+    the runtime's, with each module called on exactly the rows that selected it."""
+    pytest.importorskip("tritonclient.grpc")
+    from collections import Counter
+
+    from modrt.triton import Options, validate, write
+
+    name, manifest, out, _, data = bundle
+    repo = tmp_path / "repo"
+    write(out, repo, Options())
+    assert validate(repo) == len(manifest.graphs) + 1
+    router = triton_router(repo, "cifar10")
+    rt = modrt.load(out, provider="cpu", strategy="host", threads=1)
+    x = cifar10.normalise(data.test_images[:9], cifar10_mean(), ImageModelConfig().std)
+    got = router.outputs(router.infer({"image": x[:4]}, {"image": x[4:]})[1])
+    ref = rt.run(image=x[4:])
+    np.testing.assert_allclose(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+    for k in ("label", "modules"):
+        np.testing.assert_array_equal(got[k], ref[k])
+        assert got[k].dtype == ref[k].dtype
+    sel = rt.run(image=x)["modules"]  # (B, L, K)
+    for li, layer in enumerate(manifest.layers):
+        distinct = Counter(m for row in sel[:, li] for m in set(row.tolist()))
+        assert {m: router.calls[g] for m, g in enumerate(layer.module_graphs)} == \
+               {m: distinct[m] for m in range(layer.modules)}, name
+    assert not any(router.calls[g] for g in manifest.dense.values())
