@@ -5,7 +5,9 @@ or ``None`` with a reason when the peer cannot run for this bundle:
 
     bound    the equal-compute bound: K modules' work at that batch, no routing at all
     torch    PyTorch eager, the same weights, routed as a PyTorch user writes it
-             (torch imported here only, lazily; the runtime never imports it)
+             (torch imported here only, lazily; the runtime never imports it): for a
+             synthetic bundle from its own weights, for a trained one (PTB, CIFAR-10)
+             the training model itself rebuilt from its checkpoint (``--checkpoint``)
     ort_moe  ONNX Runtime's fused ``com.microsoft.MoE`` op fed the controller's logits
 """
 
@@ -126,6 +128,51 @@ def make_torch(w: Weights | None, k: int, combine: str, threads: int) -> tuple[P
     return run, ""
 
 
+def make_torch_checkpoint(ckpt: str, model: Model, threads: int) -> tuple[Peer | None, str]:
+    """PyTorch eager: the model a training checkpoint holds (``ModularLM`` with its head, or
+    ``ModularConvNet``), greedy routing, inference mode, as the training code runs it (only
+    the selected modules on their rows). (None, reason) without torch; ModrtError when the
+    checkpoint is not the bundle's (its outputs differ from the routed ones on a probe)."""
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not installed"
+    from modrt._exceptions import InputError
+    from modrt.train import checkpoint
+    from modrt.train.model import greedy_policy
+
+    torch.set_num_threads(threads or torch.get_num_threads())
+    net, _ = checkpoint.load_model(ckpt)
+    policy = greedy_policy()
+    if model.topology == "recurrent":
+        def run(tokens: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                x = torch.from_numpy(tokens).t()  # (T, B)
+                out = net(x, net.init_hidden(x.shape[1]), policy)
+                return net.head(out.hs).transpose(0, 1).numpy()  # (B, T, V)
+
+        probe = {"tokens": np.random.default_rng(0).integers(0, model.output.shape[-1], (2, 5), dtype=np.int64)}
+        key = "logits"
+    else:
+        def run(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return net(torch.from_numpy(x), policy).logits.numpy()
+
+        tail = tuple(model.input.shape[1:])
+        probe = {model.input.name: np.random.default_rng(0).standard_normal((4, *tail), dtype=np.float32)}
+        key = model.output.name
+    try:
+        got = run(next(iter(probe.values())))
+    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise InputError(f"--checkpoint {ckpt}: its model does not take this bundle's inputs "
+                         f"({str(exc)[:160]})") from exc
+    want = model.run(**probe)[key]
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3):
+        raise InputError(f"--checkpoint {ckpt}: not the checkpoint this bundle was exported from "
+                         "(its outputs differ from the routed ones)")
+    return run, ""
+
+
 def moe_model(w: Weights, k: int) -> onnx.ModelProto:
     """controller logits -> com.microsoft.MoE, experts packed from the module weights.
 
@@ -182,4 +229,4 @@ def make_ort_moe(
     return run, ""
 
 
-__all__ = ["Peer", "make_bound", "make_torch", "make_ort_moe", "moe_model"]
+__all__ = ["Peer", "make_bound", "make_torch", "make_torch_checkpoint", "make_ort_moe", "moe_model"]

@@ -59,22 +59,28 @@ def _ints(text: str, what: str, count: int | None = None) -> tuple[int, ...]:
 @click.option("--against", type=click.Path(exists=True, file_okay=False), default=None,
               help="A second bundle of the same inputs (e.g. the float bundle an int8 one came from): its "
                    "routed and dense runs measured side by side, as ref_routed and ref_dense.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The training checkpoint the bundle was exported from: PyTorch eager on that model is the "
+                   "torch peer (PTB and CIFAR-10 bundles; needs torch).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def bench(bundle_dir: str | None, synthetic: bool, modules: int, k: int, dims: str, combine: str,
           batches: str, seq: int, seconds: float, warmup: int, provider: str, threads: int,
           thread_pool: str, strategy: str, no_torch: bool, no_ort_moe: bool, seed: int,
           json_path: str | None, sweep: bool, widths: str, d_max: int, sweep_configs: str,
-          out_prefix: str, against: str | None, quiet: bool) -> None:
+          out_prefix: str, against: str | None, checkpoint: str | None, quiet: bool) -> None:
     """Measure routed vs dense vs peers on BUNDLE_DIR, on a --synthetic bundle, or --sweep widths.
 
     \b
     modrt bench out/ --batch 1,8,64
     modrt bench out-int8/ --against out/        # int8 and float, side by side
+    modrt bench out/ --checkpoint ckpt.pt       # + PyTorch eager on the trained model
     modrt bench --synthetic --modules 16 --k 1 --dims 1024,4096,1024 --json bench.json
     modrt bench --sweep --widths 64,256,1024,4096 --out results/sweep
     """
     if sweep and (bundle_dir or synthetic):
         raise InputError("--sweep builds its own bundles: give neither a bundle directory nor --synthetic")
+    if checkpoint and (sweep or synthetic):
+        raise InputError("--checkpoint goes with a bundle directory (the bundle exported from it)")
     if not sweep and bool(bundle_dir) == bool(synthetic):
         raise InputError("give a bundle directory or --synthetic (not both)")
     try:
@@ -100,7 +106,7 @@ def bench(bundle_dir: str | None, synthetic: bool, modules: int, k: int, dims: s
             synth.build(tmp, modules=modules, k=k, dims=d, seed=seed, combine=combine)
             report = run(tmp, cfg, {"synthetic": True, "dims": list(d), "seed": seed}, not quiet)
     else:
-        report = run(bundle_dir, cfg, None, not quiet, against=against)
+        report = run(bundle_dir, cfg, None, not quiet, against=against, checkpoint=checkpoint)
     click.echo(format_table(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1))

@@ -45,9 +45,11 @@ def run(
     config: dict[str, Any] | None = None,
     progress: bool = True,
     against: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Benchmark one bundle (and ``against``, a second one of the same signature, side by
-    side); returns the report (DESIGN.md §8's JSON shape)."""
+    side; ``checkpoint``: the training checkpoint the bundle came from, the PyTorch eager
+    peer); returns the report (DESIGN.md §8's JSON shape)."""
     import onnxruntime as ort
     from tqdm import tqdm
 
@@ -79,13 +81,21 @@ def run(
         makers["bound"] = peers.make_bound(model)
     else:
         skipped["bound"] = "disabled"
+    def torch_peer():
+        if checkpoint is not None:  # a trained bundle: the training model itself
+            return peers.make_torch_checkpoint(checkpoint, model, scfg.intra_threads)
+        if weights is None and not recurrent:
+            return None, "modules are not two-layer MLPs (pass --checkpoint CKPT: the model it was exported from)"
+        return peers.make_torch(weights, layer.k, layer.combine, scfg.intra_threads)
+
     for name, enabled, make in (
-        ("torch", cfg.torch, lambda: peers.make_torch(weights, layer.k, layer.combine, scfg.intra_threads)),
+        ("torch", cfg.torch, torch_peer),
         ("ort_moe", cfg.ort_moe, lambda: peers.make_ort_moe(
             weights, layer.k, scfg, model.sessions[layer.controller].providers)),
     ):
-        if recurrent:
-            skipped[name] = "feed-forward bundles only"
+        if recurrent and not (name == "torch" and checkpoint is not None):
+            skipped[name] = ("feed-forward bundles only" if name == "ort_moe" else
+                             "pass --checkpoint CKPT (the model the bundle was exported from)")
         elif not enabled:
             skipped[name] = "disabled"
         else:

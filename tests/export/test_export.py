@@ -169,3 +169,16 @@ def test_noisy_topk_manifest_records_its_rules(bundles):
     assert bundle.load(bundles["reinforce"][1]).layers[0].selection == "slots"
     ctrl = bundle.load(out).graphs[layer.controller].outputs[0]
     assert list(ctrl.shape) == [-1, 1, 6]  # one distribution over the 6 modules
+
+
+def test_bench_torch_peer_from_the_checkpoint_of_a_ptb_bundle(bundles):
+    """``modrt bench OUT/ --checkpoint CKPT``: PyTorch eager on the trained LM, measured
+    beside routed and dense (the peer is checked against the routed logits first)."""
+    from modrt.bench.report import run
+    from modrt.bench.timing import BenchConfig
+
+    ckpt, out = bundles["k1"]
+    rep = run(out, BenchConfig(batches=(2,), seq=5, seconds=0.05, block=0.02, inputs=2, warmup=1, min_iters=2,
+                               threads=1, provider="cpu"), progress=False, checkpoint=ckpt)
+    assert "torch" not in rep["config"]["skipped"] and rep["results"][0]["torch"]["p50_us"] > 0
+    assert "ort_moe" in rep["config"]["skipped"]

@@ -140,12 +140,35 @@ def test_bench_measures_an_image_bundle(bundle):
     from modrt.bench.report import run
     from modrt.bench.timing import BenchConfig
 
-    _, _, out, _, _ = bundle
-    rep = run(out, BenchConfig(batches=(1, 4), seconds=0.05, block=0.02, inputs=2, warmup=1, min_iters=2,
-                               threads=1, provider="cpu"), progress=False)
+    _, _, out, ckpt, _ = bundle
+    cfg = BenchConfig(batches=(1, 4), seconds=0.05, block=0.02, inputs=2, warmup=1, min_iters=2, threads=1,
+                      provider="cpu")
+    rep = run(out, cfg, progress=False)
     assert [r["batch"] for r in rep["results"]] == [1, 4]
     for r in rep["results"]:
         assert r["routed"]["p50_us"] > 0 and r["dense"]["p50_us"] > 0 and r["bound"]["p50_us"] > 0
+    assert "--checkpoint" in rep["config"]["skipped"]["torch"]
+    rep = run(out, cfg, progress=False, checkpoint=ckpt)  # PyTorch eager on the model it came from
+    assert "torch" not in rep["config"]["skipped"]
+    assert all(r["torch"]["p50_us"] > 0 for r in rep["results"])
+
+
+def test_bench_refuses_a_checkpoint_the_bundle_did_not_come_from(bundle, tmp_path):
+    from modrt._exceptions import InputError
+    from modrt.bench.report import run
+    from modrt.bench.timing import BenchConfig
+
+    _, _, out, _, data = bundle
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cifar10, "load", lambda *a, **k: data)
+    try:
+        Trainer(ImageModelConfig(channels=(4, 6, 4), method="dense", modules=1, k=1),
+                TrainConfig(device="cpu", batch_size=16, steps=1, seed=7), data, tmp_path, progress=False).fit()
+    finally:
+        mp.undo()
+    with pytest.raises(InputError, match="not the checkpoint this bundle was exported from|does not take"):
+        run(out, BenchConfig(batches=(1,), seconds=0.02, provider="cpu"), progress=False,
+            checkpoint=tmp_path / "ckpt.pt")
 
 
 @pytest.mark.parametrize("binary", [False, True])
