@@ -20,13 +20,16 @@ from modrt._exceptions import ModrtError
               help="PTB: validation tokens on which PyTorch and ONNX Runtime are compared.")
 @click.option("--parity-images", type=click.IntRange(min=50), default=1000, show_default=True,
               help="CIFAR-10: test images on which PyTorch and ONNX Runtime are compared.")
+@click.option("--image-input", type=click.Choice(["image", "pixels"]), default="image", show_default=True,
+              help="CIFAR-10: what the bundle takes. 'image': the normalised float32 (B, 3, 32, 32) picture; "
+                   "'pixels': raw uint8 (B, 32, 32, 3) RGB, normalised by the bundle's first graph.")
 @click.option("--only", "only", metavar="GRAPH", default=None,
               help="Re-export just this graph (e.g. layer0.module3; with its layer's dense baseline, which holds "
                    "it too) into the existing bundle OUT, whose other graphs must be what CKPT exports (checked "
                    "by sha256); parity is then marked stale.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def export(ckpt: Path, out: Path, force: bool, data: Path | None, parity_tokens: int, parity_images: int,
-           only: str | None, quiet: bool) -> None:
+           image_input: str, only: str | None, quiet: bool) -> None:
     """Export a training checkpoint to a bundle: manifest.json + per-module ONNX graphs.
 
     \b
@@ -55,7 +58,7 @@ def export(ckpt: Path, out: Path, force: bool, data: Path | None, parity_tokens:
         return
 
     m = run_export(ckpt, out, force=force, progress=not quiet, data=data, parity_tokens=parity_tokens,
-                   parity_images=parity_images)
+                   parity_images=parity_images, image_input=image_input)
     p = m.parity
     layer = m.layers[0]
     shape = f"M={layer.modules}, K={layer.k}, {layer.combine}" + (f", {len(m.layers)} layers" if len(m.layers) > 1

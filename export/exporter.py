@@ -30,6 +30,7 @@ PPL_RTOL = 1e-3  # model level: perplexity, PyTorch vs ONNX Runtime (routed and 
 # Images: accuracy, PyTorch vs ONNX Runtime; a near-tie of a controller or of the classes may
 # flip in float32 (different kernels), so a few images in a thousand may differ.
 ACC_ATOL = 3e-3
+IMAGE_INPUTS = ("image", "pixels")  # what an image bundle takes: normalised floats, or raw uint8 pixels
 
 
 def _prepare_out(out: Path, force: bool) -> None:
@@ -83,7 +84,7 @@ def export_only(ckpt_path: str | Path, out: str | Path, name: str) -> list[str]:
     out = Path(out)
     m = bundle.load(out)
     model, _ = checkpoint.load_model(ckpt_path)
-    defs = {g.name: g for g in G.defs_of(model)}
+    defs = {g.name: g for g in G.defs_of(model, pixels="pixels" in m.stages)}
     if name not in defs or name not in m.graphs:
         raise ExportError(f"no graph {name!r} to export; the bundle has {', '.join(sorted(m.graphs))}")
     todo = [name]
@@ -106,8 +107,13 @@ def export_only(ckpt_path: str | Path, out: str | Path, name: str) -> list[str]:
 
 
 def export(ckpt_path: str | Path, out: str | Path, force: bool = False, progress: bool = True,
-           data: str | Path | None = None, parity_tokens: int = 2000, parity_images: int = 1000) -> bundle.Manifest:
+           data: str | Path | None = None, parity_tokens: int = 2000, parity_images: int = 1000,
+           image_input: str = "image") -> bundle.Manifest:
+    """``image_input`` (CIFAR-10): "image", the normalised float (B, 3, H, W) picture, or
+    "pixels", raw uint8 (B, H, W, 3) RGB normalised by the bundle's first graph."""
     out = Path(out)
+    if image_input not in IMAGE_INPUTS:
+        raise ExportError(f"image input {image_input!r} unknown; choose one of {IMAGE_INPUTS}")
     model, ckpt = checkpoint.load_model(ckpt_path)
     if not model.cfg.exportable:
         raise ExportError(f"{ckpt_path}: a {model.cfg.method}-routed model is a training baseline; the bundle "
@@ -118,14 +124,17 @@ def export(ckpt_path: str | Path, out: str | Path, force: bool = False, progress
     _prepare_out(out, force)
     specs: dict[str, bundle.GraphSpec] = {}
     graph_diff: dict[str, float] = {}
-    for g in tqdm(list(G.defs_of(model)), desc="export", unit="graph", disable=not progress):
+    pixels = image_input == "pixels"
+    if pixels and cfg.task != "cifar10":
+        raise ExportError(f"{ckpt_path}: --image-input pixels is for image models; this one is {cfg.task}")
+    for g in tqdm(list(G.defs_of(model, pixels)), desc="export", unit="graph", disable=not progress):
         raw, graph_diff[g.name] = _onnx_of(g)
         path = out / f"{g.name}.onnx"
         path.write_bytes(raw)
         specs[g.name] = bundle.graph_spec_from_onnx(path)
     trained = {"trained_steps": ckpt.get("step"), "trained_epochs": ckpt.get("epoch")}
     if cfg.task == "cifar10":
-        manifest = _image_manifest(cfg, ckpt, specs, graph_diff, trained)
+        manifest = _image_manifest(cfg, ckpt, specs, graph_diff, trained, pixels)
     else:
         layer = bundle.LayerSpec(
             name="layer0", modules=cfg.modules, k=cfg.k, combine=cfg.combine,
@@ -164,7 +173,7 @@ def export(ckpt_path: str | Path, out: str | Path, force: bool = False, progress
 
 
 def _image_manifest(cfg, ckpt: dict[str, Any], specs: dict[str, bundle.GraphSpec], graph_diff: dict[str, float],
-                    trained: dict[str, Any]) -> bundle.Manifest:
+                    trained: dict[str, Any], pixels: bool = False) -> bundle.Manifest:
     """The manifest of an image network: feed-forward, its layers with the pools between
     them, the head; the task records the input picture, its normalisation and the classes."""
     layers = tuple(bundle.LayerSpec(
@@ -173,11 +182,13 @@ def _image_manifest(cfg, ckpt: dict[str, Any], specs: dict[str, bundle.GraphSpec
         for li in range(cfg.layers))
     return bundle.Manifest(
         task={"name": "cifar10", "kind": "classification", "classes": list(ckpt["classes"]),
-              "image": {"input": "image", "layout": "NCHW", "channels": cfg.in_channels, "height": cfg.image,
-                        "width": cfg.image, "mean": list(cfg.mean), "std": list(cfg.std),
-                        "normalisation": "image = (pixels / 255 - mean) / std per channel; pixels uint8 HWC RGB"}},
+              "image": {"input": "pixels" if pixels else "image", "layout": "NHWC" if pixels else "NCHW",
+                        "dtype": "uint8" if pixels else "float32", "channels": cfg.in_channels,
+                        "height": cfg.image, "width": cfg.image, "mean": list(cfg.mean), "std": list(cfg.std),
+                        "normalisation": ("done by the bundle (graph 'pixels'): " if pixels else "")
+                        + "image = (pixels / 255 - mean) / std per channel; pixels uint8 HWC RGB"}},
         topology="feedforward",
-        stages=G.image_stages(cfg.layers),
+        stages=G.image_stages(cfg.layers, pixels),
         layers=layers,
         dense={l.name: f"{l.name}.dense" for l in layers},
         graphs=specs,
@@ -201,6 +212,7 @@ def measure_image_parity(model, out: Path, data: str | Path | None, images: int,
     pixels, labels = ds.test_images[pick], ds.test_labels[pick]
     x_all = cifar10.normalise(pixels, model.cfg.mean, model.cfg.std)
     rt = modrt.load(out, provider="cpu")
+    raw = rt.input.name == "pixels"  # the bundle normalises: feed it the pixels themselves
     correct = {"torch": 0, "routed": 0, "dense": 0}
     max_diff = {"routed": 0.0, "dense": 0.0}
     agree = 0
@@ -209,7 +221,8 @@ def measure_image_parity(model, out: Path, data: str | Path | None, images: int,
         with torch.no_grad():
             o = model(torch.from_numpy(x), greedy_policy())
         lt = o.logits.numpy()
-        r, d = rt.run(image=x), rt.run_dense(image=x)
+        feed = {"pixels": pixels[lo:lo + batch]} if raw else {"image": x}
+        r, d = rt.run(**feed), rt.run_dense(**feed)
         for name, logits in (("torch", lt), ("routed", r["logits"]), ("dense", d["logits"])):
             correct[name] += int((logits.argmax(1) == y).sum())
         max_diff["routed"] = max(max_diff["routed"], float(np.abs(r["logits"] - lt).max()))

@@ -214,12 +214,30 @@ class ImageHead(nn.Module):
         return self.head(F.max_pool2d(x, 2).mean(dim=(2, 3)))
 
 
-def image_graph_defs(model) -> Iterator[GraphDef]:
-    """The graphs of a ``ModularConvNet`` in stage order (``image_stages``)."""
+class Pixels(nn.Module):
+    """Raw pixels in, the network's input out: uint8 (B, H, W, C) RGB -> (pixels / 255 -
+    mean) / std per channel, (B, C, H, W) float32 (``modrt.data.cifar10.normalise``)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        return ((p.float() / 255.0 - self.mean) / self.std).permute(0, 3, 1, 2).contiguous()
+
+
+def image_graph_defs(model, pixels: bool = False) -> Iterator[GraphDef]:
+    """The graphs of a ``ModularConvNet`` in stage order (``image_stages``); ``pixels``: a
+    first graph taking raw uint8 pixels (B, H, W, C) and normalising them."""
     cfg = model.cfg
     gen = torch.Generator().manual_seed(0)
     size, cin = cfg.image, cfg.in_channels
     batch = {0: "batch"}
+    if pixels:
+        p = torch.randint(0, 256, (IMAGE_SAMPLE_ROWS, size, size, cin), dtype=torch.uint8, generator=gen)
+        yield GraphDef("pixels", Pixels(cfg.mean, cfg.std), (p,), ["pixels"], ["image"],
+                       {"pixels": batch, "image": batch})
     for li, layer in enumerate(model.layers):
         name = "image" if li == 0 else "x"
         x = torch.randn(IMAGE_SAMPLE_ROWS, cin, size, size, generator=gen)
@@ -240,16 +258,17 @@ def image_graph_defs(model) -> Iterator[GraphDef]:
         size //= 2
 
 
-def image_stages(layers: int) -> tuple[str, ...]:
-    names: list[str] = []
+def image_stages(layers: int, pixels: bool = False) -> tuple[str, ...]:
+    names: list[str] = ["pixels"] if pixels else []
     for li in range(layers):
         names.append(f"layer{li}")
         names.append(f"pool{li}" if li < layers - 1 else "head")
     return tuple(names)
 
 
-def defs_of(model) -> Iterator[GraphDef]:
-    """The graphs of any trained model: the PTB LM's or the image network's."""
+def defs_of(model, pixels: bool = False) -> Iterator[GraphDef]:
+    """The graphs of any trained model: the PTB LM's or the image network's (``pixels``:
+    with the raw-pixel input graph first)."""
     from modrt.train.conv import ModularConvNet
 
-    return image_graph_defs(model) if isinstance(model, ModularConvNet) else graph_defs(model)
+    return image_graph_defs(model, pixels) if isinstance(model, ModularConvNet) else graph_defs(model)

@@ -57,7 +57,7 @@ COMBINE_RULES = ("sum", "mean", "gate")
 SELECTIONS = ("slots", "topk")
 
 # ONNX TensorProto element types <-> manifest dtype names. Unknown keys raise KeyError.
-ONNX_DTYPES: dict[int, str] = {1: "float32", 6: "int32", 7: "int64", 10: "float16", 9: "bool"}
+ONNX_DTYPES: dict[int, str] = {1: "float32", 2: "uint8", 6: "int32", 7: "int64", 10: "float16", 9: "bool"}
 
 
 @dataclass(frozen=True)

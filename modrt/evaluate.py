@@ -78,12 +78,15 @@ def stream_ppl(model, x: np.ndarray, y: np.ndarray, bptt: int = 35, dense: bool 
 
 def probe_feeds(model, seed: int = 0) -> dict[str, np.ndarray]:
     """Random inputs of a bundle's signature for comparing two runs of it (routed and dense,
-    float and int8): (8, 35) token ids of its vocabulary, or 256 rows of N(0, 1) features."""
+    float and int8): (8, 35) token ids of its vocabulary, or 256 rows of N(0, 1) features
+    (of raw pixels, for a bundle that takes them)."""
     rng = np.random.default_rng(seed)
     t = model.signature.input
     if model.topology == "recurrent":
         return {t.name: rng.integers(0, t.bounds[1], (8, 35))}
-    return {t.name: rng.standard_normal((256, *t.shape[1:])).astype(np.float32)}
+    from modrt.runtime.signature import random_rows
+
+    return {t.name: random_rows(t, 256, rng)}
 
 
 def split_ids(manifest, split: str, data: str | Path | None) -> np.ndarray:
@@ -110,13 +113,15 @@ def accuracy(model, pixels: np.ndarray, labels: np.ndarray, batch: int = 100, de
     from modrt.data.cifar10 import normalise
 
     image = model.manifest.task["image"]
+    raw = model.input.name == "pixels"  # the bundle normalises (modrt export --image-input pixels)
     run = model.run_dense if dense else model.run
     M = max(l.modules for l in model.manifest.layers)
     usage = np.zeros((len(model.manifest.layers), M), np.int64)
     correct = 0
     t0 = time.perf_counter()
     for lo in tqdm(range(0, len(labels), batch), desc="eval", unit="batch", disable=not progress):
-        out = run(image=normalise(pixels[lo:lo + batch], image["mean"], image["std"]))
+        p = pixels[lo:lo + batch]
+        out = run(pixels=p) if raw else run(image=normalise(p, image["mean"], image["std"]))
         correct += int((out["label"] == labels[lo:lo + batch]).sum())
         for li in range(usage.shape[0]):
             usage[li] += np.bincount(out["modules"][:, li].ravel(), minlength=M)

@@ -154,12 +154,20 @@ def make_torch_checkpoint(ckpt: str, model: Model, threads: int) -> tuple[Peer |
         probe = {"tokens": np.random.default_rng(0).integers(0, model.output.shape[-1], (2, 5), dtype=np.int64)}
         key = "logits"
     else:
+        from modrt.runtime.signature import random_rows
+
+        image = model.manifest.task.get("image", {})
+        raw = model.signature.input.dtype == "uint8"  # raw pixels: normalised as the bundle does
+
         def run(x: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
-                return net(torch.from_numpy(x), policy).logits.numpy()
+                t = torch.from_numpy(x)
+                if raw:
+                    mean, std = torch.tensor(image["mean"]), torch.tensor(image["std"])
+                    t = ((t.float() / 255.0 - mean) / std).permute(0, 3, 1, 2)
+                return net(t, policy).logits.numpy()
 
-        tail = tuple(model.input.shape[1:])
-        probe = {model.input.name: np.random.default_rng(0).standard_normal((4, *tail), dtype=np.float32)}
+        probe = {model.input.name: random_rows(model.signature.input, 4, np.random.default_rng(0))}
         key = model.output.name
     try:
         got = run(next(iter(probe.values())))

@@ -123,8 +123,9 @@ def run(
                 got, ref = model.run(tokens=pool[0]), model.run_dense(tokens=pool[0])
                 key = "logits"
             else:
-                tail = tuple(model.input.shape[1:])  # (D,), or an image's (C, H, W)
-                pool = [rng.standard_normal((B, *tail), dtype=np.float32) for _ in range(cfg.inputs)]
+                from modrt.runtime.signature import random_rows  # (B, D), an image, or raw pixels
+
+                pool = [random_rows(model.signature.input, B, rng) for _ in range(cfg.inputs)]
                 got, ref = model.run(**{feed: pool[0]}), model.run_dense(**{feed: pool[0]})
                 key = model.output.name
             parity[B] = float(np.abs(got[key] - ref[key]).max())

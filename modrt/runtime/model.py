@@ -65,7 +65,9 @@ class Model:
         self._argmax = next((t.name for t in self.signature.outputs if t.name in sig.ARGMAX_OUTPUT.values()), None)
         # The per-call path is hot (a small layer runs in ~20 µs): settle what can be once.
         self._trt = sessions.provider == PROVIDERS["tensorrt"]
-        self._tail = tuple(self.input.shape[1:]) if -1 not in self.input.shape[1:] else None
+        # _features' shortcut: a float32 batch of the input's fixed row shape (not raw pixels)
+        self._tail = (tuple(self.input.shape[1:]) if -1 not in self.input.shape[1:] and self.input.dtype == "float32"
+                      else None)
         # run()'s shortcut: (input name, D, the layer's cache .get, its entry(), output name, layer name)
         self._fast = None
         if (p.single and not self._trt and len(self.input.shape) == 2 and self.input.shape[1] > 0

@@ -183,7 +183,10 @@ def derive(manifest: Manifest, first: TensorSpec, last: TensorSpec, state: list[
         outs = [Tensor("logits", "float32", (-1, -1, V))]
         lead: tuple[int, ...] = (-1, -1)
     else:
-        inputs = (Tensor(first.name, "float32", (-1, *first.shape[1:])),)
+        if first.dtype == "uint8":  # raw pixels, normalised by the bundle's first graph
+            inputs = (Tensor(first.name, "uint8", (-1, *first.shape[1:]), bounds=(0, 256), values="pixel values"),)
+        else:
+            inputs = (Tensor(first.name, "float32", (-1, *first.shape[1:])),)
         outs = [Tensor(last.name, "float32", (-1, *last.shape[1:]))]
         lead = (-1,)
         if kind is None and last.name == "logits":
@@ -195,4 +198,14 @@ def derive(manifest: Manifest, first: TensorSpec, last: TensorSpec, state: list[
     return Signature(manifest.topology, inputs, (*outs, *after))
 
 
-__all__ = ["ARGMAX_OUTPUT", "Signature", "Tensor", "derive"]
+def random_rows(t: Tensor, batch: int, rng: np.random.Generator) -> np.ndarray:
+    """``batch`` random rows for a feed-forward input: N(0, 1) features, or uniform values
+    within an integer input's bounds (raw pixels: 0..255)."""
+    shape = (batch, *t.shape[1:])
+    if np.dtype(t.dtype).kind in "iu":
+        lo, hi = t.bounds or (0, 2)
+        return rng.integers(lo, hi, shape).astype(t.dtype)
+    return rng.standard_normal(shape).astype(t.dtype)
+
+
+__all__ = ["ARGMAX_OUTPUT", "Signature", "Tensor", "derive", "random_rows"]

@@ -232,3 +232,83 @@ def test_triton_repository_routes_an_image_bundle(bundle, tmp_path, triton_route
         assert {m: router.calls[g] for m, g in enumerate(layer.module_graphs)} == \
                {m: distinct[m] for m in range(layer.modules)}, name
     assert not any(router.calls[g] for g in manifest.dense.values())
+
+
+@pytest.fixture(scope="module")
+def pixels_bundle(bundle, tmp_path_factory):
+    """The same checkpoint exported with ``--image-input pixels``."""
+    name, _, out, ckpt, data = bundle
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cifar10, "load", lambda *a, **k: data)
+    try:
+        d = tmp_path_factory.mktemp("pixels") / "bundle"
+        m = export(ckpt, d, progress=False, parity_images=N_TEST, image_input="pixels")
+    finally:
+        mp.undo()
+    return m, d
+
+
+def test_pixels_input_normalised_by_the_bundle(bundle, pixels_bundle):
+    """Raw uint8 (B, 32, 32, 3) in: the same logits and routing as the float bundle fed the
+    normalised picture, the same accuracy from `modrt eval`'s path; out-of-range values are
+    refused with a line naming them."""
+    _, _, out, _, data = bundle
+    m, d = pixels_bundle
+    assert m.stages[0] == "pixels" and m.task["image"]["input"] == "pixels"
+    assert m.graphs["pixels"].inputs[0].dtype == "uint8" and m.graphs["pixels"].inputs[0].shape == (-1, 32, 32, 3)
+    assert m.parity["acc_abs_diff_routed"] == 0 and m.parity["routing_agreement"] == 1.0
+    rt, ref = modrt.load(d, provider="cpu", threads=1), modrt.load(out, provider="cpu", threads=1)
+    t = rt.signature.input
+    assert (t.name, t.dtype, t.shape, t.bounds) == ("pixels", "uint8", (-1, 32, 32, 3), (0, 256))
+    p = data.test_images[:7]
+    a, b = rt.run(pixels=p), ref.run(image=cifar10.normalise(p, cifar10_mean(), ImageModelConfig().std))
+    np.testing.assert_allclose(a["logits"], b["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(a["modules"], b["modules"])
+    np.testing.assert_array_equal(rt.run_dense(pixels=p)["modules"], a["modules"])
+    assert accuracy(rt, data.test_images, data.test_labels)["acc"] == \
+        accuracy(ref, data.test_images, data.test_labels)["acc"]
+    with pytest.raises(modrt.InputError, match=r"pixel values must be in \[0, 256\)"):
+        rt.run(pixels=p.astype(np.int64) + 200)
+    with pytest.raises(modrt.InputError, match="integers"):
+        rt.run(pixels=p.astype(np.float32))
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_tritonclient_sends_uint8_pixels(pixels_bundle, bundle, binary):
+    tc = pytest.importorskip("tritonclient.http")
+    from modrt.serve.batcher import BatchConfig
+    from modrt.serve.dataplane import DataPlane
+    from tests.serve.conftest import ServerThread
+
+    _, d = pixels_bundle
+    p = bundle[4].test_images[:3]
+    rt = modrt.load(d, provider="cpu", threads=1)
+    with ServerThread(DataPlane(rt, "cifar", BatchConfig(max_batch=8, max_queue_delay_us=2000))) as s:
+        with tc.InferenceServerClient(s.url.removeprefix("http://")) as client:
+            meta = client.get_model_metadata("cifar")
+            assert meta["inputs"][0] == {"name": "pixels", "datatype": "UINT8", "shape": [-1, 32, 32, 3]}
+            inp = tc.InferInput("pixels", list(p.shape), "UINT8")
+            inp.set_data_from_numpy(p, binary_data=binary)
+            res = client.infer("cifar", [inp])
+    ref = rt.run(pixels=p)
+    np.testing.assert_array_equal(res.as_numpy("label"), ref["label"])
+    np.testing.assert_allclose(res.as_numpy("logits"), ref["logits"], atol=1e-6)
+
+
+def test_triton_repository_of_a_pixels_bundle(pixels_bundle, bundle, tmp_path, triton_router):
+    pytest.importorskip("tritonclient.grpc")
+    from modrt.triton import Options, validate, write
+    from modrt.triton.repository import parse
+
+    m, d = pixels_bundle
+    repo = tmp_path / "repo"
+    write(d, repo, Options())
+    assert validate(repo) == len(m.graphs) + 1
+    cfg = parse(repo / "models" / "cifar10" / "config.pbtxt")
+    assert cfg.input[0].name == "pixels" and list(cfg.input[0].dims) == [32, 32, 3]
+    p = bundle[4].test_images[:5]
+    router = triton_router(repo, "cifar10")
+    got = router.outputs(router.infer({"pixels": p})[0])
+    ref = modrt.load(d, provider="cpu", strategy="host", threads=1).run(pixels=p)
+    np.testing.assert_allclose(got["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got["modules"], ref["modules"])
