@@ -1,12 +1,15 @@
 """``modrt inspect CKPT``: what the controller learned, as plots and a short summary.
 
-    training.png        loss / perplexity, controller exp(entropy) per example and of
-                        the batch average, and each module's share of selections, over
-                        training (from metrics.jsonl, or the checkpoint's copy)
-    modules_words.png   P(module | word read) for the most frequent words of a split,
+    training.png        loss / perplexity (accuracy for images), controller exp(entropy)
+                        per example and of the batch average, and each module's share of
+                        selections, over training (from metrics.jsonl, or the checkpoint's copy)
+    modules_words.png   PTB: P(module | word read) for the most frequent words of a split,
                         under the deterministic (greedy) routing used at inference
-    summary.txt         the figures behind the plots and each module's top words (by
-                        lift: P(module | word) / P(module), among words seen often enough)
+    modules_classes.png CIFAR-10: P(module | class) per modular layer, greedy routing
+    modules_examples.png CIFAR-10: per module of one layer, the test images its controller
+                        is surest of among those routed to it
+    summary.txt         the figures behind the plots and each module's top words / classes
+                        (by lift: P(module | x) / P(module))
     inspect.json        the same numbers, for scripts
 """
 
@@ -96,11 +99,19 @@ def plot_training(metrics: list[dict[str, Any]], modules: int, title: str, path:
     valid = [m for m in metrics if m.get("kind") == "valid"]
     fig, ax = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
     steps = [m["step"] for m in train]
-    ax[0].plot(steps, [m["ppl"] for m in train], label="train (M-step, a*)" if train else None)
-    if valid:
-        ax[0].plot([m["step"] for m in valid], [m["ppl"] for m in valid], "o-", label="valid (greedy)")
-    ax[0].set_yscale("log")
-    ax[0].set_ylabel("perplexity")
+    if any("acc" in m for m in train):  # an image classifier: accuracy, not perplexity
+        ax[0].plot(steps, [m.get("acc") for m in train], label="train batches (M-step)")
+        if valid:
+            vs = [m["step"] for m in valid]
+            ax[0].plot(vs, [m.get("test_acc") for m in valid], "o-", label="test (greedy)")
+            ax[0].plot(vs, [m.get("train_acc_subset") for m in valid], "s--", label="train subset (greedy)")
+        ax[0].set_ylabel("accuracy")
+    else:
+        ax[0].plot(steps, [m["ppl"] for m in train], label="train (M-step, a*)" if train else None)
+        if valid:
+            ax[0].plot([m["step"] for m in valid], [m["ppl"] for m in valid], "o-", label="valid (greedy)")
+        ax[0].set_yscale("log")
+        ax[0].set_ylabel("perplexity")
     ax[0].legend()
     ax[0].set_title(title)
     ax[1].plot(steps, [m["exp_entropy_example"] for m in train], label="per example")
@@ -110,6 +121,8 @@ def plot_training(metrics: list[dict[str, Any]], modules: int, title: str, path:
     ax[1].set_ylim(0, modules * 1.05 + 0.5)
     ax[1].legend()
     usage = np.array([m["module_usage"] for m in train], dtype=float) if train else np.zeros((0, modules))
+    if usage.ndim == 3:  # images: (steps, layers, M) -> summed over the layers
+        usage = usage.sum(1)
     if len(usage):
         share = usage / np.maximum(usage.sum(1, keepdims=True), 1)
         # Distinct colours for up to 20 modules (the default cycle repeats after 10).
@@ -151,6 +164,161 @@ def plot_heatmap(counts: np.ndarray, vocab: list[str], words: int, title: str, p
     return [vocab[i] for i in top]
 
 
+def image_routing(model, images: np.ndarray, batch: int = 250) -> dict[str, Any]:
+    """Greedy routing of normalised images (N, 3, H, W): the selections (N, L, K), each
+    selected module's controller log-probability (N, L, K), and the mean entropies."""
+    import torch
+
+    from modrt.train import model as lm
+    from modrt.train import routing
+
+    sel, conf, ent_ex, ent_b = [], [], 0.0, 0.0
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, len(images), batch):
+            out = model(torch.from_numpy(images[lo:lo + batch]), lm.greedy_policy())
+            a = out.a.permute(1, 0, 2)  # (B, L, K)
+            sel.append(a.numpy())
+            if out.log_probs is not None:
+                lp = out.log_probs.permute(1, 0, 2, 3)  # (B, L, K, M)
+                slots = lp.shape[2]
+                picked = lp.gather(3, a[:, :, :slots, None]).squeeze(3) if slots == a.shape[2] else \
+                    lp[:, :, 0].gather(2, a)  # top-k: one distribution, k picks
+                conf.append(picked.numpy())
+                ex, b = routing.entropies(out.log_probs)
+                ent_ex += float(ex) * len(a)
+                ent_b += float(b) * len(a)
+            else:
+                conf.append(np.zeros(a.shape, np.float32))
+    n = len(images)
+    return {"a": np.concatenate(sel), "confidence": np.concatenate(conf), "entropy_example": ent_ex / n,
+            "entropy_batch": ent_b / n}
+
+
+def class_counts(a: np.ndarray, labels: np.ndarray, modules: int, classes: int) -> np.ndarray:
+    """counts[l, m, c]: images of class c that layer l routed to module m (a module drawn
+    in two slots counts once)."""
+    N, L, K = a.shape
+    counts = np.zeros((L, modules, classes), np.int64)
+    for j in range(K):
+        first = np.ones((N, L), bool) if j == 0 else (a[..., j:j + 1] != a[..., :j]).all(-1)
+        for li in range(L):
+            np.add.at(counts[li], (a[:, li, j][first[:, li]], labels[first[:, li]]), 1)
+    return counts
+
+
+def plot_class_heatmaps(counts: np.ndarray, classes: list[str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L, M, C = counts.shape
+    fig, axes = plt.subplots(1, L, figsize=(3.2 * L + 1.5, 0.35 * M + 2.6), squeeze=False)
+    for li, ax in enumerate(axes[0]):
+        p = counts[li] / np.maximum(counts[li].sum(0, keepdims=True), 1)  # P(module | class)
+        im = ax.imshow(p, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(C), classes, rotation=90, fontsize=7)
+        ax.set_yticks(range(M), [f"m{i}" for i in range(M)], fontsize=7)
+        ax.set_title(f"layer {li}", fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.colorbar(im, ax=axes[0].tolist(), label="P(module | class)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_examples(pixels: np.ndarray, a: np.ndarray, conf: np.ndarray, layer: int, per_module: int,
+                  modules: int, title: str, path: Path) -> None:
+    """Per module of ``layer``: the images routed to it whose selection the controller was
+    surest of (highest log-probability), in a row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(modules, per_module, figsize=(per_module * 0.9 + 0.8, modules * 0.9 + 0.6),
+                             squeeze=False)
+    for m in range(modules):
+        hit = (a[:, layer] == m)  # (N, K)
+        score = np.where(hit, conf[:, layer], -np.inf).max(1)
+        order = [i for i in np.argsort(-score, kind="stable")[:per_module] if np.isfinite(score[i])]
+        for j, ax in enumerate(axes[m]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            if j < len(order):
+                ax.imshow(pixels[order[j]])
+        axes[m][0].set_ylabel(f"m{m}", rotation=0, labelpad=14, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def inspect_images(ckpt: Path, model, state: dict[str, Any], out: Path, split: str, images: int, layer: int | None,
+                   data: Path | None) -> None:
+    """``modrt inspect`` of a CIFAR-10 checkpoint."""
+    from modrt.data import cifar10
+
+    cfg = model.cfg
+    ds = cifar10.load(data)
+    if split == "train":
+        pixels, labels = ds.train_images, ds.train_labels
+    else:  # CIFAR-10 has no validation split: valid and test both mean the test images
+        pixels, labels, split = ds.test_images, ds.test_labels, "test"
+    if images:  # evenly spaced (a copy stored class by class would otherwise give one class)
+        pick = np.linspace(0, len(labels) - 1, min(images, len(labels))).astype(np.int64)
+        pixels, labels = pixels[pick], labels[pick]
+    layer = cfg.layers - 1 if layer is None else layer
+    if not 0 <= layer < cfg.layers:
+        raise ModrtError(f"--layer {layer}: the network has layers 0..{cfg.layers - 1}")
+    title = f"{cfg.method} M={cfg.modules} K={cfg.k}, step {state.get('step')}"
+    plot_training(_metrics(ckpt, state), cfg.modules, title, out / "training.png")
+    r = image_routing(model, cifar10.normalise(pixels, cfg.mean, cfg.std))
+    classes = list(state.get("classes") or cifar10.CLASSES)
+    counts = class_counts(r["a"], labels, cfg.modules, len(classes))
+    plot_class_heatmaps(counts, classes, f"{title}: P(module | class), {len(labels)} {split} images",
+                        out / "modules_classes.png")
+    plot_examples(pixels, r["a"], r["confidence"], layer, 8, cfg.modules,
+                  f"{title}: layer {layer}, the images each module's controller is surest of",
+                  out / "modules_examples.png")
+    use = counts.sum(2)  # (L, M)
+    share = use / np.maximum(use.sum(1, keepdims=True), 1)
+    ent = [float(math.exp(-(s[s > 0] * np.log(s[s > 0])).sum())) for s in share]
+    p_m = share  # (L, M)
+    per_class = counts / np.maximum(counts.sum(1, keepdims=True), 1)  # P(m | c)
+    lift = per_class / np.maximum(p_m[:, :, None], 1e-12)
+    report = {
+        "checkpoint": ckpt.name, "method": cfg.method, "modules": cfg.modules, "k": cfg.k, "layers": cfg.layers,
+        "step": state.get("step"), "split": split, "images": int(len(labels)),
+        "module_share": [[round(float(x), 4) for x in row] for row in share],
+        "modules_in_use": [int((u > 0).sum()) for u in use],
+        "usage_exp_entropy": [round(e, 3) for e in ent],
+        "controller_exp_entropy_example": round(math.exp(r["entropy_example"]), 3),
+        "controller_exp_entropy_batch": round(math.exp(r["entropy_batch"]), 3),
+        "top_classes": [{f"m{m}": [classes[c] for c in np.argsort(-lift[li, m])[:3]
+                                   if use[li, m] and lift[li, m, c] > 1]
+                         for m in range(cfg.modules)} for li in range(cfg.layers)],
+    }
+    (out / "inspect.json").write_text(json.dumps(report, indent=1) + "\n")
+    lines = [f"{title} on {len(labels)} {split} images (greedy routing)",
+             f"controller exp(entropy): per example {report['controller_exp_entropy_example']}, "
+             f"of the batch average {report['controller_exp_entropy_batch']}"]
+    for li in range(cfg.layers):
+        lines += ["", f"layer {li}: modules in use {report['modules_in_use'][li]}/{cfg.modules}, exp(entropy) of "
+                      f"module use {report['usage_exp_entropy'][li]}",
+                  "module  share   classes it takes more than its share of (by lift P(m|c)/P(m))"]
+        for m in range(cfg.modules):
+            tops = ", ".join(f"{classes[c]} ({lift[li, m, c]:.2f})" for c in np.argsort(-lift[li, m])[:3]
+                             if use[li, m] and lift[li, m, c] > 1) or "-"
+            lines.append(f"m{m:<5}  {share[li, m] * 100:5.1f}%  {tops}")
+    text = "\n".join(lines) + "\n"
+    (out / "summary.txt").write_text(text)
+    click.echo(text, nl=False)
+    click.echo(f"wrote {out / 'training.png'}, {out / 'modules_classes.png'}, {out / 'modules_examples.png'}, "
+               "summary.txt, inspect.json")
+
+
 @click.command("inspect", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("ckpt", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -163,16 +331,25 @@ def plot_heatmap(counts: np.ndarray, vocab: list[str], words: int, title: str, p
               help="Most frequent words shown in the heatmap.")
 @click.option("--min-count", type=click.IntRange(min=1), default=20, show_default=True,
               help="A module's top words are chosen among words read at least this often.")
-@click.option("--data", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="PTB directory (default: as for modrt train ptb).")
+@click.option("--images", type=click.IntRange(min=0), default=2000, show_default=True,
+              help="CIFAR-10: images of the split measured, evenly spaced (0: all).")
+@click.option("--layer", type=click.IntRange(min=0), default=None,
+              help="CIFAR-10: the modular layer whose example grid is drawn  [default: the last].")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="PTB directory, or CIFAR-10 (a directory or tarball), as the checkpoint's task needs "
+                   "(default: as for modrt train).")
 def inspect_command(ckpt: Path, out: Path | None, split: str, tokens: int, words: int, min_count: int,
-                    data: Path | None) -> None:
+                    images: int, layer: int | None, data: Path | None) -> None:
     """Plot what a trained modular network's controller does.
 
     \b
-    Writes training.png (perplexity, controller exp(entropy) per example and of
-    the batch average, module shares over training), modules_words.png (which
-    modules serve which frequent words), summary.txt and inspect.json.
+    Writes training.png (perplexity or accuracy, controller exp(entropy) per
+    example and of the batch average, module shares over training),
+    summary.txt and inspect.json, and
+      PTB:      modules_words.png (which modules serve which frequent words);
+      CIFAR-10: modules_classes.png (P(module | class) per layer) and
+                modules_examples.png (per module of --layer, the test images
+                its controller is surest of). valid = test for CIFAR-10.
     """
     try:
         import matplotlib  # noqa: F401
@@ -190,6 +367,9 @@ def inspect_command(ckpt: Path, out: Path | None, split: str, tokens: int, words
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModrtError(f"--out {out}: cannot create ({exc.strerror or exc})") from exc
+    if cfg.task == "cifar10":
+        inspect_images(ckpt, model, state, out, split, images, layer, data)
+        return
     corpus = ptb.load(data)
     if list(corpus.vocab) != list(state["vocab"]):
         raise ModrtError(f"{ckpt}: its vocabulary is not this PTB data's")

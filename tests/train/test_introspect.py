@@ -69,3 +69,46 @@ def test_inspect_bad_checkpoint_is_one_line(tmp_path):
     assert "not a modrt checkpoint" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli, ["inspect", str(tmp_path / "missing.pt")])
     assert res.exit_code == 1 and "no such checkpoint" in res.output
+
+
+def test_class_counts_counts_a_module_drawn_twice_once():
+    from modrt.train.introspect import class_counts
+
+    a = np.array([[[0, 0], [1, 2]], [[2, 1], [1, 1]]])  # (N=2, L=2, K=2)
+    c = class_counts(a, np.array([0, 1]), modules=3, classes=2)
+    assert c.shape == (2, 3, 2)
+    assert c[0].tolist() == [[1, 0], [0, 1], [0, 1]]  # layer 0: image 0 -> {0}, image 1 -> {1, 2}
+    assert c[1].tolist() == [[0, 0], [1, 1], [1, 0]]  # layer 1: image 0 -> {1, 2}, image 1 -> {1}
+
+
+def test_inspect_an_image_checkpoint(tmp_path, monkeypatch):
+    """CIFAR-10: training curve in accuracy, P(module | class) per layer, the example grid,
+    and per-layer shares that add up."""
+    from modrt.data import cifar10
+    from modrt.train.config import ImageModelConfig, TrainConfig
+    from modrt.train.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = (np.arange(n) % 10).astype(np.int64)
+        return rng.integers(0, 256, (n, 32, 32, 3)).astype(np.uint8), labels
+
+    (tr, trl), (te, tel) = split(40), split(30)
+    data = cifar10.CIFAR10(tr, trl, te, tel, cifar10.CLASSES, Path("tiny"))
+    monkeypatch.setattr(cifar10, "load", lambda *a, **k: data)
+    run = tmp_path / "run"
+    Trainer(ImageModelConfig(channels=(4, 6, 4), method="noisy-topk", modules=3, k=2, combine="gate"),
+            TrainConfig(device="cpu", batch_size=16, steps=4, log_every=2), data, run, progress=False).fit()
+    res = CliRunner().invoke(cli, ["inspect", str(run / "ckpt.pt"), "--out", str(tmp_path / "ins"), "--layer", "1"])
+    assert res.exit_code == 0, res.output
+    for png in ("training.png", "modules_classes.png", "modules_examples.png"):
+        w, h = _png_size(tmp_path / "ins" / png)
+        assert w > 300 and h > 150
+    report = json.loads((tmp_path / "ins" / "inspect.json").read_text())
+    assert report["images"] == 30 and report["layers"] == 3 and report["split"] == "test"
+    assert len(report["module_share"]) == 3 and all(abs(sum(s) - 1) < 1e-3 for s in report["module_share"])
+    assert all(1 <= e <= 3 + 1e-6 for e in report["usage_exp_entropy"])
+    assert "layer 2: modules in use" in res.output
+    bad = CliRunner().invoke(cli, ["inspect", str(run / "ckpt.pt"), "--out", str(tmp_path / "i2"), "--layer", "7"])
+    assert bad.exit_code == 1 and "layers 0..2" in bad.output
