@@ -129,56 +129,21 @@ def make_torch(w: Weights | None, k: int, combine: str, threads: int) -> tuple[P
 
 
 def make_torch_checkpoint(ckpt: str, model: Model, threads: int) -> tuple[Peer | None, str]:
-    """PyTorch eager: the model a training checkpoint holds (``ModularLM`` with its head, or
-    ``ModularConvNet``), greedy routing, inference mode, as the training code runs it (only
-    the selected modules on their rows). (None, reason) without torch; ModrtError when the
-    checkpoint is not the bundle's (its outputs differ from the routed ones on a probe)."""
+    """PyTorch eager on the model a training checkpoint holds (the bundle it was exported
+    from). Loading it needs the training code, which the core never imports (DESIGN.md §2):
+    ``modrt.train`` registers the peer under the ``modrt.peers`` entry-point group
+    (pyproject.toml) and the core looks it up by name. (None, reason) when it is not
+    installed; the peer's own ModrtError when the checkpoint is not the bundle's."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="modrt.peers", name="torch-checkpoint")
+    if not found:
+        return None, "the training extra is not installed (pip install 'modrt[train]')"
     try:
-        import torch
-    except ImportError:
-        return None, "torch is not installed"
-    from modrt._exceptions import InputError
-    from modrt.train import checkpoint
-    from modrt.train.model import greedy_policy
-
-    torch.set_num_threads(threads or torch.get_num_threads())
-    net, _ = checkpoint.load_model(ckpt)
-    policy = greedy_policy()
-    if model.topology == "recurrent":
-        def run(tokens: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                x = torch.from_numpy(tokens).t()  # (T, B)
-                out = net(x, net.init_hidden(x.shape[1]), policy)
-                return net.head(out.hs).transpose(0, 1).numpy()  # (B, T, V)
-
-        probe = {"tokens": np.random.default_rng(0).integers(0, model.output.shape[-1], (2, 5), dtype=np.int64)}
-        key = "logits"
-    else:
-        from modrt.runtime.signature import random_rows
-
-        image = model.manifest.task.get("image", {})
-        raw = model.signature.input.dtype == "uint8"  # raw pixels: normalised as the bundle does
-
-        def run(x: np.ndarray) -> np.ndarray:
-            with torch.inference_mode():
-                t = torch.from_numpy(x)
-                if raw:
-                    mean, std = torch.tensor(image["mean"]), torch.tensor(image["std"])
-                    t = ((t.float() / 255.0 - mean) / std).permute(0, 3, 1, 2)
-                return net(t, policy).logits.numpy()
-
-        probe = {model.input.name: random_rows(model.signature.input, 4, np.random.default_rng(0))}
-        key = model.output.name
-    try:
-        got = run(next(iter(probe.values())))
-    except (RuntimeError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise InputError(f"--checkpoint {ckpt}: its model does not take this bundle's inputs "
-                         f"({str(exc)[:160]})") from exc
-    want = model.run(**probe)[key]
-    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3):
-        raise InputError(f"--checkpoint {ckpt}: not the checkpoint this bundle was exported from "
-                         "(its outputs differ from the routed ones)")
-    return run, ""
+        make = next(iter(found)).load()
+    except ImportError as exc:
+        return None, f"the training code does not import here ({exc})"
+    return make(ckpt, model, threads)
 
 
 def moe_model(w: Weights, k: int) -> onnx.ModelProto:
