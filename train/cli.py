@@ -257,12 +257,50 @@ def cifar10(ctx: click.Context, **opts) -> None:
 
 
 def _train(ctx: click.Context, opts: dict, task: str, configs, load_data) -> None:
-    """What every ``modrt train TASK`` does once its options are read."""
+    """What every ``modrt train TASK`` does once its options are read: on one process, or
+    on each of the processes torchrun started (``python -m modrt.train``; rank 0 speaks)."""
     _require_torch()
     if opts["threads"]:
         import torch
 
         torch.set_num_threads(opts["threads"])
+    from modrt.train import distributed
+
+    world, device = distributed.init(opts["device"])
+    try:
+        _run(ctx, opts, task, configs, load_data, world, device)
+    except distributed.PeerStopped:
+        raise  # every survivor says so
+    except (ModrtError, click.ClickException) as exc:
+        if world.main:
+            raise
+        # The same error on every process: rank 0's line is enough.
+        ctx.exit(exc.exit_code if isinstance(exc, click.ClickException) else 1)
+    finally:
+        distributed.close(world)
+
+
+def _check_world(task: str, tcfg: TrainConfig, world, dataset) -> None:
+    """A world size that cannot split the batch is a usage error naming the sizes that can."""
+    from modrt.train import distributed
+
+    if world.size == 1:
+        return
+    B = tcfg.batch_size
+    if task == "ptb" and B % world.size:
+        *rest, last = distributed.allowed_sizes(B)
+        sizes = ", ".join(map(str, rest)) + f" or {last}"
+        raise click.UsageError(f"{world.size} processes cannot split --batch-size {B} streams evenly (each "
+                               f"process owns whole streams): run {sizes} processes, or change --batch-size")
+    if task == "cifar10":
+        n = len(dataset.train_labels)
+        smallest = min(B, n - (n - 1) // B * B)  # the epoch's last batch
+        if smallest < world.size:
+            raise click.UsageError(f"{world.size} processes: the smallest batch ({smallest} images) must give "
+                                   f"each one image; run at most {smallest} processes, or change --batch-size")
+
+
+def _run(ctx: click.Context, opts: dict, task: str, configs, load_data, world, device) -> None:
     from modrt.train import checkpoint
     from modrt.train.trainer import Trainer
 
@@ -282,20 +320,30 @@ def _train(ctx: click.Context, opts: dict, task: str, configs, load_data) -> Non
         if (out / "ckpt.pt").exists() and not opts["force"]:
             raise ModrtError(f"{out} already holds a run: continue it with --resume {out / 'ckpt.pt'}, "
                              "or pass --force to overwrite, or --out elsewhere")
+    if task == "ptb":
+        _check_world(task, tcfg, world, None)
     _check_writable(out)
     dataset = load_data()
-    if resume is None:
+    if task != "ptb":
+        _check_world(task, tcfg, world, dataset)
+    if resume is None and world.main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    trainer = Trainer(mcfg, tcfg, dataset, out, resume=resume, progress=not opts["quiet"])
-    click.echo(f"modrt: training {mcfg.method} M={mcfg.modules} K={mcfg.k} on {trainer.device} "
-               f"({trainer.windows} {trainer.task.unit}/epoch, {trainer.total_steps()} steps) -> {out}", err=True)
-    if not opts["threads"] and trainer.device.type == "cpu":  # after every check: errors stay one line
-        _warn_if_busy()
+    trainer = Trainer(mcfg, tcfg, dataset, out, resume=resume, progress=not opts["quiet"], world=world,
+                      device=device)
+    on = f"{trainer.device}" if world.size == 1 else f"{world.size} processes ({world.backend}, rank 0 on {device})"
+    if world.main:
+        click.echo(f"modrt: training {mcfg.method} M={mcfg.modules} K={mcfg.k} on {on} "
+                   f"({trainer.windows} {trainer.task.unit}/epoch, {trainer.total_steps()} steps) -> {out}", err=True)
+        if not opts["threads"] and trainer.device.type == "cpu" and world.size == 1:  # after every check
+            _warn_if_busy()
     result = trainer.fit()
     if result.get("stopped"):
-        click.echo(f"modrt: stopped at step {result['step']}; checkpoint {result['checkpoint']} "
-                   f"(continue with --resume {result['checkpoint']})", err=True)
+        if world.main:
+            click.echo(f"modrt: stopped at step {result['step']}; checkpoint {result['checkpoint']} "
+                       f"(continue with --resume {result['checkpoint']})", err=True)
         ctx.exit(130)
+    if not world.main:
+        return
     usage = (f", modules in use {result['modules_in_use']}/{mcfg.modules} "
              f"(exp usage entropy {result['usage_exp_entropy']})") if mcfg.routed else ""
     figures = (f"valid ppl {result['valid_ppl']}, test ppl {result['test_ppl']}" if task == "ptb" else

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from modrt.train import routing
 from modrt.train.config import ImageModelConfig
-from modrt.train.model import Policy, noisy_top_k
+from modrt.train.model import ModularLM, Policy, noisy_top_k
 
 
 class ImageOutput(NamedTuple):
@@ -163,6 +163,8 @@ class ModularConvNet(nn.Module):
         """log p(y | x, a) per image of ``run_examples``' output: (1, repeat*B). ``dtype`` is
         the recurrent model's head precision and has no meaning here (the head is tiny)."""
         return self.log_likelihood(out.logits, y.repeat(repeat) if repeat > 1 else y).unsqueeze(0)
+
+    run_scored = ModularLM.run_scored  # (output, log p(y | x, a) (1, B)): the training step's forward
 
     def module_lists(self) -> list[nn.ModuleList]:
         return [layer.blocks for layer in self.layers]

@@ -67,11 +67,14 @@ def greedy_policy() -> Policy:
     return lambda t, lp: routing.greedy(lp)
 
 
-def sample_policy(keep: torch.Tensor | None = None, generator: torch.Generator | None = None) -> Policy:
-    """Draw from the controller; the first rows follow ``keep`` (T, B0, K) if given (E-step)."""
+def sample_policy(keep: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  keys: torch.Tensor | None = None) -> Policy:
+    """Draw from the controller; the first rows follow ``keep`` (T, B0, K) if given (E-step).
+    ``keys`` (rows,) int64: row b's draw at position t comes from key (keys[b], t) alone
+    (``routing.sample_keyed``), not from ``generator`` or torch's global state."""
 
     def policy(t: int, lp: torch.Tensor) -> torch.Tensor:
-        a = routing.sample(lp, generator)
+        a = routing.sample(lp, generator) if keys is None else routing.sample_keyed(lp, routing.key(keys, t))
         if keep is not None:
             a[: keep.shape[1]] = keep[t]
         return a
@@ -275,6 +278,14 @@ class ModularLM(nn.Module):
                                dtype: torch.dtype | None = None) -> torch.Tensor:
         """log p(y_t | ...) per token of ``run_examples``' output: (T, repeat*B)."""
         return self.token_log_likelihood(out.hs, y.repeat(1, repeat) if repeat > 1 else y, dtype=dtype)
+
+    def run_scored(self, x: torch.Tensor, h: torch.Tensor, policy: Policy | None,
+                   y: torch.Tensor) -> tuple[RecurrentOutput, torch.Tensor]:
+        """A training step's forward with gradient: (``run_examples``' output, its
+        ``example_log_likelihood``). Every method's loss comes from this one call, which
+        ``distributed.wrap`` sends through DistributedDataParallel on several processes."""
+        out = self.run_examples(x, h, policy)
+        return out, self.example_log_likelihood(out, y)
 
     def module_lists(self) -> list[nn.ModuleList]:
         """Each modular layer's M modules (EM's warm start copies among them)."""

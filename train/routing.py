@@ -39,6 +39,53 @@ def sample(log_probs: torch.Tensor, generator: torch.Generator | None = None) ->
     return torch.multinomial(flat, 1, generator=generator).view(B, K)
 
 
+# splitmix64's constants (Steele, Lea & Flood 2014) as signed int64: torch has no uint64 math.
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic): a bijection whose
+    outputs look independent for neighbouring inputs."""
+    x = (x ^ _srl(x, 30)) * _MIX1
+    x = (x ^ _srl(x, 27)) * _MIX2
+    return x ^ _srl(x, 31)
+
+
+def key(base: torch.Tensor | int, *parts: torch.Tensor | int) -> torch.Tensor:
+    """A random-looking int64 key per element from integer parts (broadcast), e.g.
+    key(seed, epoch, example_ids, candidate): the same parts give the same key anywhere."""
+    h = mix(torch.as_tensor(base, dtype=torch.long) + _GOLDEN)
+    for p in parts:
+        h = mix(h ^ (torch.as_tensor(p, dtype=torch.long, device=h.device) + _GOLDEN))
+    return h
+
+
+def sample_keyed(log_probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """One draw per slot from the controller, row b's from its own key (B,) int64: the
+    draw of a row depends on its key and its probabilities only, not on the other rows or
+    on any generator state (EM and REINFORCE key rows by example, so the draws do not
+    depend on how examples are split over processes). Inverse CDF of 53 random bits per
+    (row, slot). (B, K, M), (B,) -> (B, K)."""
+    B, K, M = log_probs.shape
+    slots = torch.arange(K, device=keys.device)
+    bits = _srl(key(keys.view(B, 1), slots.view(1, K)), 11)  # (B, K) in [0, 2^53)
+    u = bits.double() / float(1 << 53)
+    cdf = log_probs.detach().double().exp().cumsum(-1)  # (B, K, M)
+    total = cdf[..., -1]
+    if not bool(torch.isfinite(total).all()):  # as torch.multinomial refuses them
+        raise RuntimeError("probability tensor contains either inf or nan (the controller's probabilities)")
+    u = u * total  # the probabilities' own total (float32 rounding)
+    a = torch.searchsorted(cdf, u.unsqueeze(-1), right=True).squeeze(-1)
+    return a.clamp_(max=M - 1)
+
+
 def log_prob(log_probs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """log p(a | x) summed over slots. (B, K, M), (B, K) -> (B,)."""
     return log_probs.gather(-1, a.unsqueeze(-1)).squeeze(-1).sum(-1)
@@ -67,17 +114,25 @@ def combine(y: torch.Tensor, d: Dispatch, batch: int, rule: str) -> torch.Tensor
     raise ValueError(f"combine rule {rule!r} unknown; choose sum or mean")
 
 
-def entropies(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def entropies(log_probs: torch.Tensor, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean per-example entropy and the entropy of the batch-averaged distribution.
 
     (..., K, M) -> two scalars (nats); the paper logs both as exp(entropy): the first says
-    how decided each example is, the second how many modules the batch uses.
+    how decided each example is, the second how many modules the batch uses. ``reduce``
+    sums a tensor over the processes that hold the rest of the batch, in place
+    (``distributed.World.sum_``); None: this is the whole batch.
     """
     M = log_probs.shape[-1]
     lp = log_probs.reshape(-1, log_probs.shape[-2], M)  # (N, K, M)
     p = lp.exp()
-    per_example = -(p * lp).sum(-1).mean()
-    mean_p = p.mean(0)  # (K, M)
+    N, K = lp.shape[:2]
+    sums = torch.cat([(-(p * lp).sum(-1).sum()).double().view(1), p.sum(0).double().flatten(),
+                      torch.tensor([float(N)], dtype=torch.float64, device=p.device)])
+    if reduce is not None:
+        sums = reduce(sums)
+    n = sums[-1]
+    per_example = (sums[0] / (n * K)).float()
+    mean_p = (sums[1:-1] / n).view(K, M).float()  # (K, M)
     batch = -(mean_p * mean_p.clamp_min(1e-12).log()).sum(-1).mean()
     return per_example, batch
 
@@ -87,4 +142,5 @@ def one_hot_counts(a: torch.Tensor, modules: int) -> torch.Tensor:
     return torch.bincount(a.reshape(-1), minlength=modules)
 
 
-__all__ = ["Dispatch", "greedy", "sample", "log_prob", "dispatch", "combine", "entropies", "one_hot_counts"]
+__all__ = ["Dispatch", "combine", "dispatch", "entropies", "greedy", "key", "log_prob", "mix", "one_hot_counts",
+           "sample", "sample_keyed"]

@@ -55,12 +55,21 @@ class PTBTask:
 
     kind = "ptb"
 
-    def __init__(self, corpus, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device):
+    def __init__(self, corpus, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, world=None):
+        from modrt.train import distributed
+
         self.mcfg, self.tcfg, self.device = mcfg, tcfg, device
+        self.world = world or distributed.SINGLE
         self.vocab = list(corpus.vocab)
         if mcfg.vocab_size != len(self.vocab):
             raise ModrtError(f"model vocab_size {mcfg.vocab_size} != corpus vocabulary {len(self.vocab)}")
-        self.train_data = data.batchify(corpus.train, tcfg.batch_size)  # (N/B, B)
+        B, W = tcfg.batch_size, self.world.size
+        if B % W:
+            raise ValueError(f"{B} streams do not split over {W} processes")
+        self.all_train = data.batchify(corpus.train, B)  # (N/B, B)
+        # This process's streams (all of them for one process): they stay its own all run.
+        self.share = self.world.split(B)
+        self.train_data = self.all_train[:, self.share]
         self.valid_data = data.batchify(corpus.valid, tcfg.eval_batch_size)
         self.test_data = data.batchify(corpus.test, tcfg.eval_batch_size)
         self.batches = data.num_windows(self.train_data, tcfg.bptt)
@@ -78,17 +87,21 @@ class PTBTask:
         return lm.ModularLM(self.mcfg)
 
     def build_method(self, model) -> methods.Method:
-        return methods.build(model, self.mcfg, self.tcfg, self.examples, self.positions, self.train_data)
+        return methods.build(model, self.mcfg, self.tcfg, self.examples, self.positions, self.all_train)
 
     def initial_carry(self, model) -> torch.Tensor:
-        return model.init_hidden(self.tcfg.batch_size, self.device)
+        return model.init_hidden(self.share.stop - self.share.start, self.device)
 
     def carry(self, out) -> torch.Tensor:
         return out.h_last.detach()
 
     def batch(self, index: int, epoch: int, step: int, carry: torch.Tensor) -> methods.Window:
         x, y = (t.to(self.device) for t in data.window(self.train_data, index, self.tcfg.bptt))
-        return methods.Window(x, y, carry, index, epoch, step)
+        return methods.Window(x, y, carry, index, epoch, step, self.share.start, self.tcfg.batch_size)
+
+    def weight(self, w) -> float:
+        """W * this process's rows / the global batch's rows: every process holds B/W streams."""
+        return 1.0
 
     def batch_stats(self, out, w) -> dict[str, int]:
         return {}
@@ -158,8 +171,11 @@ class ImageTask:
 
     kind = "cifar10"
 
-    def __init__(self, dataset, mcfg: ImageModelConfig, tcfg: TrainConfig, device: torch.device):
+    def __init__(self, dataset, mcfg: ImageModelConfig, tcfg: TrainConfig, device: torch.device, world=None):
+        from modrt.train import distributed
+
         self.mcfg, self.tcfg, self.device = mcfg, tcfg, device
+        self.world = world or distributed.SINGLE
         self.classes = list(dataset.classes)
         if mcfg.classes != len(self.classes):
             raise ModrtError(f"model classes {mcfg.classes} != the data set's {len(self.classes)}")
@@ -173,6 +189,9 @@ class ImageTask:
         N, B = len(self.train_labels), tcfg.batch_size
         self.examples, self.positions = N, mcfg.layers
         self.batches = (N + B - 1) // B
+        if min(B, N - (self.batches - 1) * B) < self.world.size:
+            raise ValueError(f"a batch of {min(B, N - (self.batches - 1) * B)} images does not give each of "
+                             f"{self.world.size} processes one")
         self.unit = "batches"
         g = torch.Generator().manual_seed(tcfg.seed)
         self.train_eval = torch.randperm(N, generator=g)[:TRAIN_EVAL_IMAGES].sort().values
@@ -214,14 +233,26 @@ class ImageTask:
         return (x - mean) / std
 
     def batch(self, index: int, epoch: int, step: int, carry: None) -> methods.Images:
+        """Batch ``index`` of epoch ``epoch``; on several processes this one's rows of it
+        (the global batch is drawn and augmented whole, then split)."""
         B = self.tcfg.batch_size
         ids = self.order(epoch)[index * B:(index + 1) * B]
         x = self.pixels(self.train_images[ids])
         if self.tcfg.augment:
             g = torch.Generator().manual_seed((self.tcfg.seed * 1_000_003 + epoch) * 100_003 + index)
             x = augment(x, g)
+        if self.world.size > 1:
+            part = self.world.split(len(ids))
+            ids, x = ids[part], x[part]
         y = self.train_labels[ids].to(self.device)
         return methods.Images(x, y, ids, self.mcfg.layers, index, epoch, step)
+
+    def weight(self, w) -> float:
+        """W * this process's rows / the global batch's rows (the epoch's last batch is
+        smaller and may not split evenly)."""
+        B = self.tcfg.batch_size
+        n = min(B, len(self.train_labels) - w.index * B)
+        return self.world.size * len(w.ids) / n
 
     def batch_stats(self, out, w) -> dict[str, int]:
         return {"correct": int((out.logits.argmax(1) == w.y).sum()), "count": int(w.y.numel())}
@@ -271,11 +302,12 @@ class ImageTask:
                 **usage_summary(usage), "controller_exp_entropy": round(math.exp(ent[0]), 3)}
 
 
-def build(config, dataset, tcfg: TrainConfig, device: torch.device):
-    """The task of a model config: ``ModelConfig`` -> PTB, ``ImageModelConfig`` -> CIFAR-10."""
+def build(config, dataset, tcfg: TrainConfig, device: torch.device, world=None):
+    """The task of a model config: ``ModelConfig`` -> PTB, ``ImageModelConfig`` -> CIFAR-10;
+    ``world``: the processes that share each batch (None: this one alone)."""
     if isinstance(config, ImageModelConfig):
-        return ImageTask(dataset, config, tcfg, device)
-    return PTBTask(dataset, config, tcfg, device)
+        return ImageTask(dataset, config, tcfg, device, world)
+    return PTBTask(dataset, config, tcfg, device, world)
 
 
 __all__ = ["ImageTask", "PTBTask", "augment", "build", "evaluate", "usage_summary"]

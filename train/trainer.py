@@ -9,6 +9,10 @@ train accuracy of a fixed subset), the final figures at the end. ``metrics.jsonl
 line per log interval and per evaluation; ``ckpt.pt`` is written at epoch ends, every
 ``ckpt_every`` steps, on Ctrl-C / SIGTERM and at the end, and holds everything to continue
 exactly.
+
+On several processes (``torchrun``; ``distributed``) the same loop runs on every rank over
+its share of each batch; the gradient goes through DDP, the logged figures are the global
+batch's, and rank 0 alone evaluates, writes and shows progress.
 """
 
 from __future__ import annotations
@@ -26,19 +30,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from modrt._exceptions import ModrtError, TrainingError
-from modrt.train import checkpoint, methods, tasks
+from modrt._exceptions import TrainingError
+from modrt.train import checkpoint, distributed, methods, tasks
 from modrt.train import model as lm
 from modrt.train.config import ImageModelConfig, ModelConfig, TrainConfig
+from modrt.train.distributed import resolve_device
 from modrt.train.tasks import evaluate  # noqa: F401 - PTB perplexity, imported from here by callers
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModrtError("--device cuda: no CUDA device is available to torch (use --device cpu or auto)")
-    return torch.device(name)
 
 
 class _Interval:
@@ -85,18 +82,23 @@ class _Interval:
 
 class Trainer:
     def __init__(self, model_cfg: ModelConfig | ImageModelConfig, train_cfg: TrainConfig, dataset,
-                 out: Path, resume: dict[str, Any] | None = None, progress: bool = True):
+                 out: Path, resume: dict[str, Any] | None = None, progress: bool = True,
+                 world: distributed.World | None = None, device: torch.device | None = None):
         """``dataset``: a PTB ``Corpus`` for a ``ModelConfig``, a ``CIFAR10`` for an
-        ``ImageModelConfig``."""
-        self.mcfg, self.tcfg, self.out, self.progress = model_cfg, train_cfg, Path(out), progress
-        self.device = resolve_device(train_cfg.device)
+        ``ImageModelConfig``. ``world``/``device``: this process's rank and device when
+        torchrun started several (``distributed.init``); None: one process."""
+        self.world = world or distributed.SINGLE
+        self.mcfg, self.tcfg, self.out = model_cfg, train_cfg, Path(out)
+        self.progress = progress and self.world.main
+        self.device = device or resolve_device(train_cfg.device)
         torch.manual_seed(train_cfg.seed)
         random.seed(train_cfg.seed)
         np.random.seed(train_cfg.seed)
-        self.task = tasks.build(model_cfg, dataset, train_cfg, self.device)
+        self.task = tasks.build(model_cfg, dataset, train_cfg, self.device, self.world)
         self.model = self.task.build_model().to(self.device)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=train_cfg.lr)
         self.method = self.task.build_method(self.model)
+        self.method.world = self.world
         self.step = self.epoch = self.window = 0
         self.hidden = self.task.initial_carry(self.model)  # PTB: the recurrent state; images: None
         self.metrics: list[dict[str, Any]] = []
@@ -105,6 +107,7 @@ class Trainer:
         self._session_start = time.perf_counter()
         if resume is not None:
             self._restore(resume)
+        self.ddp = distributed.wrap(self.model, self.world)  # None for one process
         self._stop_signal: int | None = None
 
     @property
@@ -124,7 +127,9 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "window": self.window,
-            "hidden": None if self.hidden is None else self.hidden.detach().cpu(),
+            # PTB: the state of all B streams (every process's share, in stream order).
+            "hidden": None if self.hidden is None else self.world.cat(self.hidden.detach()).cpu(),
+            "world_size": self.world.size,
             "interval": self.interval.state(),
             "rng": checkpoint.rng_state(),
             "metrics": self.metrics,
@@ -136,8 +141,11 @@ class Trainer:
         return self.seconds_before + time.perf_counter() - self._session_start
 
     def save(self) -> Path:
+        """Every process takes part (the state's exchanges); rank 0 writes."""
         path = self.out / "ckpt.pt"
-        checkpoint.save(path, self.state())
+        state = self.state()
+        if self.world.main:
+            checkpoint.save(path, state)
         return path
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -146,12 +154,15 @@ class Trainer:
         self.opt.load_state_dict(ckpt["optimizer"])
         self.method.load_state(ckpt["method"])
         self.step, self.epoch, self.window = ckpt["step"], ckpt["epoch"], ckpt["window"]
-        self.hidden = None if ckpt["hidden"] is None else ckpt["hidden"].to(self.device)
+        hidden = ckpt["hidden"]  # all B streams: this process's share of them
+        self.hidden = None if hidden is None else hidden[self.world.split(hidden.shape[0])].to(self.device)
         self.interval = _Interval(self.mcfg.modules, ckpt["interval"])
         self.metrics = list(ckpt["metrics"])
         self.seconds_before = float(ckpt.get("seconds", 0.0))
         checkpoint.set_rng_state(ckpt["rng"])
         # metrics.jsonl restarts from what the checkpoint knew: no duplicated lines.
+        if not self.world.main:
+            return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "metrics.jsonl", "w") as f:
             for m in self.metrics:
@@ -159,6 +170,8 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.append(record)
+        if not self.world.main:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -171,28 +184,41 @@ class Trainer:
         w = self.task.batch(self.window, self.epoch, self.step, self.hidden)
         m = self.method.losses(w)
         self.opt.zero_grad(set_to_none=True)
-        m.total.backward()
-        st = methods.stats(m.out, self.mcfg.modules)
+        weight = self.task.weight(w)  # 1 on one process; DDP averages the processes' gradients
+        (m.total * weight if weight != 1.0 else m.total).backward()
+        st = methods.stats(m.out, self.mcfg.modules, self.world)
         self._drop_unused_grads(st["usage"])
         if tc.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.clip)
         self.opt.step()
         self.method.after_step(w, m)
         self.hidden = self.task.carry(m.out)
+        acc = self.task.batch_stats(m.out, w)
+        # The step's figures, of the whole batch: one exchange on several processes (and the
+        # stop request, so that every process stops after the same step).
+        W = self.world.size
+        figures = torch.tensor([m.nll.item() * weight / W, m.auxiliary.item() * weight / W,
+                                m.info.get("e_changed", 0), m.info.get("e_total", 0),
+                                acc.get("correct", 0), acc.get("count", 0),
+                                float(self._stop_signal is not None)], dtype=torch.float64)
+        if W > 1:
+            figures = self.world.sum_(figures.to(self.device)).cpu()
+            if figures[6] > 0 and self._stop_signal is None:
+                self._stop_signal = signal.SIGTERM
+        nll, ctrl = float(figures[0]), float(figures[1])
         iv = self.interval
-        iv.nll += m.nll.item()
-        iv.ctrl += m.auxiliary.item()
+        iv.nll += nll
+        iv.ctrl += ctrl
         iv.ent_ex += float(st["entropy_example"])
         iv.ent_b += float(st["entropy_batch"])
         iv.usage += st["usage"].cpu()
-        iv.e_changed += m.info.get("e_changed", 0)
-        iv.e_total += m.info.get("e_total", 0)
-        acc = self.task.batch_stats(m.out, w)
-        iv.correct += acc.get("correct", 0)
-        iv.count += acc.get("count", 0)
+        iv.e_changed += int(figures[2])
+        iv.e_total += int(figures[3])
+        iv.correct += int(figures[4])
+        iv.count += int(figures[5])
         iv.steps += 1
         iv.seconds += time.perf_counter() - t0
-        return m.nll.item()
+        return nll
 
     def _drop_unused_grads(self, usage: torch.Tensor) -> None:
         """A module no row selected in this window gets no gradient (None, as when rows are
@@ -238,6 +264,20 @@ class Trainer:
         signal.signal(signum, signal.default_int_handler)
 
     def fit(self) -> dict[str, Any]:
+        """Train to the end (or a stop request); on several processes, a process that goes
+        away stops this one with one line (``TrainingError``), the checkpoint kept."""
+        try:
+            return self._fit()
+        except Exception as exc:
+            if self.world.size == 1 or not distributed.is_peer_failure(exc):
+                raise
+            ckpt = self.out / "ckpt.pt"
+            kept = (f"the last good checkpoint is {ckpt} (continue with --resume {ckpt})" if ckpt.exists()
+                    else "no checkpoint was saved")
+            raise distributed.PeerStopped(f"rank {self.world.rank}: another process of this run stopped at step "
+                                          f"{self.step + 1} ({distributed.reason(exc)}); {kept}") from exc
+
+    def _fit(self) -> dict[str, Any]:
         tc = self.tcfg
         self.out.mkdir(parents=True, exist_ok=True)
         total = self.total_steps()
@@ -260,12 +300,13 @@ class Trainer:
                     self.interval = _Interval(self.mcfg.modules)
                     shown = {"acc": f"{rec['acc']:.3f}"} if "acc" in rec else {"ppl": f"{rec['ppl']:.1f}"}
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", **shown, expH_batch=f"{rec['exp_entropy_batch']:.2f}")
-                if self.window == self.windows:  # epoch end: validate, checkpoint
-                    rec = self.task.validate(self.model)
+                if self.window == self.windows:  # epoch end: validate (rank 0), checkpoint
                     self.epoch += 1
                     self.window = 0
-                    self._log({"kind": "valid", "step": self.step, "epoch": self.epoch, **rec})
-                    bar.write(f"epoch {self.epoch}: {self.task.describe(rec)}")
+                    if self.world.main:
+                        rec = self.task.validate(self.model)
+                        self._log({"kind": "valid", "step": self.step, "epoch": self.epoch, **rec})
+                        bar.write(f"epoch {self.epoch}: {self.task.describe(rec)}")
                     self.save()
                 elif tc.ckpt_every and self.step % tc.ckpt_every == 0:
                     self.save()
@@ -280,7 +321,8 @@ class Trainer:
         if self.interval.steps:
             self._log(self.interval.record(self.step, self.epoch))
             self.interval = _Interval(self.mcfg.modules)
-        summary = {"kind": "test", "step": self.step, "epoch": self.epoch, **self.task.final(self.model),
+        final = self.task.final(self.model) if self.world.main else {}
+        summary = {"kind": "test", "step": self.step, "epoch": self.epoch, **final,
                    "minutes": round(self.elapsed() / 60, 2), "seconds": round(self.elapsed(), 3)}
         self._log(summary)
         self.save()

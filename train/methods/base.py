@@ -20,12 +20,20 @@ class Window(NamedTuple):
     index: int
     epoch: int
     step: int
+    first: int = 0  # the global index of this window's first stream (a rank's share of them)
+    streams: int = 0  # B of the whole run's batch (0: this window's own)
 
     @property
     def rows(self) -> slice:
-        """The a* memory's rows of this window's examples."""
+        """The a* memory's rows of this window's examples: n = index * B + stream."""
         B = self.x.shape[1]
-        return slice(self.index * B, (self.index + 1) * B)
+        start = self.index * (self.streams or B) + self.first
+        return slice(start, start + B)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """The window's example indices (B,) long (CPU)."""
+        return torch.arange(self.rows.start, self.rows.stop)
 
     @property
     def positions(self) -> int:
@@ -82,8 +90,21 @@ class Method:
     def __init__(self, model: lm.ModularLM, mcfg: ModelConfig, tcfg: TrainConfig, examples: int, positions: int):
         """``examples``: N, the training examples (PTB: windows x streams; images: images);
         ``positions``: P, the selections each one holds (PTB: time steps; images: layers)."""
+        from modrt.train import distributed
+
         self.model, self.mcfg, self.tcfg = model, mcfg, tcfg
         self.examples, self.positions = examples, positions
+        # The run's processes (``distributed.World``; the trainer sets it): one process, where
+        # every exchange is the identity, unless launched by torchrun.
+        self.world = distributed.SINGLE
+
+    def keys(self, w: Batch, *parts) -> torch.Tensor:
+        """Per-example sampling keys (B,) for batch ``w``: a function of the run's seed, the
+        examples' global indices and ``parts`` only (``routing.sample_keyed``), so a draw
+        does not depend on which process holds the example."""
+        from modrt.train import routing
+
+        return routing.key(self.tcfg.seed, *parts, w.ids.to(w.x.device))
 
     def losses(self, w: Batch) -> Losses:
         raise NotImplementedError
@@ -103,15 +124,19 @@ def nll_of(model, out, y: torch.Tensor) -> torch.Tensor:
     return -model.example_log_likelihood(out, y).mean()
 
 
-def stats(out, modules: int) -> dict[str, torch.Tensor]:
-    """Controller entropies (nats) and module usage of one step's forward pass."""
+def stats(out, modules: int, world=None) -> dict[str, torch.Tensor]:
+    """Controller entropies (nats) and module usage of one step's forward pass; with a
+    ``world`` of several processes, of the whole batch over all of them."""
     from modrt.train import routing
 
+    reduce = None if world is None or world.size == 1 else world.sum_
     counts = routing.one_hot_counts(out.a, modules)
+    if reduce is not None:
+        counts = reduce(counts)
     if out.log_probs is None:
         zero = torch.zeros(())
         return {"entropy_example": zero, "entropy_batch": zero, "usage": counts}
-    ex, batch = routing.entropies(out.log_probs.detach())
+    ex, batch = routing.entropies(out.log_probs.detach(), reduce)
     return {"entropy_example": ex, "entropy_batch": batch, "usage": counts}
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from modrt.train import model as lm
 from modrt.train import routing
-from modrt.train.methods.base import Batch, Losses, Method, Window, nll_of
+from modrt.train.methods.base import Batch, Losses, Method, Window
 
 # Warm start: the copies differ from the dense cell by Gaussian noise of this std.
 UPCYCLE_NOISE = 0.01
@@ -68,15 +68,15 @@ class EStep(NamedTuple):
 def e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
            a_star: torch.Tensor, samples: int, generator: torch.Generator | None = None,
            prior_weight: float = 1.0, dtype: torch.dtype | None = None,
-           bias: torch.Tensor | None = None) -> EStep:
+           bias: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> EStep:
     """``e_step_of`` for one PTB window: x, y (T, B), h (B, H) the state entering it."""
-    return e_step_of(model, Window(x, y, h, 0, 0, 0), a_star, samples, generator, prior_weight, dtype, bias)
+    return e_step_of(model, Window(x, y, h, 0, 0, 0), a_star, samples, generator, prior_weight, dtype, bias, keys)
 
 
 @torch.no_grad()
 def e_step_of(model, w: Batch, a_star: torch.Tensor, samples: int, generator: torch.Generator | None = None,
               prior_weight: float = 1.0, dtype: torch.dtype | None = None,
-              bias: torch.Tensor | None = None) -> EStep:
+              bias: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> EStep:
     """Score the stored a* and S-1 fresh draws per example; keep the best.
 
     ``w``: a PTB window or a batch of images; a_star: (P, B, K) stored selections (P: time
@@ -86,6 +86,8 @@ def e_step_of(model, w: Batch, a_star: torch.Tensor, samples: int, generator: to
     ``dtype``: the precision of the head's matmul in the scores (None: the model's).
     ``bias`` (M,), or (P, M) per position (a layer's own modules): added to a candidate's
     score once per position for each distinct module it uses there (balancing; None: none).
+    ``keys`` (B,) int64: example b's draws come from its key alone (``routing.sample_keyed``:
+    they do not depend on the batch it is in, or on the process); None: from ``generator``.
     """
     was_training = model.training
     model.eval()
@@ -93,7 +95,9 @@ def e_step_of(model, w: Batch, a_star: torch.Tensor, samples: int, generator: to
         P, B = a_star.shape[:2]
         S = samples
         # Candidate s owns examples s*B .. s*B+B-1; candidate 0 follows the stored a*.
-        out = model.run_examples(w.x, w.h, lm.sample_policy(keep=a_star, generator=generator), repeat=S)
+        rows = None if keys is None else routing.key(keys.view(1, B), torch.arange(S, device=keys.device).view(S, 1))
+        policy = lm.sample_policy(keep=a_star, generator=generator, keys=None if rows is None else rows.flatten())
+        out = model.run_examples(w.x, w.h, policy, repeat=S)
         ll = model.example_log_likelihood(out, w.y, repeat=S, dtype=dtype)  # (T, S*B), or (1, S*B)
         prior = prior_weight * out.log_pa  # (P, S*B)
         if bias is not None:
@@ -136,7 +140,7 @@ def window_scores(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torc
 def position_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
                     a_star: torch.Tensor, samples: int, generator: torch.Generator | None = None,
                     prior_weight: float = 1.0, dtype: torch.dtype | None = None,
-                    bias: torch.Tensor | None = None) -> EStep:
+                    bias: torch.Tensor | None = None, keys: torch.Tensor | None = None) -> EStep:
     """A per-position (greedy Viterbi-style) search for a better a*.
 
     Walk the window: at step t, from the state the path has reached, score each candidate
@@ -147,6 +151,7 @@ def position_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: to
     A whole-window draw must win back the whole window's prior to replace a*; one position's
     change here needs to pay only for itself.
     ``scores`` holds (2, B): a*'s window score, then the path's. ``candidates`` (2, T, B, K).
+    ``keys`` (B,): the draws keyed by example, as in ``e_step_of``.
     """
     was_training = model.training
     model.eval()
@@ -168,7 +173,8 @@ def position_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: to
             if everyone:
                 rest = torch.arange(M, device=x.device).view(1, M, 1).expand(B, M, 1)
             else:
-                rest = torch.stack([routing.sample(lp, generator) for _ in range(samples - 1)], 1)
+                rest = torch.stack([routing.sample(lp, generator) if keys is None else
+                                    routing.sample_keyed(lp, routing.key(keys, t, s)) for s in range(1, samples)], 1)
             cand = torch.cat([a_star[t].unsqueeze(1), rest], 1)  # (B, C, K)
             C = cand.shape[1]
             if layer.compute_all:
@@ -222,8 +228,8 @@ def m_step_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
 def m_step_of(model, w: Batch, a_star: torch.Tensor) -> Losses:
     """The M-step objective for one batch: -mean log p(y|x,a*) - mean log p(a*|x) (the
     second per position: per time step, or per modular layer)."""
-    out = model.run_examples(w.x, w.h, lm.given(a_star))
-    return Losses(nll_of(model, out, w.y), {"controller": -out.log_pa.mean()}, out)
+    out, ll = model.run_scored(w.x, w.h, lm.given(a_star), w.y)
+    return Losses(-ll.mean(), {"controller": -out.log_pa.mean()}, out)
 
 
 class EM(Method):
@@ -256,23 +262,26 @@ class EM(Method):
         a_star = self.memory[w.rows, :P].long().permute(1, 0, 2).to(dev)  # (P, B, K)
         if w.step < tc.warm_start:  # the dense phase: modules 0..K-1 on every row, no controller loss
             a = torch.arange(K, device=dev).expand(*a_star.shape[:2], K)
-            out = self.model.run_examples(w.x, w.h, lm.given(a))
-            return Losses(nll_of(self.model, out, w.y), {}, out)
+            out, ll = self.model.run_scored(w.x, w.h, lm.given(a), w.y)
+            return Losses(-ll.mean(), {}, out)
         if not self.upcycled:
             self.upcycle()
         info = {}
         if e_step_due(w.index, w.epoch, tc.e_step_every):
             bias = self.bias.to(dev) if tc.balance_rate else None
             pw, dtype = self.prior_weight(w.step), getattr(torch, tc.e_step_dtype)
+            keys = self.keys(w, w.epoch)  # an example's draws: (seed, epoch, its index)
             if tc.e_step == "position":
                 e = position_e_step(self.model, w.x, w.y, w.h, a_star, tc.samples, prior_weight=pw, dtype=dtype,
-                                    bias=bias)
+                                    bias=bias, keys=keys)
             else:
-                e = e_step_of(self.model, w, a_star, tc.samples, prior_weight=pw, dtype=dtype, bias=bias)
+                e = e_step_of(self.model, w, a_star, tc.samples, prior_weight=pw, dtype=dtype, bias=bias, keys=keys)
             a_star = e.best
-            self.memory[w.rows, :P] = a_star.permute(1, 0, 2).to(torch.int16).cpu()
+            # Every rank keeps the whole memory: the ranks exchange their rows' new a*.
+            ids, new = self.world.cat_rows(w.ids, a_star.permute(1, 0, 2).to(torch.int16).cpu())  # (n, P, K)
+            self.memory[ids, :P] = new
             if tc.balance_rate:
-                self.rebalance(a_star.cpu())
+                self.rebalance(new.permute(1, 0, 2))
             info = {"e_changed": int(e.changed.sum()), "e_total": e.changed.numel()}
         return m_step_of(self.model, w, a_star)._replace(info=info)
 
@@ -291,10 +300,11 @@ class EM(Method):
     def upcycle(self) -> None:
         """Copy the dense phase's modules 0..K-1 into every module of each layer, plus small noise."""
         K = self.mcfg.k
+        g = torch.Generator().manual_seed(self.tcfg.seed)  # the same noise on every rank
         for mods in self.model.module_lists():
             for m in range(K, self.mcfg.modules):
                 for p, src in zip(mods[m].parameters(), mods[m % K].parameters(), strict=True):
-                    p.copy_(src + UPCYCLE_NOISE * torch.randn_like(src))
+                    p.copy_(src + UPCYCLE_NOISE * torch.randn(src.shape, generator=g).to(src.device))
                 for b, src in zip(mods[m].buffers(), mods[m % K].buffers(), strict=True):
                     b.copy_(src)  # batch norm's running statistics
         self.upcycled = True

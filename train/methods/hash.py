@@ -11,7 +11,7 @@ import heapq
 
 import torch
 
-from modrt.train.methods.base import Losses, Method, Window, nll_of
+from modrt.train.methods.base import Losses, Method, Window
 
 
 def balanced_table(counts: torch.Tensor, modules: int, k: int) -> torch.Tensor:
@@ -37,5 +37,5 @@ class Hash(Method):
             model.hash_table.copy_(balanced_table(counts, mcfg.modules, mcfg.k))
 
     def losses(self, w: Window) -> Losses:
-        out = self.model(w.x, w.h)
-        return Losses(nll_of(self.model, out, w.y), {}, out)
+        out, ll = self.model.run_scored(w.x, w.h, None, w.y)
+        return Losses(-ll.mean(), {}, out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from modrt.train import model as lm
-from modrt.train.methods.base import Batch, Losses, Method, Window, nll_of
+from modrt.train.methods.base import Batch, Losses, Method, Window
 
 
 def cv_squared(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -45,8 +45,8 @@ def noisy_topk_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: to
 
 
 def noisy_topk_of(model, w: Batch, w_importance: float, w_load: float) -> Losses:
-    out = model.run_examples(w.x, w.h)
-    nll = nll_of(model, out, w.y)
+    out, ll = model.run_scored(w.x, w.h, None, w.y)
+    nll = -ll.mean()
     load = out.load if model.cfg.k < model.cfg.modules else None
     aux = balance_loss(out.importance, load, w_importance, w_load)
     return Losses(nll, {"balance": aux}, out)

@@ -49,11 +49,12 @@ def reinforce_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: tor
     return reinforce_of(model, Window(x, y, h, 0, 0, 0), baseline)
 
 
-def reinforce_of(model, w: Batch, baseline: MovingAverage) -> tuple[Losses, torch.Tensor]:
+def reinforce_of(model, w: Batch, baseline: MovingAverage,
+                 keys: torch.Tensor | None = None) -> tuple[Losses, torch.Tensor]:
     """One REINFORCE step's objective and its (B,) rewards (detached); the caller updates
-    ``baseline`` with the rewards after the step."""
-    out = model.run_examples(w.x, w.h, lm.sample_policy())
-    ll = model.example_log_likelihood(out, w.y)  # (T, B) per token, or (1, B) per image
+    ``baseline`` with the rewards after the step. ``keys`` (B,): the draws keyed by
+    example (``routing.sample_keyed``); None: torch's global generator."""
+    out, ll = model.run_scored(w.x, w.h, lm.sample_policy(keys=keys), w.y)  # ll (T, B) per token, or (1, B)
     nll = -ll.mean()
     reward = ll.mean(0).detach()  # (B,) mean log-likelihood per token of each window (or the image's)
     if baseline.value is None:  # no past rewards yet: no controller step (keeps it unbiased)
@@ -76,11 +77,14 @@ class Reinforce(Method):
         self._reward: torch.Tensor | None = None
 
     def losses(self, w: Batch) -> Losses:
-        losses, self._reward = reinforce_of(self.model, w, self.baseline)
+        losses, self._reward = reinforce_of(self.model, w, self.baseline, self.keys(w, w.step))
         return losses
 
     def after_step(self, w: Batch, losses: Losses) -> None:
-        self.baseline.update(float(self._reward.mean()))
+        # The mean reward of the whole batch (over every process's rows).
+        total = self.world.sum_(torch.stack([self._reward.double().sum(), self._reward.new_tensor(
+            self._reward.numel(), dtype=torch.float64)]))
+        self.baseline.update(float(total[0] / total[1]))
 
     def state(self) -> dict[str, Any]:
         return {"baseline": self.baseline.value}
