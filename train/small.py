@@ -154,10 +154,25 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def recorded(path: Path) -> list[dict]:
+    """The runs a table already holds (``ptb_table_small.json``); [] when there is none."""
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in rows if isinstance(r, dict) and "run" in r] if isinstance(rows, list) else []
+
+
 def write(out: Path, results: Path) -> list[dict]:
-    rows = [r for run in sorted(p for p in out.iterdir() if p.is_dir()) if (r := run_row(run))] if out.is_dir() else []
+    """The table of the finished runs under ``out`` and of those the table already recorded
+    (a run measured on another machine, or in an earlier checkout whose run directories are
+    gone, stays in it; a finished run under ``out`` replaces its recorded row)."""
+    found = [r for run in sorted(p for p in out.iterdir() if p.is_dir()) if (r := run_row(run))] if out.is_dir() else []
+    names = {r["run"] for r in found}
+    path = results / "ptb_table_small.json"
+    rows = sorted([r for r in recorded(path) if r["run"] not in names] + found, key=lambda r: r["run"])
     results.mkdir(parents=True, exist_ok=True)
-    (results / "ptb_table_small.json").write_text(json.dumps(rows, indent=1) + "\n")
+    path.write_text(json.dumps(rows, indent=1) + "\n")
     (results / "ptb_table_small.md").write_text(markdown(rows))
     if rows:
         plot(rows, results / "ptb_table_small.png")

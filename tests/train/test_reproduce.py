@@ -267,3 +267,33 @@ def test_cifar10_table_from_finished_runs(tmp_path):
     assert "| dense (1,1), 8-8 filters, 2 ep | 2 | 51.0 ± 1.4 |" in md
     assert "em (5,1), 8-8 filters, 2 ep: train accuracy -11.0 points over dense" in res.output
     assert (tmp_path / "res" / "cifar10_table.png").stat().st_size > 1000
+
+
+def test_small_table_keeps_recorded_runs_whose_directories_are_gone(tmp_path):
+    """``modrt reproduce ptb-small`` rewrites results/ptb_table_small.json from the runs it
+    finds *and* the rows the table already held: seed 2 trained in a new checkout does not
+    erase seed 1; a run found again replaces its recorded row."""
+    import torch
+
+    from modrt.train import small
+
+    out, results = tmp_path / "runs", tmp_path / "results"
+    run = out / "dense-M1K1-s2"
+    run.mkdir(parents=True)
+    recs = [{"kind": "valid", "step": 5, "epoch": 1, "ppl": 300.0},
+            {"kind": "test", "step": 5, "epoch": 1, "valid_ppl": 300.0, "test_ppl": 280.0, "minutes": 1.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    torch.save({"model_config": {"method": "dense", "modules": 1, "k": 1, "embedding": 32, "hidden": 32},
+                "train_config": {"seed": 2, "epochs": 1}}, run / "ckpt.pt")
+    old = {"run": "dense-M1K1-s1", "method": "dense", "variant": "", "modules": 1, "k": 1, "seed": 1,
+           "embedding": 32, "hidden": 32, "epochs": 1, "steps": 5, "valid_ppl": 310.0, "test_ppl": 290.0,
+           "usage_exp_entropy": 1.0, "modules_in_use": 1, "controller_exp_entropy": 1.0, "minutes": 1.0,
+           "valid_curve": [[1, 310.0]]}
+    stale = {**old, "run": "dense-M1K1-s2", "seed": 2, "test_ppl": 999.0}
+    results.mkdir()
+    (results / "ptb_table_small.json").write_text(json.dumps([old, stale]))
+    rows = small.write(out, results)
+    assert [(r["run"], r["test_ppl"]) for r in rows] == [("dense-M1K1-s1", 290.0), ("dense-M1K1-s2", 280.0)]
+    assert json.loads((results / "ptb_table_small.json").read_text()) == rows
+    md = (results / "ptb_table_small.md").read_text()
+    assert "| 2 |" in md  # one configuration, two seeds: mean ± sd
