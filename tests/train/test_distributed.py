@@ -142,11 +142,11 @@ def test_two_processes_train_as_one_and_resume_on_either(ptb_dir, tmp_path):
     ok(train(1, "ptb", "--resume", on1 / "ckpt.pt", "--steps", 20, "--data", ptb_dir, "--quiet"))
     ok(train(2, "ptb", "--resume", on2 / "ckpt.pt", "--steps", 20, "--data", ptb_dir, "--quiet"))
     want = losses(one)
-    print("1 vs 2 processes, max |loss diff| over 20 steps:",
+    print("EM, 1 vs 2 processes, max |loss diff| over steps 1-10:",
           assert_same_losses(want[:10], losses(two), 10))
     ref = load(one / "ckpt.pt")
     for d in (on1, on2):
-        print(d.name, "max |loss diff|:", assert_same_losses(want, losses(d), 20))
+        print(d.name, "(resumed at step 10), max |loss diff| over steps 1-20:", assert_same_losses(want, losses(d), 20))
         got = load(d / "ckpt.pt")
         assert torch.equal(got["method"]["memory"], ref["method"]["memory"])
         for name, tensor in ref["model"].items():
