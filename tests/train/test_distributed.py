@@ -221,3 +221,59 @@ def test_nccl_two_gpus_train_as_one(ptb_dir, tmp_path):
     p = ok(train(2, "ptb", *cuda, "--method", "em", "--steps", 20, "--data", ptb_dir, "--out", two))
     assert "(nccl" in p.stderr
     assert_same_losses(losses(one), losses(two), 20)
+
+
+IMAGE_WORKER = '''
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from modrt.data.cifar10 import CIFAR10, CLASSES
+from modrt.train import checkpoint, distributed
+from modrt.train.config import ImageModelConfig, TrainConfig
+from modrt.train.trainer import Trainer
+
+out, steps = Path(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+labels = np.arange(40) % 10
+images = np.clip((labels * 25)[:, None, None, None] + rng.integers(-20, 20, (40, 32, 32, 3)), 0, 255).astype(np.uint8)
+data = CIFAR10(images, labels, images[:20], labels[:20], CLASSES, Path("tiny"))
+world, device = distributed.init("cpu")
+mcfg = ImageModelConfig(channels=(4, 4), modules=3, k=1, method="em")
+tcfg = TrainConfig(device="cpu", batch_size=16, samples=3, e_step_every=1, log_every=1, steps=steps, epochs=3,
+                   balance_rate=0.3, augment=True)
+resume = checkpoint.load(out / "ckpt.pt") if (out / "ckpt.pt").exists() else None
+t = Trainer(mcfg, tcfg, data, out, resume=resume, progress=False, world=world, device=device)
+t.fit()
+torch.save({"memory": t.method.memory, "bias": t.method.bias, "model": t.model.state_dict()},
+           out / f"rank{world.rank}-of{world.size}.pt")
+distributed.close(world)
+'''
+
+
+def test_images_split_over_two_processes_stay_one_model_and_memory(tmp_path):
+    """CIFAR-10's path on 2 processes (a tiny data set built in the script): batch norm's
+    statistics are per process, so the losses are not one process's; what must hold is
+    that the processes stay one model with one a* memory and balancing bias, that rank 0's
+    checkpoint is the whole run, and that it continues on one process."""
+    script, out = tmp_path / "worker.py", tmp_path / "run"
+    script.write_text(IMAGE_WORKER)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                        str(script), str(out), "5"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1, ck = load(out / "rank0-of2.pt"), load(out / "rank1-of2.pt"), load(out / "ckpt.pt")
+    # 5 steps of 16, 16, 8, 16, 16 images, each E-stepped: both ranks' rows in both memories
+    assert torch.equal(r0["memory"], r1["memory"]) and torch.equal(r0["bias"], r1["bias"])
+    assert torch.equal(ck["method"]["memory"], r0["memory"])
+    assert r0["bias"].abs().sum() > 0  # balancing moved on the whole batch's a*
+    for name, tensor in r0["model"].items():
+        if "running" not in name and "num_batches" not in name:  # batch norm's statistics: per process
+            assert torch.allclose(r1["model"][name], tensor, atol=1e-6), name
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5] and ck["world_size"] == 2
+    one = subprocess.run([sys.executable, str(script), str(out), "7"], env=_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5, 6, 7]
+    assert load(out / "ckpt.pt")["world_size"] == 1
