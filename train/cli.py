@@ -30,7 +30,13 @@ IMAGE_BATCH = 128  # images per step (the official demo's)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def train() -> None:
-    """Train a modular network with EM (or a baseline) on a task."""
+    """Train a modular network with EM (or a baseline) on a task.
+
+    \b
+    On several processes (DistributedDataParallel; gloo on CPU, NCCL on CUDA), the same
+    options, --batch-size being the global batch:
+      torchrun --standalone --nproc-per-node 2 -m modrt.train ptb --out runs/ddp
+    """
 
 
 def _require_torch():
