@@ -237,6 +237,8 @@ class Trainer:
         try:
             loss = self.train_step()
         except RuntimeError as exc:
+            if self.world.size > 1 and distributed.is_peer_failure(exc):
+                raise  # fit says it in one line
             if "inf" not in str(exc) and "nan" not in str(exc):
                 raise
             raise self._diverged(str(exc).splitlines()[0]) from exc
