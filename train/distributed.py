@@ -211,7 +211,7 @@ def is_peer_failure(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(
-        s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL", "Broken pipe"))
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out"))
 
 
 __all__ = ["SINGLE", "TIMEOUT", "PeerStopped", "World", "allowed_sizes", "close", "init", "is_peer_failure",
