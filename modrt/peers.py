@@ -5,9 +5,9 @@ or ``None`` with a reason when the peer cannot run for this bundle:
 
     bound    the equal-compute bound: K modules' work at that batch, no routing at all
     torch    PyTorch eager, the same weights, routed as a PyTorch user writes it
-             (torch imported here only, lazily; the runtime never imports it): for a
-             synthetic bundle from its own weights, for a trained one (PTB, CIFAR-10)
-             the training model itself rebuilt from its checkpoint (``--checkpoint``)
+             (built in ``modrt.train.bench_peer``, found by entry-point name: the core
+             never imports torch): for a synthetic bundle from its own weights, for a
+             trained one (PTB, CIFAR-10) the training model from its checkpoint (``--checkpoint``)
     ort_moe  ONNX Runtime's fused ``com.microsoft.MoE`` op fed the controller's logits
 """
 
@@ -83,67 +83,36 @@ def make_bound(model: Model) -> Peer:
     return bound_rnn
 
 
+def _training_peer(name: str):
+    """The peer ``name`` that ``modrt.train`` registers under the ``modrt.peers`` entry-point
+    group (pyproject.toml): the PyTorch peers need torch and, for checkpoints, the training
+    code, which the torch-free core never imports (DESIGN.md §1-2). -> (factory | None, reason)."""
+    from importlib.metadata import entry_points
+
+    found = entry_points(group="modrt.peers", name=name)
+    if not found:
+        return None, "the training extra is not installed (pip install 'modrt[train]')"
+    try:
+        return next(iter(found)).load(), ""
+    except ImportError as exc:
+        return None, f"the training code does not import here ({exc})"
+
+
 def make_torch(w: Weights | None, k: int, combine: str, threads: int) -> tuple[Peer | None, str]:
-    """PyTorch eager from the bundle's own numpy weights; (None, reason) without torch."""
+    """PyTorch eager from the bundle's own numpy weights (two-layer MLP modules); (None,
+    reason) without them or without torch."""
     if w is None:
         return None, "modules are not two-layer MLPs"
-    try:
-        import torch
-    except ImportError:
-        return None, "torch is not installed"
-    torch.set_num_threads(threads)
-    M, D, H = w.w1.shape
-    ctrl = torch.nn.Linear(D, k * M)
-    experts = torch.nn.ModuleList(
-        torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, w.w2.shape[2]))
-        for _ in range(M))
-    def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
-
-    with torch.no_grad():  # nn.Linear stores (out, in): the transpose of x @ W
-        ctrl.weight.copy_(t(w.wc.T))
-        ctrl.bias.copy_(t(w.bc))
-        for m, e in enumerate(experts):
-            e[0].weight.copy_(t(w.w1[m].T))
-            e[0].bias.copy_(t(w.b1[m]))
-            e[2].weight.copy_(t(w.w2[m].T))
-            e[2].bias.copy_(t(w.b2[m]))
-
-    def run(x_np: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            x = torch.from_numpy(x_np)
-            B = x.shape[0]
-            lp = torch.log_softmax(ctrl(x).view(B, k, M), dim=-1)  # (B, K, M)
-            a = lp.argmax(-1)  # (B, K)
-            mask = torch.zeros(B, M, dtype=torch.bool).scatter_(1, a, True)  # (B, M)
-            out = x.new_zeros(B, w.w2.shape[2])
-            for m in range(M):
-                rows = mask[:, m].nonzero().squeeze(1)
-                if rows.numel():
-                    out.index_add_(0, rows, experts[m](x[rows]))
-            if combine == "mean":
-                out /= mask.sum(1, keepdim=True)
-            return out.numpy()
-
-    return run, ""
+    make, why = _training_peer("torch-mlp")
+    return (None, why) if make is None else make(w, k, combine, threads)
 
 
 def make_torch_checkpoint(ckpt: str, model: Model, threads: int) -> tuple[Peer | None, str]:
     """PyTorch eager on the model a training checkpoint holds (the bundle it was exported
-    from). Loading it needs the training code, which the core never imports (DESIGN.md §2):
-    ``modrt.train`` registers the peer under the ``modrt.peers`` entry-point group
-    (pyproject.toml) and the core looks it up by name. (None, reason) when it is not
-    installed; the peer's own ModrtError when the checkpoint is not the bundle's."""
-    from importlib.metadata import entry_points
-
-    found = entry_points(group="modrt.peers", name="torch-checkpoint")
-    if not found:
-        return None, "the training extra is not installed (pip install 'modrt[train]')"
-    try:
-        make = next(iter(found)).load()
-    except ImportError as exc:
-        return None, f"the training code does not import here ({exc})"
-    return make(ckpt, model, threads)
+    from); (None, reason) when the training code is not installed; the peer's own
+    ModrtError when the checkpoint is not the bundle's."""
+    make, why = _training_peer("torch-checkpoint")
+    return (None, why) if make is None else make(ckpt, model, threads)
 
 
 def moe_model(w: Weights, k: int) -> onnx.ModelProto:

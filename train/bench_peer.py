@@ -1,7 +1,8 @@
-"""The PyTorch eager peer of ``modrt bench --checkpoint``: the model a training checkpoint
-holds, run as the training code runs it. Registered as the ``modrt.peers`` entry point
-``torch-checkpoint`` (pyproject.toml), so the torch-free core finds it without importing
-the training package (DESIGN.md §2's direction).
+"""``modrt bench``'s PyTorch eager peers: the model a training checkpoint holds
+(``--checkpoint``), and a bundle's own two-layer MLP modules. Registered as the
+``modrt.peers`` entry points ``torch-checkpoint`` and ``torch-mlp`` (pyproject.toml), so the
+torch-free core finds them by name without importing torch or the training package
+(DESIGN.md §1-2).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import numpy as np
 
 from modrt.peers import Peer
 from modrt.runtime.model import Model
+from modrt.synthetic import Weights
 
 
 def make_torch_checkpoint(ckpt: str, model: Model, threads: int) -> tuple[Peer | None, str]:
@@ -60,4 +62,46 @@ def make_torch_checkpoint(ckpt: str, model: Model, threads: int) -> tuple[Peer |
     if got.shape != want.shape or not np.allclose(got, want, rtol=1e-3, atol=1e-3):
         raise InputError(f"--checkpoint {ckpt}: not the checkpoint this bundle was exported from "
                          "(its outputs differ from the routed ones)")
+    return run, ""
+
+
+def make_torch_mlp(w: Weights, k: int, combine: str, threads: int) -> tuple[Peer | None, str]:
+    """PyTorch eager from a bundle's own numpy weights (two-layer MLP modules), greedy
+    routing, only the selected modules on their rows."""
+    import torch
+
+    torch.set_num_threads(threads)
+    M, D, H = w.w1.shape
+    ctrl = torch.nn.Linear(D, k * M)
+    experts = torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, w.w2.shape[2]))
+        for _ in range(M))
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy
+
+    with torch.no_grad():  # nn.Linear stores (out, in): the transpose of x @ W
+        ctrl.weight.copy_(t(w.wc.T))
+        ctrl.bias.copy_(t(w.bc))
+        for m, e in enumerate(experts):
+            e[0].weight.copy_(t(w.w1[m].T))
+            e[0].bias.copy_(t(w.b1[m]))
+            e[2].weight.copy_(t(w.w2[m].T))
+            e[2].bias.copy_(t(w.b2[m]))
+
+    def run(x_np: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            x = torch.from_numpy(x_np)
+            B = x.shape[0]
+            lp = torch.log_softmax(ctrl(x).view(B, k, M), dim=-1)  # (B, K, M)
+            a = lp.argmax(-1)  # (B, K)
+            mask = torch.zeros(B, M, dtype=torch.bool).scatter_(1, a, True)  # (B, M)
+            out = x.new_zeros(B, w.w2.shape[2])
+            for m in range(M):
+                rows = mask[:, m].nonzero().squeeze(1)
+                if rows.numel():
+                    out.index_add_(0, rows, experts[m](x[rows]))
+            if combine == "mean":
+                out /= mask.sum(1, keepdim=True)
+            return out.numpy()
+
     return run, ""
