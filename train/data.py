@@ -35,8 +35,3 @@ def window(data: torch.Tensor, w: int, bptt: int) -> tuple[torch.Tensor, torch.T
     i = w * bptt
     t = min(bptt, data.shape[0] - 1 - i)
     return data[i : i + t], data[i + 1 : i + 1 + t]
-
-
-def example_ids(w: int, batch: int) -> torch.Tensor:
-    """Stable example indices n = w * B + b of window w's streams. -> (B,)."""
-    return torch.arange(w * batch, (w + 1) * batch)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from modrt._exceptions import CheckpointError, ModrtError
-from modrt.train import data, methods
+from modrt.train import data, distributed, methods
 from modrt.train import model as lm
 from modrt.train.config import ImageModelConfig, ModelConfig, TrainConfig
 
@@ -56,8 +56,6 @@ class PTBTask:
     kind = "ptb"
 
     def __init__(self, corpus, mcfg: ModelConfig, tcfg: TrainConfig, device: torch.device, world=None):
-        from modrt.train import distributed
-
         self.mcfg, self.tcfg, self.device = mcfg, tcfg, device
         self.world = world or distributed.SINGLE
         self.vocab = list(corpus.vocab)
@@ -172,8 +170,6 @@ class ImageTask:
     kind = "cifar10"
 
     def __init__(self, dataset, mcfg: ImageModelConfig, tcfg: TrainConfig, device: torch.device, world=None):
-        from modrt.train import distributed
-
         self.mcfg, self.tcfg, self.device = mcfg, tcfg, device
         self.world = world or distributed.SINGLE
         self.classes = list(dataset.classes)

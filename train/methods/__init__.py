@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from modrt.train.config import TrainConfig
-from modrt.train.methods.base import Batch, Images, Losses, Method, Window, nll_of, stats
+from modrt.train.methods.base import Batch, Images, Losses, Method, Window, stats
 
 
 def build(model, mcfg, tcfg: TrainConfig, examples: int, positions: int,
@@ -35,4 +35,4 @@ def build(model, mcfg, tcfg: TrainConfig, examples: int, positions: int,
     return cls(model, mcfg, tcfg, examples, positions)
 
 
-__all__ = ["Batch", "Images", "Losses", "Method", "Window", "build", "nll_of", "stats"]
+__all__ = ["Batch", "Images", "Losses", "Method", "Window", "build", "stats"]

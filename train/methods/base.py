@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from modrt.train import distributed
 from modrt.train import model as lm
 from modrt.train.config import ModelConfig, TrainConfig
 
@@ -90,8 +91,6 @@ class Method:
     def __init__(self, model: lm.ModularLM, mcfg: ModelConfig, tcfg: TrainConfig, examples: int, positions: int):
         """``examples``: N, the training examples (PTB: windows x streams; images: images);
         ``positions``: P, the selections each one holds (PTB: time steps; images: layers)."""
-        from modrt.train import distributed
-
         self.model, self.mcfg, self.tcfg = model, mcfg, tcfg
         self.examples, self.positions = examples, positions
         # The run's processes (``distributed.World``; the trainer sets it): one process, where
@@ -119,11 +118,6 @@ class Method:
         """Restore ``state()`` from a checkpoint."""
 
 
-def nll_of(model, out, y: torch.Tensor) -> torch.Tensor:
-    """-mean log p(y | ...) per token (or image) of a forward pass (with gradient)."""
-    return -model.example_log_likelihood(out, y).mean()
-
-
 def stats(out, modules: int, world=None) -> dict[str, torch.Tensor]:
     """Controller entropies (nats) and module usage of one step's forward pass; with a
     ``world`` of several processes, of the whole batch over all of them."""
@@ -140,4 +134,4 @@ def stats(out, modules: int, world=None) -> dict[str, torch.Tensor]:
     return {"entropy_example": ex, "entropy_batch": batch, "usage": counts}
 
 
-__all__ = ["Batch", "Images", "Losses", "Method", "Window", "nll_of", "stats"]
+__all__ = ["Batch", "Images", "Losses", "Method", "Window", "stats"]
