@@ -13,6 +13,7 @@ import click
 
 from modrt._exceptions import CheckpointError, ModrtError
 from modrt.train.config import (
+    A_STAR_INITS,
     E_STEPS,
     EM_ONLY,
     METHODS,
@@ -158,6 +159,11 @@ _run_options = _options(
               help="Precision of the E-step's head matmul (its scores only rank candidates). bfloat16 "
                    "scored 1.7x faster on a CPU with AMX (and suits GPUs); scores move by ~0.02 nats per "
                    "window, so a near-tie between candidates may resolve the other way.")
+@click.option("--a-star-init", type=click.Choice(A_STAR_INITS), default=_T.a_star_init, show_default=True,
+              help="EM: how the a* memory starts. random: uniform draws (the paper). hash: each "
+                   "position's a* is the modules hash routing's frequency-balanced table gives its "
+                   "input word (Roller et al. 2021), a balanced start the controller can learn from "
+                   "the word alone; the E-step then moves it only where a candidate scores better.")
 @_method_options
 @click.option("--embedding", type=click.IntRange(min=1), default=_M.embedding, show_default=True,
               help="E, word embedding width.")

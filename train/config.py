@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, fields
 
 METHODS = ("em", "dense", "reinforce", "noisy-topk", "hash")
 E_STEPS = ("window", "position")
+# How EM's a* memory starts: uniform at random, or the hash table's modules of each input word.
+A_STAR_INITS = ("random", "hash")
 COMBINE_RULES = ("sum", "mean", "gate")
 DEVICES = ("auto", "cpu", "cuda")
 E_STEP_DTYPES = ("float32", "bfloat16")
@@ -185,6 +187,10 @@ class TrainConfig:
     warm_start: int = 0
     # EM: the prior weight rises linearly from 0 to prior_weight over this many steps.
     prior_anneal: int = 0
+    # EM: the a* memory's start. "random": uniform (the paper). "hash" (PTB): each position's
+    # a* is the K modules that hash routing's frequency-balanced table gives its input word
+    # (methods/hash.py), so EM starts from a balanced, input-determined decomposition.
+    a_star_init: str = "random"
     bptt: int = 35  # T: time steps per training window
     batch_size: int = 64  # B: parallel streams (batchify)
     eval_batch_size: int = 10  # streams for validation / test perplexity
@@ -218,6 +224,8 @@ class TrainConfig:
             raise ValueError(f"e_step {self.e_step!r} unknown; choose one of {', '.join(E_STEPS)}")
         if self.balance_rate < 0 or self.warm_start < 0 or self.prior_anneal < 0:
             raise ValueError("balance_rate, warm_start and prior_anneal must not be negative")
+        if self.a_star_init not in A_STAR_INITS:
+            raise ValueError(f"a_star_init {self.a_star_init!r} unknown; choose one of {', '.join(A_STAR_INITS)}")
         if self.e_step_dtype not in E_STEP_DTYPES:
             raise ValueError(f"e_step_dtype {self.e_step_dtype!r} unknown; choose one of {', '.join(E_STEP_DTYPES)}")
         if self.device not in DEVICES:
@@ -240,7 +248,7 @@ def from_dict(cls, d: dict):
 
 # TrainConfig fields only EM reads, with their defaults: other methods refuse them.
 EM_ONLY = {"samples": 10, "e_step_every": 1, "prior_weight": 0.0, "e_step": "window", "balance_rate": 0.0,
-           "warm_start": 0, "prior_anneal": 0, "e_step_dtype": "float32"}
+           "warm_start": 0, "prior_anneal": 0, "e_step_dtype": "float32", "a_star_init": "random"}
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "ImageModelConfig", "ModelConfig", "TrainConfig", "asdict", "from_dict",
            "METHODS", "RESUMABLE_CHANGES"]

@@ -45,6 +45,11 @@ ROWS = {
                                                "4", "--balance-rate", "0.3", "--warm-start", "100"]),
     "em-warm-position-balance-M5K1": (5, 1, ["--method", "em", *JOINT, "--e-step", "position", "--samples",
                                              "4", "--balance-rate", "0.3", "--warm-start", "100"]),
+    # a* starts from hash routing's table, not at random (docs/design-notes.md, "E-step variants")
+    "em-hash-position-balance-M15K1": (15, 1, ["--method", "em", *JOINT, "--e-step", "position", "--samples",
+                                               "4", "--balance-rate", "0.3", "--a-star-init", "hash"]),
+    "em-hash-position-balance-M5K1": (5, 1, ["--method", "em", *JOINT, "--e-step", "position", "--samples",
+                                             "4", "--balance-rate", "0.3", "--a-star-init", "hash"]),
 }
 
 
@@ -59,6 +64,8 @@ def variant(train_config: dict, method: str) -> str:
         parts.append("warm")
     if train_config.get("prior_anneal"):
         parts.append("anneal")
+    if train_config.get("a_star_init", "random") != "random":
+        parts.append(f"{train_config['a_star_init']}-init")
     parts.append("joint" if train_config.get("prior_weight") else "likelihood")
     return "+".join(parts)
 

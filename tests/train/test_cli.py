@@ -139,7 +139,7 @@ def test_train_cifar10_help_lists_every_field_it_uses(tmp_path):
     help_text = modrt("train", "cifar10", "--help", cwd=tmp_path).stdout
     # Set by the task or the data (classes, image size, normalisation), or PTB's alone.
     not_options = {"task", "classes", "in_channels", "image", "mean", "std", "bptt", "eval_batch_size", "e_step",
-                   "e_step_dtype"}
+                   "e_step_dtype", "a_star_init"}
     for f in [*fields(ImageModelConfig), *fields(TrainConfig)]:
         if f.name not in not_options:
             assert f"--{f.name.replace('_', '-')}" in help_text, f.name
@@ -157,6 +157,8 @@ def test_train_cifar10_help_lists_every_field_it_uses(tmp_path):
     (["--method", "reinforce", "--balance-rate", "0.1"], "--balance-rate is an EM option"),
     (["--method", "hash", "--e-step", "position"], "--e-step is an EM option"),
     (["--method", "dense", "--modules", "1", "--warm-start", "5"], "--warm-start is an EM option"),
+    (["--method", "hash", "--a-star-init", "hash"], "--a-star-init is an EM option"),
+    (["--a-star-init", "words"], "--a-star-init"),
     (["--warm-start", "-1"], "--warm-start"),
 ])
 def test_bad_options_exit_2(tmp_path, args, says):

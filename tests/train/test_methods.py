@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from modrt.train import data
 from modrt.train import model as lm
 from modrt.train.config import ModelConfig, TrainConfig
 from modrt.train.methods import Window, build, em, hash
@@ -153,6 +154,36 @@ def test_hash_routing_follows_the_current_word(tiny_model_config):
     assert torch.equal(losses.out.a[..., 0], model.hash_table[x, 0])
     assert model.layer.controller is None and losses.aux == {}
     assert not mcfg.exportable
+
+
+def test_hash_start_gives_each_position_its_input_words_modules(tiny_model_config):
+    # 23 rows of 3 streams, T=6: windows 0-2 full, window 3 of 4 steps (rows 18-21 in, 19-22 out)
+    k = 2
+    mcfg = tiny_model_config(vocab_size=V, modules=M, k=k)
+    tokens = torch.randint(0, V, (23, 3), generator=torch.Generator().manual_seed(5))
+    W, S = 4, 3
+    method = build(lm.ModularLM(mcfg), mcfg, TrainConfig(bptt=T, batch_size=S, a_star_init="hash"), W * S, T, tokens)
+    table = hash.balanced_table(torch.bincount(tokens.flatten(), minlength=V), M, k)
+    memory = method.state()["memory"]
+    assert memory.shape == (W * S, T, k) and memory.dtype == torch.int16
+    for w in range(W):
+        x, _ = data.window(tokens, w, T)
+        for b in range(S):
+            assert torch.equal(memory[w * S + b, : len(x)].long(), table[x[:, b]]), (w, b)
+    # a random start is another memory of the same shape
+    rand = build(lm.ModularLM(mcfg), mcfg, TrainConfig(bptt=T, batch_size=S), W * S, T, tokens).state()["memory"]
+    assert rand.shape == memory.shape and not torch.equal(rand, memory)
+
+
+def test_hash_start_refuses_images_and_other_methods():
+    from modrt.train import conv
+    from modrt.train.config import ImageModelConfig
+
+    icfg = ImageModelConfig(channels=(4,), modules=2)
+    with pytest.raises(ValueError, match="images have none"):
+        build(conv.ModularConvNet(icfg), icfg, TrainConfig(a_star_init="hash"), 10, 1)
+    with pytest.raises(ValueError, match="a_star_init 'words' unknown"):
+        TrainConfig(a_star_init="words")
 
 
 def test_warm_start_copies_the_dense_cell(tiny_model_config):

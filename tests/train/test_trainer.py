@@ -50,7 +50,7 @@ def test_dense_baseline_trains(tmp_path, tiny_corpus, tiny_model_config, tiny_tr
 # Every method, and EM with every E-step variant on at once (warm start ends at step 3,
 # before the stop at 7; the prior anneals over the steps after it).
 EM_VARIANTS = {"e_step": "position", "samples": 3, "balance_rate": 0.05, "warm_start": 3, "prior_anneal": 6,
-               "prior_weight": 1.0}
+               "prior_weight": 1.0, "a_star_init": "hash"}
 
 
 @pytest.mark.parametrize("method", ["em", "em-variants", "reinforce", "noisy-topk", "hash", "dense"])

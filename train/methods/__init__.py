@@ -30,7 +30,7 @@ def build(model, mcfg, tcfg: TrainConfig, examples: int, positions: int,
 
     cls = {"em": em.EM, "reinforce": reinforce.Reinforce, "noisy-topk": noisy_topk.NoisyTopK,
            "dense": dense.Dense, "hash": hash.Hash}[mcfg.method]
-    if cls is hash.Hash:
+    if cls in (hash.Hash, em.EM):  # hash routing's table; EM's a* start from it (--a-star-init hash)
         return cls(model, mcfg, tcfg, examples, positions, train_tokens)
     return cls(model, mcfg, tcfg, examples, positions)
 

@@ -22,7 +22,12 @@ Variants, each a TrainConfig option; none adds a term to the M-step's loss:
   scores, moved against each module's load after every E-step, with no gradient;
 - ``warm_start``: sparse upcycling (Komatsuzaki et al. 2023): a dense cell trained first,
   then copied into every module with small noise;
-- ``prior_anneal``: the prior weight raised linearly from 0 over the first steps.
+- ``prior_anneal``: the prior weight raised linearly from 0 over the first steps;
+- ``a_star_init="hash"`` (PTB): the memory starts from hash routing's frequency-balanced
+  word -> module table (Roller et al. 2021; ``methods/hash.py``) instead of uniform draws:
+  every module starts with an equal share of the text and a selection the controller can
+  learn from the input word alone. EM's E-step then only replaces it where a candidate
+  scores better, as from any other start.
 
 M-step: one gradient step on -mean log p(y|x,a*) - mean log p(a*|x): the first trains the
 modules (only the selected ones get gradient) and the rest of the network, the second
@@ -36,12 +41,24 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from modrt.train import data, routing
 from modrt.train import model as lm
-from modrt.train import routing
 from modrt.train.methods.base import Batch, Losses, Method, Window
+from modrt.train.methods.hash import balanced_table
 
 # Warm start: the copies differ from the dense cell by Gaussian noise of this std.
 UPCYCLE_NOISE = 0.01
+
+
+def hashed_memory(tokens: torch.Tensor, bptt: int, modules: int, k: int, vocab: int) -> torch.Tensor:
+    """The a* memory (W*B, T, K) int16 that hash routing's table gives: row n = w*B + b,
+    position t holds the modules of window w's input word x_t in stream b
+    (``data.window``; a short last window's unused positions get word 0's)."""
+    table = balanced_table(torch.bincount(tokens.flatten(), minlength=vocab), modules, k)  # (V, K)
+    W, B = data.num_windows(tokens, bptt), tokens.shape[1]
+    x = tokens[:-1]  # every window's inputs, back to back (the targets are x shifted by one)
+    x = torch.cat([x, x.new_zeros(W * bptt - len(x), B)])  # (W*T, B)
+    return table[x.view(W, bptt, B).permute(0, 2, 1).reshape(W * B, bptt)].to(torch.int16)
 
 
 def e_step_due(window: int, epoch: int, every: int) -> bool:
@@ -235,16 +252,25 @@ def m_step_of(model, w: Batch, a_star: torch.Tensor) -> Losses:
 class EM(Method):
     """Owns the a* memory (one (P, K) selection per example: PTB n = window * B + stream,
     P time steps; images n = the image's index, P modular layers; uniform at random at
-    first), the E-step schedule and variant, the balancing bias and the warm start."""
+    first, or hash-initialised), the E-step schedule and variant, the balancing bias and the
+    warm start. ``train_tokens``: PTB's batchified training text (N/B, B), for the hash start."""
 
     name = "em"
 
-    def __init__(self, model, mcfg, tcfg, examples, positions):
+    def __init__(self, model, mcfg, tcfg, examples, positions, train_tokens: torch.Tensor | None = None):
         super().__init__(model, mcfg, tcfg, examples, positions)
         K, M = mcfg.k, mcfg.modules
-        if tcfg.e_step == "position" and not isinstance(model, lm.ModularLM):
+        recurrent = isinstance(model, lm.ModularLM)
+        if tcfg.e_step == "position" and not recurrent:
             raise ValueError("the position E-step walks a recurrent window; it has no meaning for images")
-        self.memory = torch.randint(0, M, (examples, positions, K), dtype=torch.int16)
+        if tcfg.a_star_init == "hash":
+            if not recurrent or train_tokens is None:
+                raise ValueError("the hash start keys a* on input words; images have none (use random)")
+            self.memory = hashed_memory(train_tokens, positions, M, K, mcfg.vocab_size)
+        else:
+            self.memory = torch.randint(0, M, (examples, positions, K), dtype=torch.int16)
+        if self.memory.shape != (examples, positions, K):
+            raise ValueError(f"a* memory {tuple(self.memory.shape)} != {(examples, positions, K)}")
         # One bias row per modular layer that has its own modules (PTB: one layer, (M,)).
         groups = len(model.module_lists())
         self.bias = torch.zeros(M) if groups == 1 else torch.zeros(groups, M)
