@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from modrt.train import data, routing
 from modrt.train import model as lm
 from modrt.train.methods.base import Batch, Losses, Method, Window
-from modrt.train.methods.hash import balanced_table
+from modrt.train.methods.hash import table_of
 
 # Warm start: the copies differ from the dense cell by Gaussian noise of this std.
 UPCYCLE_NOISE = 0.01
@@ -54,7 +54,7 @@ def hashed_memory(tokens: torch.Tensor, bptt: int, modules: int, k: int, vocab: 
     """The a* memory (W*B, T, K) int16 that hash routing's table gives: row n = w*B + b,
     position t holds the modules of window w's input word x_t in stream b
     (``data.window``; a short last window's unused positions get word 0's)."""
-    table = balanced_table(torch.bincount(tokens.flatten(), minlength=vocab), modules, k)  # (V, K)
+    table = table_of(tokens, vocab, modules, k)  # (V, K)
     W, B = data.num_windows(tokens, bptt), tokens.shape[1]
     x = tokens[:-1]  # every window's inputs, back to back (the targets are x shifted by one)
     x = torch.cat([x, x.new_zeros(W * bptt - len(x), B)])  # (W*T, B)

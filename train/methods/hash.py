@@ -27,14 +27,18 @@ def balanced_table(counts: torch.Tensor, modules: int, k: int) -> torch.Tensor:
     return table
 
 
+def table_of(tokens: torch.Tensor, vocab: int, modules: int, k: int) -> torch.Tensor:
+    """The balanced table (V, K) for a training text (any shape of token ids)."""
+    return balanced_table(torch.bincount(tokens.flatten().cpu(), minlength=vocab), modules, k)
+
+
 class Hash(Method):
     name = "hash"
 
     def __init__(self, model, mcfg, tcfg, examples, positions, train_tokens: torch.Tensor | None = None):
         super().__init__(model, mcfg, tcfg, examples, positions)
         if train_tokens is not None:
-            counts = torch.bincount(train_tokens.flatten().cpu(), minlength=mcfg.vocab_size)
-            model.hash_table.copy_(balanced_table(counts, mcfg.modules, mcfg.k))
+            model.hash_table.copy_(table_of(train_tokens, mcfg.vocab_size, mcfg.modules, mcfg.k))
 
     def losses(self, w: Window) -> Losses:
         out, ll = self.model.run_scored(w.x, w.h, None, w.y)
