@@ -94,6 +94,9 @@ _method_options = _options(
     click.option("--balance-rate", type=click.FloatRange(min=0), default=_T.balance_rate, show_default=True,
                  help="EM: loss-free balancing (Wang et al. 2024). A per-module bias on the E-step's scores, "
                       "moved this many nats per E-step towards under-used modules; no loss term. 0: off."),
+    click.option("--capacity", type=click.FloatRange(min=0), default=_T.capacity, show_default=True,
+                 help="EM, --e-step word: a word may move into a module only while that module holds at most "
+                      "this many times an even share of the training tokens (BASE layers' capacity). 0: no cap."),
     click.option("--warm-start", type=click.IntRange(min=0), default=_T.warm_start, show_default=True,
                  help="EM: train modules 0..K-1 densely for this many steps, then copy them into every module "
                       "with small noise (sparse upcycling) and start EM. 0: off."),
@@ -153,7 +156,10 @@ _run_options = _options(
               help="EM's search. window: S whole-window candidates (a* and S-1 controller draws), the "
                    "best by the window's score. position: walk the window, at each step keep the best of "
                    "a*_t and S-1 draws (K=1, S>=M: every module) by that step's score, then accept the "
-                   "path only if its window score beats a*'s (never worse).")
+                   "path only if its window score beats a*'s (never worse). word (PTB): a* is a word -> "
+                   "modules table; at every position one-slot changes of the input word's entry are scored "
+                   "by that step's likelihood, and a word moves to the change that gained over its "
+                   "occurrences (the controller learns the table; likelihood score, no --prior-weight).")
 @click.option("--e-step-dtype", type=click.Choice(["float32", "bfloat16"]), default=_T.e_step_dtype,
               show_default=True,
               help="Precision of the E-step's head matmul (its scores only rank candidates). bfloat16 "

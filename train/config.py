@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 METHODS = ("em", "dense", "reinforce", "noisy-topk", "hash")
-E_STEPS = ("window", "position")
+E_STEPS = ("window", "position", "word")
 # How EM's a* memory starts: uniform at random, or the hash table's modules of each input word.
 A_STAR_INITS = ("random", "hash")
 COMBINE_RULES = ("sum", "mean", "gate")
@@ -177,11 +177,18 @@ class TrainConfig:
     # EM's E-step search (docs/design-notes.md, "E-step variants"). "window": S whole-window
     # candidates (a* and S-1 controller draws), the best by the window's score. "position":
     # walk the window step by step, keep the best of a*_t and S-1 draws at each step by that
-    # step's score, accept the new path only if its window score is not below a*'s.
+    # step's score, accept the new path only if its window score is not below a*'s. "word"
+    # (PTB): a* is a word -> modules table (a* at a position: its input word's entry); the
+    # E-step moves a word's entry to the one-slot change that scored better over its
+    # occurrences (methods/em.py, word_e_step).
     e_step: str = "window"
     # EM: loss-free balancing (Wang et al. 2024): a per-module bias added to the E-step's
     # scores (not to any loss), moved by this many nats per E-step against the module's load.
     balance_rate: float = 0.0
+    # EM, word E-step: a word may move into a module only if that keeps the module's share of
+    # the training tokens at most this many times an even share (BASE layers' capacity, Lewis
+    # et al. 2021, on the word table). 0: no cap.
+    capacity: float = 0.0
     # EM: train a dense cell (modules 0..K-1 on every row) for this many steps, then copy it
     # into every module with small noise (sparse upcycling, Komatsuzaki et al. 2023).
     warm_start: int = 0
@@ -222,6 +229,12 @@ class TrainConfig:
             raise ValueError("importance_weight and load_weight must not be negative")
         if self.e_step not in E_STEPS:
             raise ValueError(f"e_step {self.e_step!r} unknown; choose one of {', '.join(E_STEPS)}")
+        if self.e_step == "word" and (self.prior_weight or self.prior_anneal):
+            raise ValueError("the word E-step scores likelihood only (a table of words is always predictable "
+                             "from the input word): --prior-weight / --prior-anneal do not apply to it")
+        if self.capacity and (self.e_step != "word" or self.capacity < 1):
+            raise ValueError("capacity caps the word E-step's modules at a multiple >= 1 of an even share of the "
+                             "text: it needs --e-step word and a value >= 1 (0: off)")
         if self.balance_rate < 0 or self.warm_start < 0 or self.prior_anneal < 0:
             raise ValueError("balance_rate, warm_start and prior_anneal must not be negative")
         if self.a_star_init not in A_STAR_INITS:
@@ -248,7 +261,8 @@ def from_dict(cls, d: dict):
 
 # TrainConfig fields only EM reads, with their defaults: other methods refuse them.
 EM_ONLY = {"samples": 10, "e_step_every": 1, "prior_weight": 0.0, "e_step": "window", "balance_rate": 0.0,
-           "warm_start": 0, "prior_anneal": 0, "e_step_dtype": "float32", "a_star_init": "random"}
+           "warm_start": 0, "prior_anneal": 0, "e_step_dtype": "float32", "a_star_init": "random",
+           "capacity": 0.0}
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "ImageModelConfig", "ModelConfig", "TrainConfig", "asdict", "from_dict",
            "METHODS", "RESUMABLE_CHANGES"]

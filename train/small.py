@@ -50,6 +50,13 @@ ROWS = {
                                                "4", "--balance-rate", "0.3", "--a-star-init", "hash"]),
     "em-hash-position-balance-M5K1": (5, 1, ["--method", "em", *JOINT, "--e-step", "position", "--samples",
                                              "4", "--balance-rate", "0.3", "--a-star-init", "hash"]),
+    # a* is a word -> module table, hash-started, capped at 1.2x an even share, after a
+    # 100-step dense warm start; the E-step moves a word's entry (docs/design-notes.md,
+    # "E-step variants"). Likelihood score: a table is predictable from its word.
+    "em-word-hash-cap-warm-M15K1": (15, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
+                                            "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
+    "em-word-hash-cap-warm-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
+                                          "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
 }
 
 
@@ -60,6 +67,8 @@ def variant(train_config: dict, method: str) -> str:
     parts = [train_config.get("e_step", "window")]
     if train_config.get("balance_rate"):
         parts.append("balance")
+    if train_config.get("capacity"):
+        parts.append(f"capacity {train_config['capacity']:g}")
     if train_config.get("warm_start"):
         parts.append("warm")
     if train_config.get("prior_anneal"):

@@ -160,6 +160,10 @@ def test_train_cifar10_help_lists_every_field_it_uses(tmp_path):
     (["--method", "hash", "--a-star-init", "hash"], "--a-star-init is an EM option"),
     (["--a-star-init", "words"], "--a-star-init"),
     (["--warm-start", "-1"], "--warm-start"),
+    (["--e-step", "word", "--prior-weight", "1"], "scores likelihood only"),
+    (["--capacity", "1.2"], "needs --e-step word"),
+    (["--e-step", "word", "--capacity", "0.5"], "a value >= 1"),
+    (["--method", "hash", "--capacity", "1.2"], "--capacity is an EM option"),
 ])
 def test_bad_options_exit_2(tmp_path, args, says):
     p = modrt("train", "ptb", *args, "--out", tmp_path / "run", cwd=tmp_path)

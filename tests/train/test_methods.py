@@ -227,3 +227,124 @@ def test_export_refuses_a_hash_checkpoint(tmp_path, tiny_corpus, tiny_model_conf
     assert summary["modules_in_use"] >= 2  # the balanced table spreads the words
     with pytest.raises(ExportError, match="training baseline"):
         export(tmp_path / "run" / "ckpt.pt", tmp_path / "bundle", progress=False)
+
+
+# --- the word E-step: a* is a word -> modules table --------------------------------------------
+
+
+@pytest.mark.parametrize("k,samples,all_modules", [(1, M, True), (2, 3, False), (1, 2, False)])
+def test_word_e_step_gains_are_one_step_changes_of_the_table(tiny_model_config, k, samples, all_modules):
+    # hidden 300: M * H > 1024, so the step dispatches rows to modules (the path of large cells)
+    model, x, y, h = _setup(tiny_model_config, k=k, **({} if all_modules else {"hidden": 300}))
+    assert model.layer.compute_all == all_modules
+    table = torch.rand(V, M, generator=torch.Generator().manual_seed(3)).argsort(1)[:, :k]
+    g = em.word_e_step(model, x, y, h, table, samples, keys=torch.arange(B))
+    C = k * (M - k) if samples - 1 >= k * (M - k) else samples - 1
+    assert g.gain.shape == g.slot.shape == g.module.shape == (T, B, C)
+    a = table[x]
+    for t, b, c in [(0, 0, 0), (T - 1, B - 1, C - 1), (2, 3, C // 2)]:
+        assert not (a[t, b] == g.module[t, b, c]).any()  # a module the word's entry does not hold
+        changed = a.clone()
+        changed[t, b, g.slot[t, b, c]] = g.module[t, b, c]
+        # the brute force: the whole window re-run with that one position changed
+        with torch.no_grad():
+            ll = model.token_log_likelihood(model(x, h, lm.given(changed)).hs, y)
+            ll0 = model.token_log_likelihood(model(x, h, lm.given(a)).hs, y)
+        assert float(g.gain[t, b, c]) == pytest.approx(float(ll[t, b] - ll0[t, b]), abs=1e-4)
+    if all_modules:  # every module scored at every position
+        assert torch.equal(g.module.sort(-1).values, torch.stack([
+            torch.tensor([m for m in range(M) if m != int(a[t, b, 0])]) for t in range(T) for b in range(B)
+        ]).view(T, B, M - 1))
+    # keyed draws are a function of the example keys alone
+    again = em.word_e_step(model, x, y, h, table, samples, keys=torch.arange(B))
+    assert torch.equal(again.module, g.module)
+
+
+def test_word_decide_moves_a_word_only_for_a_gain_seen_often_enough():
+    K, Mw, Vw = 1, 3, 4
+    table = torch.tensor([[0], [1], [2], [0]])
+    gain, square, seen = (torch.zeros(Vw, K, Mw) for _ in range(3))
+
+    def scored(w, m, gains):
+        gain[w, 0, m], square[w, 0, m], seen[w, 0, m] = sum(gains), sum(g * g for g in gains), len(gains)
+
+    scored(0, 2, [0.5, 0.5, 0.5])  # word 0: +0.5 per occurrence for module 2, no spread -> moves
+    scored(0, 1, [0.1, 0.1])  # ... a smaller gain for module 1 -> not taken
+    scored(1, 0, [-1.0, -2.0])  # word 1: a loss -> stays
+    scored(2, 1, [4.0])  # word 2: a gain seen once -> stays (too few)
+    scored(3, 1, [4.0, 4.0])  # word 3: a gain, but not in this window -> stays
+    words = torch.tensor([True, True, True, False])
+    change = em.word_decide(table, gain, square, seen, words)
+    assert change.tolist() == [True, False, False, False]
+    assert table.flatten().tolist() == [2, 1, 2, 0]
+    # a positive mean within its noise (+1, -0.6: mean 0.2, standard error 0.8) is not taken
+    table = torch.tensor([[0], [1], [2], [0]])
+    scored(0, 2, [1.0, -0.6])
+    scored(0, 1, [0.3, -0.3])
+    assert not em.word_decide(table, gain, square, seen, words).any()
+    # the balancing bias: module 2 is over-used, so word 0's steady +0.5 for it no longer pays
+    scored(0, 2, [0.5, 0.5, 0.5])
+    change = em.word_decide(table, gain, square, seen, words, bias=torch.tensor([0.0, 0.0, -0.6]))
+    assert not change.any() and table.flatten().tolist() == [0, 1, 2, 0]
+
+
+def test_word_em_trains_on_the_table_and_moves_words(tiny_model_config):
+    # A text where the next word depends on a hidden group of the input word: the table starts
+    # at random, and the E-step changes entries; a* is always the table's entry (per word).
+    mcfg = tiny_model_config(vocab_size=V, modules=M, k=1, dropout=0.0)
+    model = lm.ModularLM(mcfg)
+    tokens = torch.randint(0, V, (4 * T + 1, B), generator=torch.Generator().manual_seed(2))
+    tcfg = TrainConfig(bptt=T, batch_size=B, e_step="word", samples=M, balance_rate=0.1)
+    method = build(model, mcfg, tcfg, 4 * B, T, tokens)
+    start = method.table.clone()
+    assert method.memory is None and start.shape == (V, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    moved = 0
+    for step in range(12):
+        wi = step % 4
+        x, y = data.window(tokens, wi, T)
+        losses = method.losses(Window(x, y, model.init_hidden(B), wi, step // 4, step))
+        assert torch.equal(losses.out.a, method.table[x])  # the M-step follows the table
+        moved += losses.info["e_changed"]
+        opt.zero_grad()
+        losses.total.backward()
+        opt.step()
+    assert moved > 0 and not torch.equal(method.table, start)
+    assert method.bias.abs().sum() > 0  # the balancing bias moved
+    state = method.state()
+    fresh = build(lm.ModularLM(mcfg), mcfg, tcfg, 4 * B, T, tokens)
+    fresh.load_state(state)
+    assert torch.equal(fresh.table, method.table) and torch.equal(fresh.gain, method.gain)
+
+
+def test_word_e_step_refusals(tiny_model_config):
+    from modrt.train import conv
+    from modrt.train.config import ImageModelConfig
+
+    with pytest.raises(ValueError, match="scores likelihood only"):
+        TrainConfig(e_step="word", prior_weight=1.0)
+    icfg = ImageModelConfig(channels=(4,), modules=2)
+    with pytest.raises(ValueError, match="no meaning for images"):
+        build(conv.ModularConvNet(icfg), icfg, TrainConfig(e_step="word"), 10, 1)
+    mcfg = tiny_model_config(vocab_size=V, modules=2, k=2)
+    with pytest.raises(ValueError, match="no other"):
+        build(lm.ModularLM(mcfg), mcfg, TrainConfig(e_step="word"), 1, T, torch.zeros(7, 1, dtype=torch.long))
+
+
+def test_word_decide_capacity_keeps_every_module_within_its_share():
+    # 4 words of 10 tokens each on 2 modules: 20 / 20. Every word gains from module 0, but
+    # a cap of 1.5 x the even share (30 tokens) lets only the best gainer move there.
+    table = torch.tensor([[0], [0], [1], [1]])
+    gain, square, seen = (torch.zeros(4, 1, 2) for _ in range(3))
+    for w, g in [(2, 0.9), (3, 0.5)]:
+        gain[w, 0, 0], square[w, 0, 0], seen[w, 0, 0] = 3 * g, 3 * g * g, 3
+    counts = torch.full((4,), 10.0, dtype=torch.double)
+    load = torch.tensor([20.0, 20.0], dtype=torch.double)
+    change = em.word_decide(table, gain, square, seen, torch.ones(4, dtype=torch.bool), capacity=(counts, load, 1.5))
+    assert change.tolist() == [False, False, True, False]
+    assert table.flatten().tolist() == [0, 0, 0, 1] and load.tolist() == [30.0, 10.0]
+    # uncapped, both move
+    table = torch.tensor([[0], [0], [1], [1]])
+    assert em.word_decide(table, gain, square, seen, torch.ones(4, dtype=torch.bool)).sum() == 2
+    with pytest.raises(ValueError, match="needs --e-step word"):
+        TrainConfig(capacity=1.2)

@@ -51,16 +51,18 @@ def test_dense_baseline_trains(tmp_path, tiny_corpus, tiny_model_config, tiny_tr
 # before the stop at 7; the prior anneals over the steps after it).
 EM_VARIANTS = {"e_step": "position", "samples": 3, "balance_rate": 0.05, "warm_start": 3, "prior_anneal": 6,
                "prior_weight": 1.0, "a_star_init": "hash"}
+# The word E-step: a word table, its gain statistics and the capacity's loads carry over.
+EM_WORD = {"e_step": "word", "samples": 3, "capacity": 1.5, "warm_start": 3, "a_star_init": "hash"}
 
 
-@pytest.mark.parametrize("method", ["em", "em-variants", "reinforce", "noisy-topk", "hash", "dense"])
+@pytest.mark.parametrize("method", ["em", "em-variants", "em-word", "reinforce", "noisy-topk", "hash", "dense"])
 def test_stop_and_resume_is_exact(tmp_path, tiny_corpus, tiny_model_config, tiny_train_config, method):
     # 37 rows of 4 streams, T=5: 8 windows per epoch, the last one a single step; 14 steps
     # cross an epoch end (validation, hidden state reset) on either side of the stop.
     corpus = tiny_corpus(vocab=10, train=148, repeat=False)
     extra = {"noisy-topk": {"k": 2, "combine": "gate"}, "dense": {"modules": 1}}.get(method, {})
-    train_extra = EM_VARIANTS if method == "em-variants" else {}
-    method = "em" if method == "em-variants" else method
+    train_extra = {"em-variants": EM_VARIANTS, "em-word": EM_WORD}.get(method, {})
+    method = "em" if method.startswith("em") else method
     # dropout: the RNG state must carry over (and REINFORCE's draws, noisy top-k's noise)
     mcfg = tiny_model_config(vocab_size=10, dropout=0.3, method=method, **extra)
     N = 14
@@ -93,7 +95,9 @@ def test_stop_and_resume_is_exact(tmp_path, tiny_corpus, tiny_model_config, tiny
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key
-    if method == "em":
+    if method == "em" and train_extra.get("e_step") == "word":
+        assert a["memory"] is None and a["table"].shape == (10, 1) and a["seen"].sum() > 0
+    elif method == "em":
         assert a["memory"].shape == (whole.windows * 4, 5, 1)
     if method == "reinforce":
         assert a["baseline"] is not None

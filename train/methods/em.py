@@ -23,6 +23,10 @@ Variants, each a TrainConfig option; none adds a term to the M-step's loss:
 - ``warm_start``: sparse upcycling (Komatsuzaki et al. 2023): a dense cell trained first,
   then copied into every module with small noise;
 - ``prior_anneal``: the prior weight raised linearly from 0 over the first steps;
+- ``e_step="word"`` (PTB): a* is a word -> modules table, not a memory per position
+  (``word_e_step``): a* at every position is the table's entry for its input word, so the
+  controller can always predict it from its input; the E-step changes a word's entry when an
+  alternative scored better on its occurrences;
 - ``a_star_init="hash"`` (PTB): the memory starts from hash routing's frequency-balanced
   word -> module table (Roller et al. 2021; ``methods/hash.py``) instead of uniform draws:
   every module starts with an equal share of the text and a selection the controller can
@@ -48,6 +52,12 @@ from modrt.train.methods.hash import table_of
 
 # Warm start: the copies differ from the dense cell by Gaussian noise of this std.
 UPCYCLE_NOISE = 0.01
+# The word E-step changes a word's entry only where the gain is evidence, not noise: an
+# alternative scored on at least WORD_MIN_SEEN of the word's occurrences whose mean gain is
+# above WORD_Z standard errors (in a 60-step pilot, moving on any positive mean moved a third
+# of each window's words per step while the modules were still alike).
+WORD_MIN_SEEN = 2
+WORD_Z = 2.0
 
 
 def hashed_memory(tokens: torch.Tensor, bptt: int, modules: int, k: int, vocab: int) -> torch.Tensor:
@@ -236,6 +246,117 @@ def distinct_log_likelihood(model: lm.ModularLM, states: torch.Tensor, y_t: torc
     return ll.gather(1, first)
 
 
+class WordGains(NamedTuple):
+    """The word E-step's evidence from one window: candidate c at position (t, b) is the
+    table's selection for x[t, b] with slot ``slot`` set to module ``module``."""
+
+    gain: torch.Tensor  # (T, B, C) log p(y_t | candidate) - log p(y_t | a*_t), one step
+    slot: torch.Tensor  # (T, B, C) long
+    module: torch.Tensor  # (T, B, C) long
+
+
+@torch.no_grad()
+def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, table: torch.Tensor,
+                samples: int, dtype: torch.dtype | None = None, keys: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> WordGains:
+    """Score one-slot changes of the word table's selections along a window.
+
+    a*_t = table[x_t] (T, B, K). The RNN follows a*; at every position, from the state a*
+    reached there, each candidate (a*_t with one slot set to a module it does not hold) is
+    scored by that step's log p(y_t | x, candidate) against a*_t's: a one-step lookahead, all
+    positions at once. Candidates: every (slot, module) pair when S - 1 >= K (M - K) (K=1,
+    S >= M: every module), else S - 1 uniform draws of a pair, keyed by example (``keys``
+    (B,), as ``e_step_of``) or from ``generator``. Ties and losses are gains <= 0, which never
+    change the table (``EM.word_update``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        T, B = x.shape
+        K, M = model.cfg.k, model.cfg.modules
+        layer = model.layer
+        a = table[x]  # (T, B, K)
+        out = model(x, h, lm.given(a))
+        N = T * B
+        prev = torch.cat([h.unsqueeze(0), out.hs[:-1]]).reshape(N, -1)  # the state entering each step
+        flat = a.reshape(N, K)
+        held = torch.zeros(N, M, device=x.device).scatter_(1, flat, 1.0)
+        others = held.argsort(dim=1, stable=True)[:, : M - K]  # (N, M-K) the modules a*_t does not hold
+        pairs = K * (M - K)
+        if samples - 1 >= pairs:
+            r = torch.arange(pairs, device=x.device).expand(N, pairs)
+        elif keys is None:
+            r = torch.randint(0, pairs, (N, samples - 1), generator=generator).to(x.device)
+        else:
+            uniform = torch.zeros(N, samples - 1, pairs, device=x.device)
+            rows = routing.key(keys.view(1, B), torch.arange(T, device=x.device).view(T, 1)).flatten()
+            r = routing.sample_keyed(uniform, rows)  # (N, S-1)
+        slot, module = r // (M - K), others.gather(1, r % (M - K))  # (N, C)
+        C = r.shape[1]
+        cand = flat.unsqueeze(1).repeat(1, C, 1).scatter_(2, slot.unsqueeze(2), module.unsqueeze(2))  # (N, C, K)
+        e = model.embed(x).reshape(N, -1)
+        if layer.compute_all:
+            w_ih, b_ih, w_hh, b_hh = layer.stacked()
+            states = layer.all_states(F.linear(e, w_ih, b_ih), prev, w_hh, b_hh)  # (N, M, H)
+            new = torch.einsum("ncm,nmh->nch", layer.mask(cand.reshape(N * C, K)).view(N, C, M), states)
+        else:
+            new = torch.stack([layer.step(e, prev, cand[:, c]) for c in range(C)], 1)  # (N, C, H)
+        ll = model.token_log_likelihood(new.transpose(0, 1), y.reshape(1, N).expand(C, N), dtype=dtype)  # (C, N)
+        base = model.token_log_likelihood(out.hs, y, dtype=dtype).reshape(1, N)
+        shape = (T, B, C)
+        return WordGains((ll - base).T.reshape(shape), slot.reshape(shape), module.reshape(shape))
+    finally:
+        model.train(was_training)
+
+
+def cap_of(load: torch.Tensor, capacity) -> float:
+    """The most tokens a module may hold: ``capacity[2]`` times an even share of the load."""
+    return capacity[2] * float(load.sum()) / load.numel()
+
+
+def word_decide(table: torch.Tensor, gain: torch.Tensor, square: torch.Tensor, seen: torch.Tensor,
+                words: torch.Tensor, bias: torch.Tensor | None = None, min_seen: int = WORD_MIN_SEEN,
+                z: float = WORD_Z, capacity: tuple | None = None) -> torch.Tensor:
+    """Move each word in ``words`` (V,) bool to its best-scoring one-slot change, in place.
+
+    table (V, K); gain, square, seen (V, K, M): the sum and the sum of squares of the one-step
+    gains of setting slot k to module m over the occurrences that scored it, and how many.
+    A change scores its mean gain less ``z`` standard errors (+ bias[m] - bias[its slot's
+    module]: the balancing bias per position); a word takes its best change when that is
+    above 0 over at least ``min_seen`` occurrences. ``capacity``: (counts (V,) the words'
+    training-text counts, load (M,) each module's tokens under the table (updated in place),
+    factor): no move may take a module above factor x an even share. Returns the changed
+    words (V,) bool."""
+    M = gain.shape[2]
+    n = seen.clamp(min=1)
+    mean = gain / n
+    score = mean - z * ((square / n - mean * mean).clamp(min=0) / n).sqrt()
+    if bias is not None:
+        score = score + bias.view(1, 1, M) - bias[table].unsqueeze(2)
+    score = score.masked_fill((seen < min_seen) | ~words.view(-1, 1, 1), float("-inf"))
+    best, where = score.flatten(1).max(1)  # (V,)
+    change = best > 0
+    if capacity is None:
+        rows = change.nonzero(as_tuple=True)[0]
+        table[rows, where[rows] // M] = where[rows] % M
+        return change
+    # BASE-style capacity: words move best gain first, each only into a module it keeps
+    # within ``capacity`` tokens; leaving a module is always allowed.
+    counts, load, _ = capacity
+    order = torch.argsort(best.masked_fill(~change, float("-inf")), descending=True)[: int(change.sum())]
+    change = torch.zeros_like(change)
+    for w in order.tolist():
+        room = load + counts[w] <= cap_of(load, capacity)
+        row = score[w].masked_fill(~room.view(1, M), float("-inf")).flatten()
+        top = int(row.argmax())
+        if row[top] > 0:
+            slot, m = divmod(top, M)
+            load[table[w, slot]] -= counts[w]
+            load[m] += counts[w]
+            table[w, slot] = m
+            change[w] = True
+    return change
+
+
 def m_step_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
                 a_star: torch.Tensor) -> Losses:
     """``m_step_of`` one PTB window."""
@@ -261,16 +382,28 @@ class EM(Method):
         super().__init__(model, mcfg, tcfg, examples, positions)
         K, M = mcfg.k, mcfg.modules
         recurrent = isinstance(model, lm.ModularLM)
-        if tcfg.e_step == "position" and not recurrent:
-            raise ValueError("the position E-step walks a recurrent window; it has no meaning for images")
-        if tcfg.a_star_init == "hash":
-            if not recurrent or train_tokens is None:
-                raise ValueError("the hash start keys a* on input words; images have none (use random)")
-            self.memory = hashed_memory(train_tokens, positions, M, K, mcfg.vocab_size)
+        if tcfg.e_step in ("position", "word") and not recurrent:
+            raise ValueError(f"the {tcfg.e_step} E-step walks a recurrent window of words; it has no meaning "
+                             "for images")
+        if (tcfg.a_star_init == "hash" or tcfg.e_step == "word") and (not recurrent or train_tokens is None):
+            raise ValueError("the hash start keys a* on input words; images have none (use random)")
+        self.memory = self.table = self.gain = self.square = self.seen = None
+        if tcfg.e_step == "word":  # a* = table[x]: one entry per word, no memory per position
+            if M == K:
+                raise ValueError(f"the word E-step changes a word's modules; with M = K = {M} there is no other")
+            V = mcfg.vocab_size
+            self.table = (table_of(train_tokens, V, M, K) if tcfg.a_star_init == "hash"
+                          else torch.rand(V, M).argsort(1)[:, :K])  # (V, K) distinct modules
+            self.gain, self.square, self.seen = torch.zeros(V, K, M), torch.zeros(V, K, M), torch.zeros(V, K, M)
+            self.counts = torch.bincount(train_tokens.flatten().cpu(), minlength=V).double()
+            self.stats_epoch = 0
         else:
-            self.memory = torch.randint(0, M, (examples, positions, K), dtype=torch.int16)
-        if self.memory.shape != (examples, positions, K):
-            raise ValueError(f"a* memory {tuple(self.memory.shape)} != {(examples, positions, K)}")
+            if tcfg.a_star_init == "hash":
+                self.memory = hashed_memory(train_tokens, positions, M, K, mcfg.vocab_size)
+            else:
+                self.memory = torch.randint(0, M, (examples, positions, K), dtype=torch.int16)
+            if self.memory.shape != (examples, positions, K):
+                raise ValueError(f"a* memory {tuple(self.memory.shape)} != {(examples, positions, K)}")
         # One bias row per modular layer that has its own modules (PTB: one layer, (M,)).
         groups = len(model.module_lists())
         self.bias = torch.zeros(M) if groups == 1 else torch.zeros(groups, M)
@@ -285,7 +418,10 @@ class EM(Method):
     def losses(self, w: Batch) -> Losses:
         tc, dev = self.tcfg, w.x.device
         P, K = w.positions, self.mcfg.k
-        a_star = self.memory[w.rows, :P].long().permute(1, 0, 2).to(dev)  # (P, B, K)
+        if self.table is not None:
+            a_star = self.table.to(dev)[w.x]  # (T, B, K)
+        else:
+            a_star = self.memory[w.rows, :P].long().permute(1, 0, 2).to(dev)  # (P, B, K)
         if w.step < tc.warm_start:  # the dense phase: modules 0..K-1 on every row, no controller loss
             a = torch.arange(K, device=dev).expand(*a_star.shape[:2], K)
             out, ll = self.model.run_scored(w.x, w.h, lm.given(a), w.y)
@@ -297,6 +433,11 @@ class EM(Method):
             bias = self.bias.to(dev) if tc.balance_rate else None
             pw, dtype = self.prior_weight(w.step), getattr(torch, tc.e_step_dtype)
             keys = self.keys(w, w.epoch)  # an example's draws: (seed, epoch, its index)
+            if tc.e_step == "word":
+                g = word_e_step(self.model, w.x, w.y, w.h, self.table.to(dev), tc.samples, dtype=dtype, keys=keys)
+                changed = self.word_update(w, g)
+                return m_step_of(self.model, w, self.table.to(dev)[w.x])._replace(
+                    info={"e_changed": changed, "e_total": int(torch.unique(w.x).numel())})
             if tc.e_step == "position":
                 e = position_e_step(self.model, w.x, w.y, w.h, a_star, tc.samples, prior_weight=pw, dtype=dtype,
                                     bias=bias, keys=keys)
@@ -316,11 +457,46 @@ class EM(Method):
         positions for one layer, per layer's own row otherwise."""
         M = self.mcfg.modules
         if self.bias.dim() == 1:
-            load = torch.bincount(a_star.flatten(), minlength=M).float()
-            self.bias += self.tcfg.balance_rate * torch.sign(load.mean() - load)
+            self.rebalance_load(torch.bincount(a_star.flatten(), minlength=M).float())
             return
-        load = torch.stack([torch.bincount(row.flatten(), minlength=M) for row in a_star]).float()  # (L, M)
-        self.bias += self.tcfg.balance_rate * torch.sign(load.mean(1, keepdim=True) - load)
+        self.rebalance_load(torch.stack([torch.bincount(row.flatten(), minlength=M) for row in a_star]).float())
+
+    def rebalance_load(self, load: torch.Tensor) -> None:
+        """Move the bias (M,) or (L, M) against the load (same shape) of the new a*."""
+        self.bias += self.tcfg.balance_rate * torch.sign(load.mean(-1, keepdim=True) - load)
+
+    def word_update(self, w: Window, g: WordGains) -> int:
+        """Add a window's one-step gains to the word statistics (summed over the ranks, so
+        every rank changes the same entries), move the window's words whose best change
+        gains (``word_decide``), and rebalance on the window's new a*. The statistics start
+        again each epoch and for a word whenever its entry changes. Returns the words changed."""
+        V, K, M = self.table.shape[0], self.mcfg.k, self.mcfg.modules
+        stats = (self.gain, self.square, self.seen)
+        if self.stats_epoch != w.epoch:
+            for t in stats:
+                t.zero_()
+            self.stats_epoch = w.epoch
+        x = w.x.cpu().unsqueeze(2)
+        at = ((x * K + g.slot.cpu()) * M + g.module.cpu()).flatten()
+        gains = g.gain.cpu().flatten().float()
+        new = [torch.zeros(V * K * M).index_add_(0, at, v) for v in (gains, gains * gains, torch.ones_like(gains))]
+        words = torch.zeros(V).index_fill_(0, w.x.cpu().flatten(), 1.0)
+        for t in (*new, words):
+            self.world.sum_(t)
+        for t, d in zip(stats, new, strict=True):
+            t += d.view(V, K, M)
+        bias = self.bias if self.tcfg.balance_rate else None
+        capacity = None
+        if self.tcfg.capacity:
+            load = torch.zeros(M, dtype=torch.double).index_add_(0, self.table.flatten(),
+                                                                   self.counts.repeat_interleave(K))
+            capacity = (self.counts, load, self.tcfg.capacity)
+        change = word_decide(self.table, *stats, words > 0, bias, capacity=capacity)
+        for t in stats:
+            t[change] = 0.0
+        if self.tcfg.balance_rate:
+            self.rebalance_load(self.world.sum_(torch.bincount(self.table[w.x.cpu()].flatten(), minlength=M).float()))
+        return int(change.sum())
 
     @torch.no_grad()
     def upcycle(self) -> None:
@@ -336,7 +512,14 @@ class EM(Method):
         self.upcycled = True
 
     def state(self) -> dict[str, Any]:
-        return {"memory": self.memory, "bias": self.bias, "upcycled": self.upcycled}
+        s = {"memory": self.memory, "bias": self.bias, "upcycled": self.upcycled}
+        if self.table is not None:
+            s.update(table=self.table, gain=self.gain, square=self.square, seen=self.seen,
+                     stats_epoch=self.stats_epoch)
+        return s
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.memory, self.bias, self.upcycled = state["memory"], state["bias"], bool(state["upcycled"])
+        if self.table is not None:
+            self.table, self.gain, self.square, self.seen = (state[k] for k in ("table", "gain", "square", "seen"))
+            self.stats_epoch = int(state["stats_epoch"])
