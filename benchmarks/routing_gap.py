@@ -9,7 +9,14 @@ For every window three routings are scored side by side on the same hidden state
               not deployable (it reads the next words)
 
 A large greedy-vs-oracle gap says the modules are good at what the E-step assigns them
-but the controller cannot tell from the history which that is.
+but the controller cannot tell from the history which that is. For a run of the word
+E-step (``--e-step word``) a fourth routing is scored,
+
+    table     each word's entry in the learned word -> modules table: the a* the modules
+              were trained on, a function of the input word (deployable, but not a
+              controller graph of the bundle format)
+
+with how often the controller's greedy choice agrees with it.
 
     python benchmarks/routing_gap.py runs/reproduce/em-M15K1/ckpt.pt --samples 10 --tokens 20000
 """
@@ -50,7 +57,11 @@ def main(ckpt: Path, samples: int, tokens: int, batch: int, threads: int, seed: 
     gen = torch.Generator().manual_seed(seed)
     h = model.init_hidden(batch)
     ll = {"greedy": 0.0, "sampled": 0.0, "oracle": 0.0}
-    count, differ, positions = 0, 0, 0
+    table = (state.get("method") or {}).get("table")
+    if table is not None:
+        ll["table"] = 0.0
+    count, differ, positions, agree = 0, 0, 0, 0
+    h_table = h
     with torch.no_grad():
         for w in range(data.num_windows(stream, bptt)):
             x, y = data.window(stream, w, bptt)
@@ -60,6 +71,12 @@ def main(ckpt: Path, samples: int, tokens: int, batch: int, threads: int, seed: 
             ll["sampled"] += float(r.scores[1].sum())
             ll["oracle"] += float(r.scores.max(0).values.sum())
             differ += int((r.best != out.a).any(-1).sum())
+            if table is not None:  # its own state: the table's path through the text
+                a = table[x]
+                by_table = model(x, h_table, lm.given(a))
+                ll["table"] += float(model.token_log_likelihood(by_table.hs, y).sum())
+                agree += int((a.sort(-1).values == out.a.sort(-1).values).all(-1).sum())
+                h_table = by_table.h_last
             positions += out.a.shape[0] * out.a.shape[1]
             count += y.numel()
             h = out.h_last
@@ -69,6 +86,8 @@ def main(ckpt: Path, samples: int, tokens: int, batch: int, threads: int, seed: 
     for name, v in ll.items():
         click.echo(f"  {name:<8} ppl {math.exp(-v / count):9.2f}")
     click.echo(f"  the oracle's selection differs from the greedy one at {differ / positions:.1%} of positions")
+    if table is not None:
+        click.echo(f"  the controller's greedy choice is the word table's at {agree / positions:.1%} of positions")
 
 
 if __name__ == "__main__":
