@@ -57,6 +57,10 @@ ROWS = {
                                             "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
     "em-word-hash-cap-warm-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
                                           "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
+    "em-word-hash-cap-warm-M15K3": (15, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
+                                            "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
+    "em-word-hash-cap-warm-M5K3": (5, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
+                                          "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
 }
 
 
