@@ -19,16 +19,38 @@ class Config:
     column: str  # the paper's (M,K) column this figure belongs to
     paper: float  # the paper's test perplexity
     prior_weight: float = 0.0  # EM only: the E-step score's weight on log p(a|x) (1: the paper's joint)
+    e_step: str = "window"  # EM only: the E-step variant (docs/design-notes.md, "E-step variants")
 
     @property
     def key(self) -> str:
-        """The table's row: the method, or ``em-joint`` for EM under the paper's joint score."""
-        return "em-joint" if self.method == "em" and self.prior_weight else self.method
+        """The table's row: the method, ``em-joint`` for EM under the paper's joint score,
+        ``em-word`` for EM with the word-table E-step."""
+        return _key(self.method, self.prior_weight, self.e_step)
+
+    @property
+    def args(self) -> list[str]:
+        """``modrt train ptb`` arguments beyond method, M and K (EM's score and variant)."""
+        if self.method != "em":
+            return []
+        if self.e_step == "word":  # the small size's winning variant, as in small.ROWS
+            return list(WORD_VARIANT)
+        return ["--prior-weight", str(self.prior_weight)]
 
     @property
     def name(self) -> str:
         return f"{self.key}-M{self.modules}K{self.k}"
 
+
+def _key(method: str, prior_weight: float, e_step: str) -> str:
+    if method != "em":
+        return method
+    return "em-word" if e_step == "word" else "em-joint" if prior_weight else "em"
+
+
+# EM's word-table E-step, hash-started, capped, after a dense warm start (small.ROWS'
+# em-word-hash-cap-warm rows): the variant that beat dense at the small size.
+WORD_VARIANT = ("--e-step", "word", "--samples", "4", "--capacity", "1.2", "--warm-start", "100",
+                "--a-star-init", "hash")
 
 # Kirsch, Kunze & Barber (NeurIPS 2018), Table 1: PTB test perplexity.
 # In run order: column by column, so early runs already compare methods at (15,1).
@@ -50,11 +72,14 @@ TABLE = (
     Config("em", 5, 1, "5,1", 236.809, prior_weight=1.0),
     Config("em", 15, 3, "15,3", 246.493, prior_weight=1.0),
     Config("em", 5, 3, "5,3", 236.314, prior_weight=1.0),
+    # The small size's winning EM variant at the default size (one seed, issue 13).
+    Config("em", 15, 1, "15,1", 229.651, e_step="word"),
 )
 COLUMNS = ("15,1", "5,1", "15,3", "5,3")
 # The table's rows (Config.key), in order.
-METHOD_ORDER = ("em", "em-joint", "reinforce", "noisy-topk", "dense")
+METHOD_ORDER = ("em", "em-joint", "em-word", "reinforce", "noisy-topk", "dense")
 METHOD_LABEL = {"em": "EM modular", "em-joint": "EM modular, paper's joint E-step score",
+                "em-word": "EM modular, word-table E-step",
                 "reinforce": "REINFORCE", "noisy-topk": "noisy top-k (k=4)", "dense": "dense baseline"}
 
 # The protocol: every configuration trains with these (and the ModelConfig/TrainConfig
@@ -111,6 +136,7 @@ def row(cfg: Config, rec: dict, epochs: int, seed: int, run: Path | None = None)
     }
     if cfg.method == "em":
         out["prior_weight"] = cfg.prior_weight
+        out["e_step"] = cfg.e_step
     if run is not None:
         out["valid_curve"] = [[int(r["epoch"]), float(r["ppl"])] for r in _records(run, "valid")]
     return out
@@ -154,7 +180,7 @@ def table_rows(out: Path, kept: dict[str, dict], epochs: int, seed: int) -> list
 
 def row_key(r: dict) -> str:
     """The table row (Config.key) of a ptb_table.json entry."""
-    return "em-joint" if r["method"] == "em" and r.get("prior_weight") else r["method"]
+    return _key(r["method"], r.get("prior_weight", 0.0), r.get("e_step", "window"))
 
 
 def entry_name(r: dict) -> str:
@@ -207,7 +233,8 @@ def write_table(results: Path, rows: list[dict], epochs: int, seed: int, out: Pa
         curves(out, results / "ptb_curves.png", rows)
 
 
-METHOD_STYLE = {"em": ("tab:red", "o-"), "em-joint": ("tab:purple", "v-."), "reinforce": ("tab:blue", "s-"),
+METHOD_STYLE = {"em": ("tab:red", "o-"), "em-joint": ("tab:purple", "v-."), "em-word": ("tab:orange", "P-"),
+                "reinforce": ("tab:blue", "s-"),
                 "noisy-topk": ("tab:green", "^-"), "dense": ("black", "D--")}
 
 

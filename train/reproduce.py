@@ -189,8 +189,7 @@ def _train(c: Config, run: Path, epochs: int, seed: int, device: str, steps: int
         cmd += ["--resume", str(run / "ckpt.pt"), "--device", device]
     else:
         cmd += ["--method", c.method, "--modules", str(c.modules), "--k", str(c.k)]
-        if c.method == "em":  # explicit, so the protocol does not follow train's default
-            cmd += ["--prior-weight", str(c.prior_weight)]
+        cmd += c.args  # EM: explicit, so the protocol does not follow train's default
         cmd += ["--epochs", str(epochs), "--seed", str(seed), "--device", device,
                 "--out", str(run), "--force", "--steps", str(steps)]
     if data is not None:

@@ -20,10 +20,12 @@ def _finish(run, test_ppl: float, valid_ppl: float = 200.0) -> None:
 
 
 def test_the_table_is_the_papers():
-    """The paper's 12 cells, then EM once more per column under the paper's joint E-step score."""
-    assert len(rp.TABLE) == 16 and len({c.name for c in rp.TABLE}) == 16
+    """The paper's 12 cells, then EM once more per column under the paper's joint E-step
+    score, and EM's word-table E-step at (15,1)."""
+    assert len(rp.TABLE) == 17 and len({c.name for c in rp.TABLE}) == 17
     cells = {(c.key, c.column): c.paper for c in rp.TABLE}
-    assert len(cells) == 16
+    assert len(cells) == 17
+    assert [c.name for c in rp.TABLE if c.key == "em-word"] == ["em-word-M15K1"]
     assert cells[("em", "15,1")] == 229.651 and cells[("reinforce", "15,3")] == 274.060
     assert {(c.modules, c.k) for c in rp.TABLE if c.method == "noisy-topk"} == {(15, 4), (5, 4)}
     assert {(c.modules, c.k) for c in rp.TABLE if c.method == "dense"} == {(1, 1), (3, 3)}
@@ -39,12 +41,14 @@ def test_each_em_row_trains_with_its_own_score(tmp_path, monkeypatch):
     seen = []
     monkeypatch.setattr(rp.subprocess, "run", lambda cmd: seen.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     by = {c.name: c for c in rp.TABLE}
-    for name in ("em-M5K1", "em-joint-M5K1", "reinforce-M5K1"):
+    for name in ("em-M5K1", "em-joint-M5K1", "reinforce-M5K1", "em-word-M15K1"):
         assert rp._train(by[name], tmp_path / name, 6, 1, "cpu", 0, None, 1, True) == 0
-    em, joint, rf = seen
+    em, joint, rf, word = seen
     assert em[em.index("--prior-weight") + 1] == "0.0" and joint[joint.index("--prior-weight") + 1] == "1.0"
     assert joint[joint.index("--method") + 1] == "em" and joint[joint.index("--out") + 1].endswith("em-joint-M5K1")
     assert "--prior-weight" not in rf
+    assert word[word.index("--e-step") + 1] == "word" and "--prior-weight" not in word
+    assert word[word.index("--capacity") + 1] == "1.2" and word[word.index("--a-star-init") + 1] == "hash"
 
 
 def test_finished_reads_the_last_test_record(tmp_path):
@@ -209,7 +213,7 @@ def test_a_configuration_another_process_trains_is_skipped(tmp_path):
         assert "dense-M3K3: another process is training it; skipped" in p.stdout + p.stderr
         assert "still training in another process: dense-M3K3" in p.stdout
         assert not (runs / "dense-M3K3").exists()  # not started twice
-        assert len(json.loads((results / "ptb_table.json").read_text())) == 15
+        assert len(json.loads((results / "ptb_table.json").read_text())) == 16
     finally:
         lock.close()
     again = rp.claim(runs, "dense-M3K3")  # released with its holder
