@@ -40,6 +40,8 @@ trains the controller towards a*.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from modrt.train import data, routing
 from modrt.train import model as lm
 from modrt.train.methods.base import Batch, Losses, Method, Window
-from modrt.train.methods.hash import table_of
+from modrt.train.methods.hash import balanced_table, table_of
 
 # Warm start: the copies differ from the dense cell by Gaussian noise of this std.
 UPCYCLE_NOISE = 0.01
@@ -69,6 +71,17 @@ def hashed_memory(tokens: torch.Tensor, bptt: int, modules: int, k: int, vocab: 
     x = tokens[:-1]  # every window's inputs, back to back (the targets are x shifted by one)
     x = torch.cat([x, x.new_zeros(W * bptt - len(x), B)])  # (W*T, B)
     return table[x.view(W, bptt, B).permute(0, 2, 1).reshape(W * B, bptt)].to(torch.int16)
+
+
+@contextmanager
+def scoring(model) -> Iterator[None]:
+    """The E-steps score in eval mode (no dropout) and leave the model's mode as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def e_step_due(window: int, epoch: int, every: int) -> bool:
@@ -116,9 +129,7 @@ def e_step_of(model, w: Batch, a_star: torch.Tensor, samples: int, generator: to
     ``keys`` (B,) int64: example b's draws come from its key alone (``routing.sample_keyed``:
     they do not depend on the batch it is in, or on the process); None: from ``generator``.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with scoring(model):
         P, B = a_star.shape[:2]
         S = samples
         # Candidate s owns examples s*B .. s*B+B-1; candidate 0 follows the stored a*.
@@ -136,8 +147,6 @@ def e_step_of(model, w: Batch, a_star: torch.Tensor, samples: int, generator: to
         best = best.permute(1, 0, 2).contiguous()  # (P, B, K)
         changed = (best != a_star).any(2).any(0)  # (B,)
         return EStep(best, changed, scores, cands)
-    finally:
-        model.train(was_training)
 
 
 def bias_term(a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -180,9 +189,7 @@ def position_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: to
     ``scores`` holds (2, B): a*'s window score, then the path's. ``candidates`` (2, T, B, K).
     ``keys`` (B,): the draws keyed by example, as in ``e_step_of``.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with scoring(model):
         T, B = x.shape
         K, M = model.cfg.k, model.cfg.modules
         layer = model.layer
@@ -224,8 +231,6 @@ def position_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: to
         best = torch.where(better.view(1, B, 1), path, a_star)
         changed = (best != a_star).any(2).any(0)
         return EStep(best, changed, torch.stack([star, total]), torch.stack([a_star, path]))
-    finally:
-        model.train(was_training)
 
 
 def distinct_log_likelihood(model: lm.ModularLM, states: torch.Tensor, y_t: torch.Tensor,
@@ -268,9 +273,7 @@ def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
     S >= M: every module), else S - 1 uniform draws of a pair, keyed by example (``keys``
     (B,), as ``e_step_of``) or from ``generator``. Ties and losses are gains <= 0, which never
     change the table (``EM.word_update``)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with scoring(model):
         T, B = x.shape
         K, M = model.cfg.k, model.cfg.modules
         layer = model.layer
@@ -304,8 +307,6 @@ def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
         base = model.token_log_likelihood(out.hs, y, dtype=dtype).reshape(1, N)
         shape = (T, B, C)
         return WordGains((ll - base).T.reshape(shape), slot.reshape(shape), module.reshape(shape))
-    finally:
-        model.train(was_training)
 
 
 def cap_of(load: torch.Tensor, capacity) -> float:
@@ -392,10 +393,10 @@ class EM(Method):
             if M == K:
                 raise ValueError(f"the word E-step changes a word's modules; with M = K = {M} there is no other")
             V = mcfg.vocab_size
-            self.table = (table_of(train_tokens, V, M, K) if tcfg.a_star_init == "hash"
+            self.counts = torch.bincount(train_tokens.flatten().cpu(), minlength=V).double()
+            self.table = (balanced_table(self.counts, M, K) if tcfg.a_star_init == "hash"
                           else torch.rand(V, M).argsort(1)[:, :K])  # (V, K) distinct modules
             self.gain, self.square, self.seen = torch.zeros(V, K, M), torch.zeros(V, K, M), torch.zeros(V, K, M)
-            self.counts = torch.bincount(train_tokens.flatten().cpu(), minlength=V).double()
             self.stats_epoch = 0
         else:
             if tcfg.a_star_init == "hash":
