@@ -157,9 +157,10 @@ _run_options = _options(
                    "best by the window's score. position: walk the window, at each step keep the best of "
                    "a*_t and S-1 draws (K=1, S>=M: every module) by that step's score, then accept the "
                    "path only if its window score beats a*'s (never worse). word (PTB): a* is a word -> "
-                   "modules table; at every position one-slot changes of the input word's entry are scored "
-                   "by that step's likelihood, and a word moves to the change that gained over its "
-                   "occurrences (the controller learns the table; likelihood score, no --prior-weight).")
+                   "modules table; at the positions of a window (all of a rare word's, fewer of a frequent "
+                   "one's) one-slot changes of the input word's entry are scored by that step's "
+                   "likelihood, and a word moves to the change that gained over its occurrences (the "
+                   "controller learns the table; likelihood score, no --prior-weight).")
 @click.option("--e-step-dtype", type=click.Choice(["float32", "bfloat16"]), default=_T.e_step_dtype,
               show_default=True,
               help="Precision of the E-step's head matmul (its scores only rank candidates). bfloat16 "

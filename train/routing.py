@@ -67,6 +67,11 @@ def key(base: torch.Tensor | int, *parts: torch.Tensor | int) -> torch.Tensor:
     return h
 
 
+def uniform(keys: torch.Tensor) -> torch.Tensor:
+    """A uniform draw in [0, 1) per key (float64, from the key's top 53 bits)."""
+    return _srl(keys, 11).double() / float(1 << 53)
+
+
 def sample_keyed(log_probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """One draw per slot from the controller, row b's from its own key (B,) int64: the
     draw of a row depends on its key and its probabilities only, not on the other rows or
@@ -75,8 +80,7 @@ def sample_keyed(log_probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     (row, slot). (B, K, M), (B,) -> (B, K)."""
     B, K, M = log_probs.shape
     slots = torch.arange(K, device=keys.device)
-    bits = _srl(key(keys.view(B, 1), slots.view(1, K)), 11)  # (B, K) in [0, 2^53)
-    u = bits.double() / float(1 << 53)
+    u = uniform(key(keys.view(B, 1), slots.view(1, K)))  # (B, K)
     cdf = log_probs.detach().double().exp().cumsum(-1)  # (B, K, M)
     total = cdf[..., -1]
     if not bool(torch.isfinite(total).all()):  # as torch.multinomial refuses them

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modrt.train import data
 from modrt.train import model as lm
@@ -122,17 +123,39 @@ def test_one_module_equals_a_plain_gru(tiny_model_config):
     torch.testing.assert_close(out.h_last, last[0], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("k,combine", [(1, "mean"), (2, "mean"), (2, "sum")])
+@pytest.mark.parametrize("k,combine", [(1, "mean"), (2, "mean"), (2, "sum"), (3, "mean"), (3, "sum")])
 def test_all_modules_step_equals_dispatch(tiny_model_config, k, combine, monkeypatch):
+    # values and gradients; a row may hold a module in several slots (it counts once)
     model, x, y, h = _setup(tiny_model_config, k=k, combine=combine)
     a = torch.randint(0, M, (T, B, k), generator=torch.Generator().manual_seed(9))
+    if k > 1:
+        a[0, 0] = 2
+        a[1, 1, 1:] = a[1, 1, 0]
     assert model.layer.compute_all
-    fast = model(x, h, lm.given(a))
+
+    def run():
+        model.zero_grad()
+        out = model(x, h, lm.given(a))
+        (model.token_log_likelihood(out.hs, y).sum() + out.log_pa.sum()).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fast, g_fast = run()
+    # the selected modules' state from every module's projections equals all states, masked
+    layer = model.layer
+    w_ih, b_ih, w_hh, b_hh = layer.stacked()
+    with torch.no_grad():
+        gi = F.linear(model.embed(x[0]), w_ih, b_ih)
+        masked = torch.einsum("bm,bmh->bh", layer.mask(a[0]), layer.all_states(gi, h, w_hh, b_hh))
+        torch.testing.assert_close(layer.selected(gi, h, a[0], w_hh, b_hh), masked, atol=1e-6, rtol=1e-5)
     monkeypatch.setattr(lm, "ALL_MODULES_MAX", 0)
     assert not model.layer.compute_all
-    slow = model(x, h, lm.given(a))
+    slow, g_slow = run()
     torch.testing.assert_close(fast.hs, slow.hs, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(fast.log_pa, slow.log_pa)
+    for name, grad in g_slow.items():  # the dispatch path leaves unused modules without a gradient
+        torch.testing.assert_close(g_fast[name], grad, atol=1e-5, rtol=1e-4)
+    for name in g_fast.keys() - g_slow.keys():
+        assert (g_fast[name] == 0).all()
 
 
 def test_hash_table_is_frequency_balanced():
@@ -260,6 +283,43 @@ def test_word_e_step_gains_are_one_step_changes_of_the_table(tiny_model_config, 
     assert torch.equal(again.module, g.module)
 
 
+@pytest.mark.parametrize("all_modules", [True, False])
+def test_word_e_step_with_the_m_steps_forward_and_subsampled_positions(tiny_model_config, all_modules):
+    model, x, y, h = _setup(tiny_model_config, k=1, **({} if all_modules else {"hidden": 300}))
+    table = torch.rand(V, M, generator=torch.Generator().manual_seed(3)).argsort(1)[:, :1]
+    keys = torch.arange(B)
+    full = em.word_e_step(model, x, y, h, table, 3, keys=keys)
+    assert full.scored is None
+    # the trajectory and log-likelihoods of a forward with gradient (the M-step's) give the same gains
+    out, ll = model.run_scored(x, h, lm.given(table[x]), y)
+    reused = em.word_e_step(model, x, y, h, table, 3, keys=keys, base=(out.hs.detach(), ll.detach()))
+    assert torch.allclose(reused.gain, full.gain, atol=1e-5) and torch.equal(reused.module, full.module)
+    # keep: word 0 never scored, words 1.. always, word 2 half the time
+    keep = torch.ones(V)
+    keep[0], keep[2] = 0.0, 0.5
+    x[0, 0], x[1, 0] = 0, 1  # the window holds words 0 and 1
+    full = em.word_e_step(model, x, y, h, table, 3, keys=keys)
+    part = em.word_e_step(model, x, y, h, table, 3, keys=keys, keep=keep)
+    assert part.scored.shape == (T, B)
+    assert not part.scored[x == 0].any() and part.scored[(x != 0) & (x != 2)].all()
+    assert torch.equal(part.module, full.module)  # the candidates do not depend on which are scored
+    assert torch.allclose(part.gain[part.scored], full.gain[part.scored], atol=1e-5)
+    assert (part.gain[~part.scored] == 0).all()
+    again = em.word_e_step(model, x, y, h, table, 3, keys=keys, keep=keep)  # keyed: the same positions
+    assert torch.equal(again.scored, part.scored)
+    many = em.word_e_step(model, torch.full((T, 64), 2), y.repeat(1, 8), h.repeat(8, 1), table, 3,
+                          keys=torch.arange(64), keep=keep)
+    assert 0.3 < float(many.scored.float().mean()) < 0.7
+
+
+def test_word_keep_thins_frequent_words_only():
+    counts = torch.tensor([9000.0, 900.0, 90.0, 9.0, 1.0, 0.0])
+    keep = em.word_keep(counts, t=0.01)
+    share = counts / counts.sum()
+    assert keep[0] == pytest.approx(float((0.01 / share[0]).sqrt()))  # sqrt(t / f)
+    assert keep[0] < keep[1] < 1.0 and (keep[2:] == 1.0).all()  # the rare and the unseen: always scored
+
+
 def test_word_decide_moves_a_word_only_for_a_gain_seen_often_enough():
     K, Mw, Vw = 1, 3, 4
     table = torch.tensor([[0], [1], [2], [0]])
@@ -303,8 +363,9 @@ def test_word_em_trains_on_the_table_and_moves_words(tiny_model_config):
     for step in range(12):
         wi = step % 4
         x, y = data.window(tokens, wi, T)
+        before = method.table.clone()
         losses = method.losses(Window(x, y, model.init_hidden(B), wi, step // 4, step))
-        assert torch.equal(losses.out.a, method.table[x])  # the M-step follows the table
+        assert torch.equal(losses.out.a, before[x])  # the M-step follows the table; moves apply next window
         moved += losses.info["e_changed"]
         opt.zero_grad()
         losses.total.backward()

@@ -60,6 +60,22 @@ UPCYCLE_NOISE = 0.01
 # of each window's words per step while the modules were still alike).
 WORD_MIN_SEEN = 2
 WORD_Z = 2.0
+# The word E-step scores an occurrence of word w with probability min(1, sqrt(WORD_SUBSAMPLE
+# / f_w)), f_w its share of the training text: the subsampling of frequent words of Mikolov
+# et al. (2013, "Distributed Representations of Words and Phrases"). On PTB 96 words are
+# thinned (the most frequent, "the", to 14%: still ~6,000 scored occurrences an epoch) and
+# 65% of the positions are scored; the E-step's cost is its candidates' heads, so this
+# cuts it by a third while the rare words, whose evidence is scarce, keep all of theirs.
+WORD_SUBSAMPLE = 1e-3
+# The salt of the keyed draw that picks the scored positions (apart from the candidates').
+_SUBSAMPLE_SALT = 0x5B5A
+
+
+def word_keep(counts: torch.Tensor, t: float = WORD_SUBSAMPLE) -> torch.Tensor:
+    """Each word's probability (V,) float32 of being scored by the word E-step, from its
+    training-text counts (V,)."""
+    share = counts.double() / counts.sum().clamp(min=1)
+    return (t / share).sqrt().clamp(max=1.0).nan_to_num(1.0).float()
 
 
 def hashed_memory(tokens: torch.Tensor, bptt: int, modules: int, k: int, vocab: int) -> torch.Tensor:
@@ -258,12 +274,15 @@ class WordGains(NamedTuple):
     gain: torch.Tensor  # (T, B, C) log p(y_t | candidate) - log p(y_t | a*_t), one step
     slot: torch.Tensor  # (T, B, C) long
     module: torch.Tensor  # (T, B, C) long
+    scored: torch.Tensor | None = None  # (T, B) bool: the positions scored (None: all; 0 gain elsewhere)
 
 
 @torch.no_grad()
 def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, table: torch.Tensor,
                 samples: int, dtype: torch.dtype | None = None, keys: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> WordGains:
+                generator: torch.Generator | None = None,
+                base: tuple[torch.Tensor, torch.Tensor] | None = None,
+                keep: torch.Tensor | None = None) -> WordGains:
     """Score one-slot changes of the word table's selections along a window.
 
     a*_t = table[x_t] (T, B, K). The RNN follows a*; at every position, from the state a*
@@ -272,15 +291,23 @@ def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
     positions at once. Candidates: every (slot, module) pair when S - 1 >= K (M - K) (K=1,
     S >= M: every module), else S - 1 uniform draws of a pair, keyed by example (``keys``
     (B,), as ``e_step_of``) or from ``generator``. Ties and losses are gains <= 0, which never
-    change the table (``EM.word_update``)."""
+    change the table (``EM.word_update``).
+
+    ``base``: (hs (T, B, H), log p(y_t) (T, B)) along a* when the caller has them already, as
+    an eval-mode float32 pass would give them (the M-step's forward without dropout: ``EM``
+    passes it, which saves a forward and a head, a quarter of this E-step at S = 4).
+
+    ``keep`` (V,): score position (t, b) with probability keep[x[t, b]] (``word_keep``; a
+    draw keyed by (example, t) as the candidates, or from ``generator``), the others not at
+    all: their gains are 0 and ``scored`` says which were."""
     with scoring(model):
         T, B = x.shape
         K, M = model.cfg.k, model.cfg.modules
         layer = model.layer
         a = table[x]  # (T, B, K)
-        out = model(x, h, lm.given(a))
+        hs, base_ll = base if base is not None else (model(x, h, lm.given(a)).hs, None)
         N = T * B
-        prev = torch.cat([h.unsqueeze(0), out.hs[:-1]]).reshape(N, -1)  # the state entering each step
+        prev = torch.cat([h.unsqueeze(0), hs[:-1]]).reshape(N, -1)  # the state entering each step
         flat = a.reshape(N, K)
         held = torch.zeros(N, M, device=x.device).scatter_(1, flat, 1.0)
         others = held.argsort(dim=1, stable=True)[:, : M - K]  # (N, M-K) the modules a*_t does not hold
@@ -295,18 +322,33 @@ def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
             r = routing.sample_keyed(uniform, rows)  # (N, S-1)
         slot, module = r // (M - K), others.gather(1, r % (M - K))  # (N, C)
         C = r.shape[1]
-        cand = flat.unsqueeze(1).repeat(1, C, 1).scatter_(2, slot.unsqueeze(2), module.unsqueeze(2))  # (N, C, K)
-        e = model.embed(x).reshape(N, -1)
+        scored = None
+        if keep is not None:
+            if keys is None:
+                u = torch.rand(N, generator=generator).to(x.device)
+            else:
+                t = torch.arange(T, device=x.device).view(T, 1)
+                u = routing.uniform(routing.key(keys.view(1, B), t, _SUBSAMPLE_SALT)).flatten()  # (N,)
+            scored = u < keep.to(x.device)[x.flatten()]
+        at = scored.nonzero(as_tuple=True)[0] if scored is not None else slice(None)
+        n = N if scored is None else len(at)
+        cand = flat[at].unsqueeze(1).repeat(1, C, 1).scatter_(2, slot[at].unsqueeze(2), module[at].unsqueeze(2))
+        e, prev = model.embed(x).reshape(N, -1)[at], prev[at]
         if layer.compute_all:
             w_ih, b_ih, w_hh, b_hh = layer.stacked()
-            states = layer.all_states(F.linear(e, w_ih, b_ih), prev, w_hh, b_hh)  # (N, M, H)
-            new = torch.einsum("ncm,nmh->nch", layer.mask(cand.reshape(N * C, K)).view(N, C, M), states)
+            new = layer.selected(F.linear(e, w_ih, b_ih), prev, cand, w_hh, b_hh)  # (n, C, H)
         else:
-            new = torch.stack([layer.step(e, prev, cand[:, c]) for c in range(C)], 1)  # (N, C, H)
-        ll = model.token_log_likelihood(new.transpose(0, 1), y.reshape(1, N).expand(C, N), dtype=dtype)  # (C, N)
-        base = model.token_log_likelihood(out.hs, y, dtype=dtype).reshape(1, N)
+            new = torch.stack([layer.step(e, prev, cand[:, c]) for c in range(C)], 1)  # (n, C, H)
+        y_at = y.reshape(N)[at]
+        ll = model.token_log_likelihood(new.transpose(0, 1), y_at.view(1, n).expand(C, n), dtype=dtype)  # (C, n)
+        if base_ll is None:
+            base_ll = model.token_log_likelihood(hs, y, dtype=dtype)
+        gain = (ll - base_ll.reshape(N)[at].view(1, n)).T  # (n, C)
+        if scored is not None:
+            gain = gain.new_zeros(N, C).index_copy_(0, at, gain)
         shape = (T, B, C)
-        return WordGains((ll - base).T.reshape(shape), slot.reshape(shape), module.reshape(shape))
+        return WordGains(gain.reshape(shape), slot.reshape(shape), module.reshape(shape),
+                         None if scored is None else scored.view(T, B))
 
 
 def cap_of(load: torch.Tensor, capacity) -> float:
@@ -397,6 +439,7 @@ class EM(Method):
             self.table = (balanced_table(self.counts, M, K) if tcfg.a_star_init == "hash"
                           else torch.rand(V, M).argsort(1)[:, :K])  # (V, K) distinct modules
             self.gain, self.square, self.seen = torch.zeros(V, K, M), torch.zeros(V, K, M), torch.zeros(V, K, M)
+            self.keep = word_keep(self.counts)
             self.stats_epoch = 0
         else:
             if tcfg.a_star_init == "hash":
@@ -435,10 +478,17 @@ class EM(Method):
             pw, dtype = self.prior_weight(w.step), getattr(torch, tc.e_step_dtype)
             keys = self.keys(w, w.epoch)  # an example's draws: (seed, epoch, its index)
             if tc.e_step == "word":
-                g = word_e_step(self.model, w.x, w.y, w.h, self.table.to(dev), tc.samples, dtype=dtype, keys=keys)
+                # The M-step trains on the table as it stands; the window's moves apply from
+                # the next window on. Its forward is the E-step's trajectory along a* when
+                # no dropout or lower precision makes the two differ.
+                out, ll = self.model.run_scored(w.x, w.h, lm.given(a_star), w.y)
+                same = self.mcfg.dropout == 0 and dtype == torch.float32
+                base = (out.hs.detach(), ll.detach()) if same else None
+                g = word_e_step(self.model, w.x, w.y, w.h, self.table.to(dev), tc.samples, dtype=dtype, keys=keys,
+                                base=base, keep=self.keep)
                 changed = self.word_update(w, g)
-                return m_step_of(self.model, w, self.table.to(dev)[w.x])._replace(
-                    info={"e_changed": changed, "e_total": int(torch.unique(w.x).numel())})
+                return Losses(-ll.mean(), {"controller": -out.log_pa.mean()}, out,
+                              {"e_changed": changed, "e_total": int(torch.unique(w.x).numel())})
             if tc.e_step == "position":
                 e = position_e_step(self.model, w.x, w.y, w.h, a_star, tc.samples, prior_weight=pw, dtype=dtype,
                                     bias=bias, keys=keys)
@@ -480,6 +530,9 @@ class EM(Method):
         x = w.x.cpu().unsqueeze(2)
         at = ((x * K + g.slot.cpu()) * M + g.module.cpu()).flatten()
         gains = g.gain.cpu().flatten().float()
+        if g.scored is not None:  # the subsampled positions only
+            pick = g.scored.cpu().unsqueeze(2).expand_as(g.gain).flatten()
+            at, gains = at[pick], gains[pick]
         new = [torch.zeros(V * K * M).index_add_(0, at, v) for v in (gains, gains * gains, torch.ones_like(gains))]
         words = torch.zeros(V).index_fill_(0, w.x.cpu().flatten(), 1.0)
         for t in (*new, words):
