@@ -83,7 +83,9 @@ def _options(*decorators):
 # Options of EM and the baselines, the same for every task.
 _method_options = _options(
     click.option("--samples", "-S", type=click.IntRange(min=1), default=_T.samples, show_default=True,
-                 help="S, E-step candidates per example: the stored a* plus S-1 controller draws."),
+                 help="S, E-step candidates per example: the stored a* plus S-1 controller draws (--e-step "
+                      "word: S-1 one-slot changes). 1: a* alone, so the E-step never changes it (an "
+                      "ablation: the start, e.g. hash's table, kept)."),
     click.option("--e-step-every", type=click.IntRange(min=1), default=_T.e_step_every, show_default=True,
                  help="E-step each window (example) on every n-th of its visits, staggered over windows "
                       "so that every window gets one in any n consecutive epochs (images: every n-th "

@@ -57,6 +57,11 @@ ROWS = {
                                             "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
     "em-word-hash-cap-warm-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
                                           "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
+    # The ablation: the same with S=1 (no candidate), so the table stays hash's and only the
+    # controller learns it; against hash routing, what the learned router costs, and against
+    # the row above, what the E-step's moves bring.
+    "em-word-hash-fixed-warm-M15K1": (15, 1, ["--method", "em", "--e-step", "word", "--samples", "1",
+                                              "--warm-start", "100", "--a-star-init", "hash"]),
     "em-word-hash-cap-warm-M15K3": (15, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
                                             "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
     "em-word-hash-cap-warm-M5K3": (5, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
@@ -69,6 +74,8 @@ def variant(train_config: dict, method: str) -> str:
     if method != "em":
         return ""
     parts = [train_config.get("e_step", "window")]
+    if train_config.get("samples") == 1:  # no candidate besides a*: the E-step never changes it
+        parts.append("fixed")
     if train_config.get("balance_rate"):
         parts.append("balance")
     if train_config.get("capacity"):

@@ -312,6 +312,20 @@ def test_word_e_step_with_the_m_steps_forward_and_subsampled_positions(tiny_mode
     assert 0.3 < float(many.scored.float().mean()) < 0.7
 
 
+def test_word_em_with_one_sample_keeps_its_start(tiny_model_config):
+    # S = 1: no candidate besides a*, so the hash-started table stays; the controller still learns it
+    mcfg = tiny_model_config(vocab_size=V, modules=M, k=1, dropout=0.0)
+    model = lm.ModularLM(mcfg)
+    tokens = torch.randint(0, V, (4 * T + 1, B), generator=torch.Generator().manual_seed(2))
+    method = build(model, mcfg, TrainConfig(bptt=T, batch_size=B, e_step="word", samples=1, a_star_init="hash"),
+                   4 * B, T, tokens)
+    start = method.table.clone()
+    x, y = data.window(tokens, 0, T)
+    losses = method.losses(Window(x, y, model.init_hidden(B), 0, 0, 0))
+    assert losses.info["e_changed"] == 0 and torch.equal(method.table, start)
+    assert float(losses.aux["controller"].detach()) > 0  # -log p(a*|x) is trained
+
+
 def test_word_keep_thins_frequent_words_only():
     counts = torch.tensor([9000.0, 900.0, 90.0, 9.0, 1.0, 0.0])
     keep = em.word_keep(counts, t=0.01)

@@ -322,6 +322,9 @@ def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
             r = routing.sample_keyed(uniform, rows)  # (N, S-1)
         slot, module = r // (M - K), others.gather(1, r % (M - K))  # (N, C)
         C = r.shape[1]
+        shape = (T, B, C)
+        if C == 0:  # S = 1: a* alone, no candidate (the table stays as it started)
+            return WordGains(x.new_zeros(shape, dtype=torch.float), slot.reshape(shape), module.reshape(shape))
         scored = None
         if keep is not None:
             if keys is None:
@@ -346,7 +349,6 @@ def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
         gain = (ll - base_ll.reshape(N)[at].view(1, n)).T  # (n, C)
         if scored is not None:
             gain = gain.new_zeros(N, C).index_copy_(0, at, gain)
-        shape = (T, B, C)
         return WordGains(gain.reshape(shape), slot.reshape(shape), module.reshape(shape),
                          None if scored is None else scored.view(T, B))
 
