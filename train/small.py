@@ -34,6 +34,7 @@ ROWS = {
     "dense-M3K3": (3, 3, ["--method", "dense"]),
     "hash-M15K1": (15, 1, ["--method", "hash"]),
     "hash-M5K1": (5, 1, ["--method", "hash"]),
+    "hash-M15K3": (15, 3, ["--method", "hash"]),
     "reinforce-M15K1": (15, 1, ["--method", "reinforce"]),
     "noisy-topk-M15K1": (15, 1, ["--method", "noisy-topk"]),
     "em-window-M15K1": (15, 1, ["--method", "em", *JOINT]),
