@@ -411,8 +411,13 @@ def m_step_loss(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
 def m_step_of(model, w: Batch, a_star: torch.Tensor) -> Losses:
     """The M-step objective for one batch: -mean log p(y|x,a*) - mean log p(a*|x) (the
     second per position: per time step, or per modular layer)."""
+    return m_step_scored(model, w, a_star)[0]
+
+
+def m_step_scored(model, w: Batch, a_star: torch.Tensor) -> tuple[Losses, torch.Tensor]:
+    """``m_step_of`` and the log p(y|x,a*) per position it came from (the word E-step's base)."""
     out, ll = model.run_scored(w.x, w.h, lm.given(a_star), w.y)
-    return Losses(-ll.mean(), {"controller": -out.log_pa.mean()}, out)
+    return Losses(-ll.mean(), {"controller": -out.log_pa.mean()}, out), ll
 
 
 class EM(Method):
@@ -483,14 +488,13 @@ class EM(Method):
                 # The M-step trains on the table as it stands; the window's moves apply from
                 # the next window on. Its forward is the E-step's trajectory along a* when
                 # no dropout or lower precision makes the two differ.
-                out, ll = self.model.run_scored(w.x, w.h, lm.given(a_star), w.y)
+                m, ll = m_step_scored(self.model, w, a_star)
                 same = self.mcfg.dropout == 0 and dtype == torch.float32
-                base = (out.hs.detach(), ll.detach()) if same else None
+                base = (m.out.hs.detach(), ll.detach()) if same else None
                 g = word_e_step(self.model, w.x, w.y, w.h, self.table.to(dev), tc.samples, dtype=dtype, keys=keys,
                                 base=base, keep=self.keep)
                 changed = self.word_update(w, g)
-                return Losses(-ll.mean(), {"controller": -out.log_pa.mean()}, out,
-                              {"e_changed": changed, "e_total": int(torch.unique(w.x).numel())})
+                return m._replace(info={"e_changed": changed, "e_total": int(torch.unique(w.x).numel())})
             if tc.e_step == "position":
                 e = position_e_step(self.model, w.x, w.y, w.h, a_star, tc.samples, prior_weight=pw, dtype=dtype,
                                     bias=bias, keys=keys)
