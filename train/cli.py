@@ -99,6 +99,10 @@ _method_options = _options(
     click.option("--capacity", type=click.FloatRange(min=0), default=_T.capacity, show_default=True,
                  help="EM, --e-step word: a word may move into a module only while that module holds at most "
                       "this many times an even share of the training tokens (BASE layers' capacity). 0: no cap."),
+    click.option("--word-subsample", type=click.FloatRange(min=0), default=_T.word_subsample, show_default=True,
+                 help="EM, --e-step word: score an occurrence of word w with probability min(1, sqrt(t / f_w)), "
+                      "f_w its share of the training text (Mikolov et al. 2013's subsampling of frequent "
+                      "words): fewer heads to score, rare words keep all their evidence. 0: every position."),
     click.option("--warm-start", type=click.IntRange(min=0), default=_T.warm_start, show_default=True,
                  help="EM: train modules 0..K-1 densely for this many steps, then copy them into every module "
                       "with small noise (sparse upcycling) and start EM. 0: off."),

@@ -189,6 +189,10 @@ class TrainConfig:
     # the training tokens at most this many times an even share (BASE layers' capacity, Lewis
     # et al. 2021, on the word table). 0: no cap.
     capacity: float = 0.0
+    # EM, word E-step: score an occurrence of word w with probability min(1, sqrt(t / f_w)),
+    # f_w its share of the training text (Mikolov et al. 2013's subsampling of frequent
+    # words; methods/em.py, word_keep). 0: score every position.
+    word_subsample: float = 1e-3
     # EM: train a dense cell (modules 0..K-1 on every row) for this many steps, then copy it
     # into every module with small noise (sparse upcycling, Komatsuzaki et al. 2023).
     warm_start: int = 0
@@ -235,6 +239,9 @@ class TrainConfig:
         if self.capacity and (self.e_step != "word" or self.capacity < 1):
             raise ValueError("capacity caps the word E-step's modules at a multiple >= 1 of an even share of the "
                              "text: it needs --e-step word and a value >= 1 (0: off)")
+        if self.word_subsample < 0 or (self.word_subsample != 1e-3 and self.e_step != "word"):
+            raise ValueError("word_subsample thins the word E-step's scored positions: it needs --e-step word "
+                             "and a value >= 0 (0: score every position)")
         if self.balance_rate < 0 or self.warm_start < 0 or self.prior_anneal < 0:
             raise ValueError("balance_rate, warm_start and prior_anneal must not be negative")
         if self.a_star_init not in A_STAR_INITS:
@@ -262,7 +269,7 @@ def from_dict(cls, d: dict):
 # TrainConfig fields only EM reads, with their defaults: other methods refuse them.
 EM_ONLY = {"samples": 10, "e_step_every": 1, "prior_weight": 0.0, "e_step": "window", "balance_rate": 0.0,
            "warm_start": 0, "prior_anneal": 0, "e_step_dtype": "float32", "a_star_init": "random",
-           "capacity": 0.0}
+           "capacity": 0.0, "word_subsample": 1e-3}
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "ImageModelConfig", "ModelConfig", "TrainConfig", "asdict", "from_dict",
            "METHODS", "RESUMABLE_CHANGES"]

@@ -63,6 +63,13 @@ ROWS = {
     # the row above, what the E-step's moves bring.
     "em-word-hash-fixed-warm-M15K1": (15, 1, ["--method", "em", "--e-step", "word", "--samples", "1",
                                               "--warm-start", "100", "--a-star-init", "hash"]),
+    # The ablation of the word E-step's subsampling: every position scored.
+    "em-word-hash-cap-warm-all-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
+                                              "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash",
+                                              "--word-subsample", "0"]),
+    "em-word-hash-cap-warm-all-M15K3": (15, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
+                                                "--capacity", "1.2", "--warm-start", "100", "--a-star-init",
+                                                "hash", "--word-subsample", "0"]),
     "em-word-hash-cap-warm-M15K3": (15, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
                                             "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
     "em-word-hash-cap-warm-M5K3": (5, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
@@ -81,6 +88,8 @@ def variant(train_config: dict, method: str) -> str:
         parts.append("balance")
     if train_config.get("capacity"):
         parts.append(f"capacity {train_config['capacity']:g}")
+    if train_config.get("word_subsample", 1e-3) == 0:  # the word E-step scores every position
+        parts.append("all positions")
     if train_config.get("warm_start"):
         parts.append("warm")
     if train_config.get("prior_anneal"):

@@ -332,6 +332,15 @@ def test_word_keep_thins_frequent_words_only():
     share = counts / counts.sum()
     assert keep[0] == pytest.approx(float((0.01 / share[0]).sqrt()))  # sqrt(t / f)
     assert keep[0] < keep[1] < 1.0 and (keep[2:] == 1.0).all()  # the rare and the unseen: always scored
+    assert em.word_keep(counts, t=0) is None  # 0: every position
+
+
+def test_word_subsample_needs_the_word_e_step():
+    assert TrainConfig(e_step="word", word_subsample=0).word_subsample == 0
+    with pytest.raises(ValueError, match="word_subsample"):
+        TrainConfig(e_step="window", word_subsample=0)
+    with pytest.raises(ValueError, match="word_subsample"):
+        TrainConfig(e_step="word", word_subsample=-1)
 
 
 def test_word_decide_moves_a_word_only_for_a_gain_seen_often_enough():

@@ -60,20 +60,22 @@ UPCYCLE_NOISE = 0.01
 # of each window's words per step while the modules were still alike).
 WORD_MIN_SEEN = 2
 WORD_Z = 2.0
-# The word E-step scores an occurrence of word w with probability min(1, sqrt(WORD_SUBSAMPLE
+# The word E-step scores an occurrence of word w with probability min(1, sqrt(t
 # / f_w)), f_w its share of the training text: the subsampling of frequent words of Mikolov
 # et al. (2013, "Distributed Representations of Words and Phrases"). On PTB 96 words are
 # thinned (the most frequent, "the", to 14%: still ~6,000 scored occurrences an epoch) and
 # 65% of the positions are scored; the E-step's cost is its candidates' heads, so this
 # cuts it by a third while the rare words, whose evidence is scarce, keep all of theirs.
-WORD_SUBSAMPLE = 1e-3
+# The threshold is TrainConfig.word_subsample (--word-subsample; 0: every position).
 # The salt of the keyed draw that picks the scored positions (apart from the candidates').
 _SUBSAMPLE_SALT = 0x5B5A
 
 
-def word_keep(counts: torch.Tensor, t: float = WORD_SUBSAMPLE) -> torch.Tensor:
+def word_keep(counts: torch.Tensor, t: float) -> torch.Tensor | None:
     """Each word's probability (V,) float32 of being scored by the word E-step, from its
-    training-text counts (V,)."""
+    training-text counts (V,); None (score every position) for t = 0."""
+    if t == 0:
+        return None
     share = counts.double() / counts.sum().clamp(min=1)
     return (t / share).sqrt().clamp(max=1.0).nan_to_num(1.0).float()
 
@@ -446,7 +448,7 @@ class EM(Method):
             self.table = (balanced_table(self.counts, M, K) if tcfg.a_star_init == "hash"
                           else torch.rand(V, M).argsort(1)[:, :K])  # (V, K) distinct modules
             self.gain, self.square, self.seen = torch.zeros(V, K, M), torch.zeros(V, K, M), torch.zeros(V, K, M)
-            self.keep = word_keep(self.counts)
+            self.keep = word_keep(self.counts, tcfg.word_subsample)
             self.stats_epoch = 0
         else:
             if tcfg.a_star_init == "hash":
