@@ -92,7 +92,9 @@ _method_options = _options(
                       "batch of an epoch, staggered over epochs)."),
     click.option("--prior-weight", type=click.FloatRange(min=0), default=_T.prior_weight, show_default=True,
                  help="E-step score: log p(y|x,a) + w * log p(a|x). 1 is the paper's joint; 0 scores candidates "
-                      "by their likelihood alone (they are still drawn from the controller)."),
+                      "by their likelihood alone (they are still drawn from the controller). --e-step word: a "
+                      "move's gain counts w times the controller's log-probability ratio of the new module "
+                      "over the old, so the table moves towards what the controller can predict."),
     click.option("--balance-rate", type=click.FloatRange(min=0), default=_T.balance_rate, show_default=True,
                  help="EM: loss-free balancing (Wang et al. 2024). A per-module bias on the E-step's scores, "
                       "moved this many nats per E-step towards under-used modules; no loss term. 0: off."),

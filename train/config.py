@@ -233,9 +233,6 @@ class TrainConfig:
             raise ValueError("importance_weight and load_weight must not be negative")
         if self.e_step not in E_STEPS:
             raise ValueError(f"e_step {self.e_step!r} unknown; choose one of {', '.join(E_STEPS)}")
-        if self.e_step == "word" and (self.prior_weight or self.prior_anneal):
-            raise ValueError("the word E-step scores likelihood only (a table of words is always predictable "
-                             "from the input word): --prior-weight / --prior-anneal do not apply to it")
         if self.capacity and (self.e_step != "word" or self.capacity < 1):
             raise ValueError("capacity caps the word E-step's modules at a multiple >= 1 of an even share of the "
                              "text: it needs --e-step word and a value >= 1 (0: off)")

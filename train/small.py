@@ -63,6 +63,11 @@ ROWS = {
     # the row above, what the E-step's moves bring.
     "em-word-hash-fixed-warm-M15K1": (15, 1, ["--method", "em", "--e-step", "word", "--samples", "1",
                                               "--warm-start", "100", "--a-star-init", "hash"]),
+    # The paper's joint score on the table: a word's gain also counts the controller's
+    # log p(module | x) ratio, so the table moves towards what the controller can predict.
+    "em-word-hash-cap-warm-joint-M15K1": (15, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
+                                                  "--capacity", "1.2", "--warm-start", "100", "--a-star-init",
+                                                  "hash", *JOINT]),
     # The ablation of the word E-step's subsampling: every position scored.
     "em-word-hash-cap-warm-all-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
                                               "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash",

@@ -160,7 +160,7 @@ def test_train_cifar10_help_lists_every_field_it_uses(tmp_path):
     (["--method", "hash", "--a-star-init", "hash"], "--a-star-init is an EM option"),
     (["--a-star-init", "words"], "--a-star-init"),
     (["--warm-start", "-1"], "--warm-start"),
-    (["--e-step", "word", "--prior-weight", "1"], "scores likelihood only"),
+    (["--word-subsample", "0"], "needs --e-step word"),
     (["--capacity", "1.2"], "needs --e-step word"),
     (["--e-step", "word", "--capacity", "0.5"], "a value >= 1"),
     (["--method", "hash", "--capacity", "1.2"], "--capacity is an EM option"),

@@ -292,8 +292,12 @@ def test_word_e_step_with_the_m_steps_forward_and_subsampled_positions(tiny_mode
     assert full.scored is None
     # the trajectory and log-likelihoods of a forward with gradient (the M-step's) give the same gains
     out, ll = model.run_scored(x, h, lm.given(table[x]), y)
-    reused = em.word_e_step(model, x, y, h, table, 3, keys=keys, base=(out.hs.detach(), ll.detach()))
+    base = (out.hs.detach(), ll.detach(), out.log_probs.detach())
+    reused = em.word_e_step(model, x, y, h, table, 3, keys=keys, base=base)
     assert torch.allclose(reused.gain, full.gain, atol=1e-5) and torch.equal(reused.module, full.module)
+    joint = em.word_e_step(model, x, y, h, table, 3, keys=keys, prior_weight=0.5)
+    assert torch.allclose(em.word_e_step(model, x, y, h, table, 3, keys=keys, base=base, prior_weight=0.5).gain,
+                          joint.gain, atol=1e-5)
     # keep: word 0 never scored, words 1.. always, word 2 half the time
     keep = torch.ones(V)
     keep[0], keep[2] = 0.0, 0.5
@@ -310,6 +314,30 @@ def test_word_e_step_with_the_m_steps_forward_and_subsampled_positions(tiny_mode
     many = em.word_e_step(model, torch.full((T, 64), 2), y.repeat(1, 8), h.repeat(8, 1), table, 3,
                           keys=torch.arange(64), keep=keep)
     assert 0.3 < float(many.scored.float().mean()) < 0.7
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_word_e_step_joint_score_adds_the_controllers_log_ratio(tiny_model_config, k):
+    model, x, y, h = _setup(tiny_model_config, k=k)
+    table = torch.rand(V, M, generator=torch.Generator().manual_seed(3)).argsort(1)[:, :k]
+    keys = torch.arange(B)
+    plain = em.word_e_step(model, x, y, h, table, 4, keys=keys)
+    joint = em.word_e_step(model, x, y, h, table, 4, keys=keys, prior_weight=0.5)
+    assert torch.equal(joint.module, plain.module) and torch.equal(joint.slot, plain.slot)
+    with torch.no_grad():
+        lp = model(x, h, lm.given(table[x])).log_probs  # (T, B, K, M) along a*
+    a = table[x]
+    for t, b, c in [(0, 0, 0), (T - 1, B - 1, 2), (2, 3, 1)]:
+        s_, m_ = int(joint.slot[t, b, c]), int(joint.module[t, b, c])
+        prior = float(lp[t, b, s_, m_] - lp[t, b, s_, a[t, b, s_]])  # log p(m | x, h) - log p(a*_t | x, h)
+        assert float(joint.gain[t, b, c]) == pytest.approx(float(plain.gain[t, b, c]) + 0.5 * prior, abs=1e-4)
+    # a controller sure of module M-1 makes every move into it a gain, whatever the likelihood says
+    with torch.no_grad():
+        model.layer.controller.bias.view(k, M)[:, M - 1] += 20.0
+    below = torch.rand(V, M - 1, generator=torch.Generator().manual_seed(4)).argsort(1)[:, :k]  # never M-1
+    sure = em.word_e_step(model, x, y, h, below, M * k, keys=keys, prior_weight=1.0)
+    into = sure.module == M - 1
+    assert into.any() and (sure.gain[into] > 5).all()
 
 
 def test_word_em_with_one_sample_keeps_its_start(tiny_model_config):
@@ -405,8 +433,6 @@ def test_word_e_step_refusals(tiny_model_config):
     from modrt.train import conv
     from modrt.train.config import ImageModelConfig
 
-    with pytest.raises(ValueError, match="scores likelihood only"):
-        TrainConfig(e_step="word", prior_weight=1.0)
     icfg = ImageModelConfig(channels=(4,), modules=2)
     with pytest.raises(ValueError, match="no meaning for images"):
         build(conv.ModularConvNet(icfg), icfg, TrainConfig(e_step="word"), 10, 1)

@@ -283,8 +283,8 @@ class WordGains(NamedTuple):
 def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, table: torch.Tensor,
                 samples: int, dtype: torch.dtype | None = None, keys: torch.Tensor | None = None,
                 generator: torch.Generator | None = None,
-                base: tuple[torch.Tensor, torch.Tensor] | None = None,
-                keep: torch.Tensor | None = None) -> WordGains:
+                base: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+                keep: torch.Tensor | None = None, prior_weight: float = 0.0) -> WordGains:
     """Score one-slot changes of the word table's selections along a window.
 
     a*_t = table[x_t] (T, B, K). The RNN follows a*; at every position, from the state a*
@@ -295,9 +295,15 @@ def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
     (B,), as ``e_step_of``) or from ``generator``. Ties and losses are gains <= 0, which never
     change the table (``EM.word_update``).
 
-    ``base``: (hs (T, B, H), log p(y_t) (T, B)) along a* when the caller has them already, as
-    an eval-mode float32 pass would give them (the M-step's forward without dropout: ``EM``
-    passes it, which saves a forward and a head, a quarter of this E-step at S = 4).
+    ``prior_weight`` w: a candidate's gain also counts w * (log p(m | x, h) - log p(a*_t's
+    module | x, h)) of the controller in the changed slot, the prior term of the paper's
+    joint score at one step: a word then moves towards the modules the controller can
+    predict from it, which the likelihood alone leaves to the controller to learn.
+
+    ``base``: (hs (T, B, H), log p(y_t) (T, B), the controller's log-probabilities (T, B, K,
+    M) or None) along a* when the caller has them already, as an eval-mode float32 pass
+    would give them (the M-step's forward without dropout: ``EM`` passes it, which saves a
+    forward and a head, a quarter of this E-step at S = 4).
 
     ``keep`` (V,): score position (t, b) with probability keep[x[t, b]] (``word_keep``; a
     draw keyed by (example, t) as the candidates, or from ``generator``), the others not at
@@ -307,7 +313,11 @@ def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
         K, M = model.cfg.k, model.cfg.modules
         layer = model.layer
         a = table[x]  # (T, B, K)
-        hs, base_ll = base if base is not None else (model(x, h, lm.given(a)).hs, None)
+        if base is None:
+            out = model(x, h, lm.given(a))
+            hs, base_ll, log_probs = out.hs, None, out.log_probs
+        else:
+            hs, base_ll, log_probs = base
         N = T * B
         prev = torch.cat([h.unsqueeze(0), hs[:-1]]).reshape(N, -1)  # the state entering each step
         flat = a.reshape(N, K)
@@ -349,6 +359,12 @@ def word_e_step(model: lm.ModularLM, x: torch.Tensor, y: torch.Tensor, h: torch.
         if base_ll is None:
             base_ll = model.token_log_likelihood(hs, y, dtype=dtype)
         gain = (ll - base_ll.reshape(N)[at].view(1, n)).T  # (n, C)
+        if prior_weight:
+            lp = log_probs.reshape(N, K, M)[at]  # (n, K, M) the controller at each scored step
+            s_at = slot[at]  # (n, C)
+            now = lp.gather(2, flat[at].unsqueeze(2)).squeeze(2).gather(1, s_at)  # a*_t's module in the slot
+            gain = gain + prior_weight * (lp.gather(1, s_at.unsqueeze(2).expand(-1, -1, M))  # (n, C, M)
+                                          .gather(2, module[at].unsqueeze(2)).squeeze(2) - now)
         if scored is not None:
             gain = gain.new_zeros(N, C).index_copy_(0, at, gain)
         return WordGains(gain.reshape(shape), slot.reshape(shape), module.reshape(shape),
@@ -492,9 +508,10 @@ class EM(Method):
                 # no dropout or lower precision makes the two differ.
                 m, ll = m_step_scored(self.model, w, a_star)
                 same = self.mcfg.dropout == 0 and dtype == torch.float32
-                base = (m.out.hs.detach(), ll.detach()) if same else None
+                lp = m.out.log_probs
+                base = (m.out.hs.detach(), ll.detach(), None if lp is None else lp.detach()) if same else None
                 g = word_e_step(self.model, w.x, w.y, w.h, self.table.to(dev), tc.samples, dtype=dtype, keys=keys,
-                                base=base, keep=self.keep)
+                                base=base, keep=self.keep, prior_weight=pw)
                 changed = self.word_update(w, g)
                 return m._replace(info={"e_changed": changed, "e_total": int(torch.unique(w.x).numel())})
             if tc.e_step == "position":
