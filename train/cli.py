@@ -105,6 +105,10 @@ _method_options = _options(
                  help="EM, --e-step word: score an occurrence of word w with probability min(1, sqrt(t / f_w)), "
                       "f_w its share of the training text (Mikolov et al. 2013's subsampling of frequent "
                       "words): fewer heads to score, rare words keep all their evidence. 0: every position."),
+    click.option("--word-reuse/--no-word-reuse", default=_T.word_reuse, show_default=True,
+                 help="EM, --e-step word: reuse the M-step's forward as the E-step's trajectory (no dropout, "
+                      "float32; a window's moves apply from the next window on). --no-word-reuse: the "
+                      "E-step runs its own forward first and the M-step trains the moved table (slower)."),
     click.option("--warm-start", type=click.IntRange(min=0), default=_T.warm_start, show_default=True,
                  help="EM: train modules 0..K-1 densely for this many steps, then copy them into every module "
                       "with small noise (sparse upcycling) and start EM. 0: off."),

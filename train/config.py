@@ -193,6 +193,11 @@ class TrainConfig:
     # f_w its share of the training text (Mikolov et al. 2013's subsampling of frequent
     # words; methods/em.py, word_keep). 0: score every position.
     word_subsample: float = 1e-3
+    # EM, word E-step: True: the M-step's forward runs first and is the E-step's trajectory
+    # (no dropout, float32), a window's moves apply from the next window on. False: the
+    # E-step runs its own forward first and the M-step trains the moved table (the original
+    # order, an E-step forward and head more per step).
+    word_reuse: bool = True
     # EM: train a dense cell (modules 0..K-1 on every row) for this many steps, then copy it
     # into every module with small noise (sparse upcycling, Komatsuzaki et al. 2023).
     warm_start: int = 0
@@ -239,6 +244,8 @@ class TrainConfig:
         if self.word_subsample < 0 or (self.word_subsample != 1e-3 and self.e_step != "word"):
             raise ValueError("word_subsample thins the word E-step's scored positions: it needs --e-step word "
                              "and a value >= 0 (0: score every position)")
+        if not self.word_reuse and self.e_step != "word":
+            raise ValueError("--no-word-reuse orders the word E-step's passes: it needs --e-step word")
         if self.balance_rate < 0 or self.warm_start < 0 or self.prior_anneal < 0:
             raise ValueError("balance_rate, warm_start and prior_anneal must not be negative")
         if self.a_star_init not in A_STAR_INITS:
@@ -266,7 +273,7 @@ def from_dict(cls, d: dict):
 # TrainConfig fields only EM reads, with their defaults: other methods refuse them.
 EM_ONLY = {"samples": 10, "e_step_every": 1, "prior_weight": 0.0, "e_step": "window", "balance_rate": 0.0,
            "warm_start": 0, "prior_anneal": 0, "e_step_dtype": "float32", "a_star_init": "random",
-           "capacity": 0.0, "word_subsample": 1e-3}
+           "capacity": 0.0, "word_subsample": 1e-3, "word_reuse": True}
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "ImageModelConfig", "ModelConfig", "TrainConfig", "asdict", "from_dict",
            "METHODS", "RESUMABLE_CHANGES"]

@@ -72,6 +72,10 @@ ROWS = {
     "em-word-hash-cap-warm-all-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
                                               "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash",
                                               "--word-subsample", "0"]),
+    # The ablation of the reused forward: the E-step first, the M-step on the moved table.
+    "em-word-hash-cap-warm-first-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
+                                                "--capacity", "1.2", "--warm-start", "100", "--a-star-init",
+                                                "hash", "--no-word-reuse"]),
     "em-word-hash-cap-warm-all-M15K3": (15, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
                                                 "--capacity", "1.2", "--warm-start", "100", "--a-star-init",
                                                 "hash", "--word-subsample", "0"]),
@@ -95,6 +99,8 @@ def variant(train_config: dict, method: str) -> str:
         parts.append(f"capacity {train_config['capacity']:g}")
     if train_config.get("word_subsample", 1e-3) == 0:  # the word E-step scores every position
         parts.append("all positions")
+    if not train_config.get("word_reuse", True):  # the E-step's own forward, then the M-step on its moves
+        parts.append("E first")
     if train_config.get("warm_start"):
         parts.append("warm")
     if train_config.get("prior_anneal"):

@@ -354,6 +354,26 @@ def test_word_em_with_one_sample_keeps_its_start(tiny_model_config):
     assert float(losses.aux["controller"].detach()) > 0  # -log p(a*|x) is trained
 
 
+@pytest.mark.parametrize("reuse", [True, False])
+def test_word_em_order_of_e_and_m_step(tiny_model_config, reuse):
+    # reuse: the M-step trains the table as the window found it (its moves apply from the next
+    # window); --no-word-reuse: the E-step runs first and the M-step trains the moved table
+    mcfg = tiny_model_config(vocab_size=V, modules=M, k=1, dropout=0.0)
+    torch.manual_seed(0)
+    model = lm.ModularLM(mcfg)
+    tokens = torch.randint(0, 3, (4 * T + 1, B), generator=torch.Generator().manual_seed(2))  # 3 words, seen often
+    tcfg = TrainConfig(bptt=T, batch_size=B, e_step="word", samples=M, word_subsample=0, word_reuse=reuse)
+    method = build(model, mcfg, tcfg, 4 * B, T, tokens)
+    start = method.table.clone()
+    x, y = data.window(tokens, 0, T)
+    w = Window(x, y, model.init_hidden(B), 0, 0, 0)
+    losses = method.losses(w)
+    assert losses.info["e_changed"] > 0 and not torch.equal(method.table, start)
+    trained = start if reuse else method.table
+    expect = em.m_step_of(model, w, trained[x])
+    assert float(losses.total) == pytest.approx(float(expect.total), abs=1e-6)
+
+
 def test_word_keep_thins_frequent_words_only():
     counts = torch.tensor([9000.0, 900.0, 90.0, 9.0, 1.0, 0.0])
     keep = em.word_keep(counts, t=0.01)
@@ -369,6 +389,8 @@ def test_word_subsample_needs_the_word_e_step():
         TrainConfig(e_step="window", word_subsample=0)
     with pytest.raises(ValueError, match="word_subsample"):
         TrainConfig(e_step="word", word_subsample=-1)
+    with pytest.raises(ValueError, match="needs --e-step word"):
+        TrainConfig(e_step="position", word_reuse=False)
 
 
 def test_word_decide_moves_a_word_only_for_a_gain_seen_often_enough():

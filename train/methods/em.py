@@ -503,16 +503,21 @@ class EM(Method):
             pw, dtype = self.prior_weight(w.step), getattr(torch, tc.e_step_dtype)
             keys = self.keys(w, w.epoch)  # an example's draws: (seed, epoch, its index)
             if tc.e_step == "word":
-                # The M-step trains on the table as it stands; the window's moves apply from
-                # the next window on. Its forward is the E-step's trajectory along a* when
-                # no dropout or lower precision makes the two differ.
-                m, ll = m_step_scored(self.model, w, a_star)
-                same = self.mcfg.dropout == 0 and dtype == torch.float32
-                lp = m.out.log_probs
-                base = (m.out.hs.detach(), ll.detach(), None if lp is None else lp.detach()) if same else None
+                # word_reuse: the M-step trains on the table as it stands and the window's
+                # moves apply from the next window on; its forward is the E-step's trajectory
+                # along a* when no dropout or lower precision makes the two differ. Else the
+                # E-step runs first and the M-step trains the moved table.
+                m = base = None
+                if tc.word_reuse:
+                    m, ll = m_step_scored(self.model, w, a_star)
+                    lp = m.out.log_probs
+                    if self.mcfg.dropout == 0 and dtype == torch.float32:
+                        base = (m.out.hs.detach(), ll.detach(), None if lp is None else lp.detach())
                 g = word_e_step(self.model, w.x, w.y, w.h, self.table.to(dev), tc.samples, dtype=dtype, keys=keys,
                                 base=base, keep=self.keep, prior_weight=pw)
                 changed = self.word_update(w, g)
+                if m is None:
+                    m = m_step_of(self.model, w, self.table.to(dev)[w.x])
                 return m._replace(info={"e_changed": changed, "e_total": int(torch.unique(w.x).numel())})
             if tc.e_step == "position":
                 e = position_e_step(self.model, w.x, w.y, w.h, a_star, tc.samples, prior_weight=pw, dtype=dtype,
