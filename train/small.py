@@ -107,7 +107,8 @@ def variant(train_config: dict, method: str) -> str:
         parts.append("anneal")
     if train_config.get("a_star_init", "random") != "random":
         parts.append(f"{train_config['a_star_init']}-init")
-    parts.append("joint" if train_config.get("prior_weight") else "likelihood")
+    pw = train_config.get("prior_weight") or 0
+    parts.append("likelihood" if not pw else "joint" if pw == 1 else f"joint {pw:g}")  # the score's prior weight
     return "+".join(parts)
 
 
@@ -286,7 +287,7 @@ def ptb_small(out: Path, results: Path, only: tuple[str, ...], seeds: list[int],
     Measured cost on one core of a 2-core CPU: a dense step ~0.5-0.9 s at this size
     (the 10,000-word softmax dominates, not Python), so dense (1,1) takes ~7 min an
     epoch; EM with the window E-step (S=10) ~2.8 s a step, the position E-step (S=4)
-    ~1.6 s, the word E-step (S=4) ~0.4-0.5 s (a 6-epoch run ~13-16 min): the full table (20 rows
+    ~1.6 s, the word E-step (S=4) ~0.4-0.5 s (a 6-epoch run ~13-16 min): the full table (24 rows
     x 3 seeds x 6 epochs) is about 2 core-days.
     """
     if not table_only:
