@@ -104,7 +104,8 @@ _method_options = _options(
     click.option("--word-subsample", type=click.FloatRange(min=0), default=_T.word_subsample, show_default=True,
                  help="EM, --e-step word: score an occurrence of word w with probability min(1, sqrt(t / f_w)), "
                       "f_w its share of the training text (Mikolov et al. 2013's subsampling of frequent "
-                      "words): fewer heads to score, rare words keep all their evidence. 0: every position."),
+                      "words): fewer heads to score, rare words keep all their evidence. 0: every position "
+                      "(measured better for K > 1, where each change is scored more rarely)."),
     click.option("--word-reuse/--no-word-reuse", default=_T.word_reuse, show_default=True,
                  help="EM, --e-step word: reuse the M-step's forward as the E-step's trajectory (no dropout, "
                       "float32; a window's moves apply from the next window on). --no-word-reuse: the "
