@@ -68,6 +68,9 @@ ROWS = {
     "em-word-hash-cap-warm-joint-M15K1": (15, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
                                                   "--capacity", "1.2", "--warm-start", "100", "--a-star-init",
                                                   "hash", *JOINT]),
+    "em-word-hash-cap-warm-joint-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
+                                                "--capacity", "1.2", "--warm-start", "100", "--a-star-init",
+                                                "hash", *JOINT]),
     # The ablation of the word E-step's subsampling: every position scored.
     "em-word-hash-cap-warm-all-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
                                               "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash",
@@ -287,7 +290,7 @@ def ptb_small(out: Path, results: Path, only: tuple[str, ...], seeds: list[int],
     Measured cost on one core of a 2-core CPU: a dense step ~0.5-0.9 s at this size
     (the 10,000-word softmax dominates, not Python), so dense (1,1) takes ~7 min an
     epoch; EM with the window E-step (S=10) ~2.8 s a step, the position E-step (S=4)
-    ~1.6 s, the word E-step (S=4) ~0.4-0.5 s (a 6-epoch run ~13-16 min): the full table (24 rows
+    ~1.6 s, the word E-step (S=4) ~0.4-0.5 s (a 6-epoch run ~13-16 min): the full table (25 rows
     x 3 seeds x 6 epochs) is about 2 core-days.
     """
     if not table_only:
