@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, fields
 
 METHODS = ("em", "dense", "reinforce", "noisy-topk", "hash")
 E_STEPS = ("window", "position", "word")
+# EM's word E-step: the default threshold t of its frequent-word subsampling (TrainConfig.word_subsample).
+WORD_SUBSAMPLE = 1e-3
 # How EM's a* memory starts: uniform at random, or the hash table's modules of each input word.
 A_STAR_INITS = ("random", "hash")
 COMBINE_RULES = ("sum", "mean", "gate")
@@ -192,7 +194,7 @@ class TrainConfig:
     # EM, word E-step: score an occurrence of word w with probability min(1, sqrt(t / f_w)),
     # f_w its share of the training text (Mikolov et al. 2013's subsampling of frequent
     # words; methods/em.py, word_keep). 0: score every position.
-    word_subsample: float = 1e-3
+    word_subsample: float = WORD_SUBSAMPLE
     # EM, word E-step: True: the M-step's forward runs first and is the E-step's trajectory
     # (no dropout, float32), a window's moves apply from the next window on. False: the
     # E-step runs its own forward first and the M-step trains the moved table (the original
@@ -241,7 +243,7 @@ class TrainConfig:
         if self.capacity and (self.e_step != "word" or self.capacity < 1):
             raise ValueError("capacity caps the word E-step's modules at a multiple >= 1 of an even share of the "
                              "text: it needs --e-step word and a value >= 1 (0: off)")
-        if self.word_subsample < 0 or (self.word_subsample != 1e-3 and self.e_step != "word"):
+        if self.word_subsample < 0 or (self.word_subsample != WORD_SUBSAMPLE and self.e_step != "word"):
             raise ValueError("word_subsample thins the word E-step's scored positions: it needs --e-step word "
                              "and a value >= 0 (0: score every position)")
         if not self.word_reuse and self.e_step != "word":
@@ -273,7 +275,7 @@ def from_dict(cls, d: dict):
 # TrainConfig fields only EM reads, with their defaults: other methods refuse them.
 EM_ONLY = {"samples": 10, "e_step_every": 1, "prior_weight": 0.0, "e_step": "window", "balance_rate": 0.0,
            "warm_start": 0, "prior_anneal": 0, "e_step_dtype": "float32", "a_star_init": "random",
-           "capacity": 0.0, "word_subsample": 1e-3, "word_reuse": True}
+           "capacity": 0.0, "word_subsample": WORD_SUBSAMPLE, "word_reuse": True}
 
 __all__ = ["CIFAR10_MEAN", "CIFAR10_STD", "ImageModelConfig", "ModelConfig", "TrainConfig", "asdict", "from_dict",
            "METHODS", "RESUMABLE_CHANGES"]

@@ -25,9 +25,12 @@ from pathlib import Path
 import click
 
 from modrt._exceptions import ModrtError
+from modrt.train.config import WORD_SUBSAMPLE
+from modrt.train.ptb_table import WORD_VARIANT
 
 SIZE = ["--embedding", "32", "--hidden", "32", "--dropout", "0"]
 JOINT = ["--prior-weight", "1"]
+WORD = ["--method", "em", *WORD_VARIANT]  # EM over a hash-started, capped word table (below)
 # name -> (M, K, modrt train ptb arguments). Dense (1,1) and (3,3) are the references.
 ROWS = {
     "dense-M1K1": (1, 1, ["--method", "dense"]),
@@ -54,10 +57,8 @@ ROWS = {
     # a* is a word -> module table, hash-started, capped at 1.2x an even share, after a
     # 100-step dense warm start; the E-step moves a word's entry (docs/design-notes.md,
     # "E-step variants"). Likelihood score: a table is predictable from its word.
-    "em-word-hash-cap-warm-M15K1": (15, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
-                                            "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
-    "em-word-hash-cap-warm-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
-                                          "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
+    "em-word-hash-cap-warm-M15K1": (15, 1, [*WORD]),
+    "em-word-hash-cap-warm-M5K1": (5, 1, [*WORD]),
     # The ablation: the same with S=1 (no candidate), so the table stays hash's and only the
     # controller learns it; against hash routing, what the learned router costs, and against
     # the row above, what the E-step's moves bring.
@@ -65,27 +66,15 @@ ROWS = {
                                               "--warm-start", "100", "--a-star-init", "hash"]),
     # The paper's joint score on the table: a word's gain also counts the controller's
     # log p(module | x) ratio, so the table moves towards what the controller can predict.
-    "em-word-hash-cap-warm-joint-M15K1": (15, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
-                                                  "--capacity", "1.2", "--warm-start", "100", "--a-star-init",
-                                                  "hash", *JOINT]),
-    "em-word-hash-cap-warm-joint-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
-                                                "--capacity", "1.2", "--warm-start", "100", "--a-star-init",
-                                                "hash", *JOINT]),
+    "em-word-hash-cap-warm-joint-M15K1": (15, 1, [*WORD, *JOINT]),
+    "em-word-hash-cap-warm-joint-M5K1": (5, 1, [*WORD, *JOINT]),
     # The ablation of the word E-step's subsampling: every position scored.
-    "em-word-hash-cap-warm-all-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
-                                              "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash",
-                                              "--word-subsample", "0"]),
+    "em-word-hash-cap-warm-all-M5K1": (5, 1, [*WORD, "--word-subsample", "0"]),
     # The ablation of the reused forward: the E-step first, the M-step on the moved table.
-    "em-word-hash-cap-warm-first-M5K1": (5, 1, ["--method", "em", "--e-step", "word", "--samples", "4",
-                                                "--capacity", "1.2", "--warm-start", "100", "--a-star-init",
-                                                "hash", "--no-word-reuse"]),
-    "em-word-hash-cap-warm-all-M15K3": (15, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
-                                                "--capacity", "1.2", "--warm-start", "100", "--a-star-init",
-                                                "hash", "--word-subsample", "0"]),
-    "em-word-hash-cap-warm-M15K3": (15, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
-                                            "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
-    "em-word-hash-cap-warm-M5K3": (5, 3, ["--method", "em", "--e-step", "word", "--samples", "4",
-                                          "--capacity", "1.2", "--warm-start", "100", "--a-star-init", "hash"]),
+    "em-word-hash-cap-warm-first-M5K1": (5, 1, [*WORD, "--no-word-reuse"]),
+    "em-word-hash-cap-warm-all-M15K3": (15, 3, [*WORD, "--word-subsample", "0"]),
+    "em-word-hash-cap-warm-M15K3": (15, 3, [*WORD]),
+    "em-word-hash-cap-warm-M5K3": (5, 3, [*WORD]),
 }
 
 
@@ -100,7 +89,7 @@ def variant(train_config: dict, method: str) -> str:
         parts.append("balance")
     if train_config.get("capacity"):
         parts.append(f"capacity {train_config['capacity']:g}")
-    if train_config.get("word_subsample", 1e-3) == 0:  # the word E-step scores every position
+    if train_config.get("word_subsample", WORD_SUBSAMPLE) == 0:  # the word E-step scores every position
         parts.append("all positions")
     if not train_config.get("word_reuse", True):  # the E-step's own forward, then the M-step on its moves
         parts.append("E first")
