@@ -99,8 +99,10 @@ _method_options = _options(
                  help="EM: loss-free balancing (Wang et al. 2024). A per-module bias on the E-step's scores, "
                       "moved this many nats per E-step towards under-used modules; no loss term. 0: off."),
     click.option("--capacity", type=click.FloatRange(min=0), default=_T.capacity, show_default=True,
-                 help="EM, --e-step word: a word may move into a module only while that module holds at most "
-                      "this many times an even share of the training tokens (BASE layers' capacity). 0: no cap."),
+                 help="EM (BASE layers' capacity, Lewis et al. 2021): the E-step may move a word (--e-step "
+                      "word: its table entry) or an example (the a* memory; images: per modular layer) into a "
+                      "module only while that module holds at most this many times an even share of the "
+                      "training tokens or examples; moves go best gain first. 0: no cap."),
     click.option("--word-subsample", type=click.FloatRange(min=0), default=_T.word_subsample, show_default=True,
                  help="EM, --e-step word: score an occurrence of word w with probability min(1, sqrt(t / f_w)), "
                       "f_w its share of the training text (Mikolov et al. 2013's subsampling of frequent "

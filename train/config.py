@@ -187,9 +187,10 @@ class TrainConfig:
     # EM: loss-free balancing (Wang et al. 2024): a per-module bias added to the E-step's
     # scores (not to any loss), moved by this many nats per E-step against the module's load.
     balance_rate: float = 0.0
-    # EM, word E-step: a word may move into a module only if that keeps the module's share of
-    # the training tokens at most this many times an even share (BASE layers' capacity, Lewis
-    # et al. 2021, on the word table). 0: no cap.
+    # EM: a word (word E-step: its table entry) or an example (window E-step: its a* in the
+    # memory; images: per modular layer) may move into a module only if that keeps the
+    # module's share at most this many times an even share (BASE layers' capacity, Lewis et
+    # al. 2021; methods/em.py, word_decide and capped_pick). 0: no cap.
     capacity: float = 0.0
     # EM, word E-step: score an occurrence of word w with probability min(1, sqrt(t / f_w)),
     # f_w its share of the training text (Mikolov et al. 2013's subsampling of frequent
@@ -240,9 +241,9 @@ class TrainConfig:
             raise ValueError("importance_weight and load_weight must not be negative")
         if self.e_step not in E_STEPS:
             raise ValueError(f"e_step {self.e_step!r} unknown; choose one of {', '.join(E_STEPS)}")
-        if self.capacity and (self.e_step != "word" or self.capacity < 1):
-            raise ValueError("capacity caps the word E-step's modules at a multiple >= 1 of an even share of the "
-                             "text: it needs --e-step word and a value >= 1 (0: off)")
+        if self.capacity and (self.e_step == "position" or self.capacity < 1):
+            raise ValueError("capacity caps the E-step's modules at a multiple >= 1 of an even share of the "
+                             "training examples: it needs --e-step word or window and a value >= 1 (0: off)")
         if self.word_subsample < 0 or (self.word_subsample != WORD_SUBSAMPLE and self.e_step != "word"):
             raise ValueError("word_subsample thins the word E-step's scored positions: it needs --e-step word "
                              "and a value >= 0 (0: score every position)")

@@ -204,16 +204,22 @@ def recorded(path: Path) -> list[dict]:
     return [r for r in rows if isinstance(r, dict) and "run" in r] if isinstance(rows, list) else []
 
 
-def write(out: Path, results: Path) -> list[dict]:
-    """The table of the finished runs under ``out`` and of those the table already recorded
-    (a run measured on another machine, or in an earlier checkout whose run directories are
-    gone, stays in it; a finished run under ``out`` replaces its recorded row)."""
-    found = [r for run in sorted(p for p in out.iterdir() if p.is_dir()) if (r := run_row(run))] if out.is_dir() else []
+def merged(out: Path, path: Path, row_of) -> list[dict]:
+    """The rows (``row_of(run)``) of the finished runs under ``out`` and those the table at
+    ``path`` already recorded (a run measured on another machine, or in an earlier checkout
+    whose run directories are gone, stays in it; a finished run under ``out`` replaces its
+    recorded row), sorted by run name; written back to ``path``."""
+    found = [r for run in sorted(p for p in out.iterdir() if p.is_dir()) if (r := row_of(run))] if out.is_dir() else []
     names = {r["run"] for r in found}
-    path = results / "ptb_table_small.json"
     rows = sorted([r for r in recorded(path) if r["run"] not in names] + found, key=lambda r: r["run"])
-    results.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1) + "\n")
+    return rows
+
+
+def write(out: Path, results: Path) -> list[dict]:
+    """The small table (``merged``) as json, markdown and plot."""
+    rows = merged(out, results / "ptb_table_small.json", run_row)
     (results / "ptb_table_small.md").write_text(markdown(rows))
     if rows:
         plot(rows, results / "ptb_table_small.png")

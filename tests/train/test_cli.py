@@ -161,7 +161,7 @@ def test_train_cifar10_help_lists_every_field_it_uses(tmp_path):
     (["--a-star-init", "words"], "--a-star-init"),
     (["--warm-start", "-1"], "--warm-start"),
     (["--word-subsample", "0"], "needs --e-step word"),
-    (["--capacity", "1.2"], "needs --e-step word"),
+    (["--e-step", "position", "--capacity", "1.2"], "needs --e-step word or window"),
     (["--e-step", "word", "--capacity", "0.5"], "a value >= 1"),
     (["--method", "hash", "--capacity", "1.2"], "--capacity is an EM option"),
 ])

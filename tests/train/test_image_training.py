@@ -57,11 +57,14 @@ def _train_losses(run: Path) -> list[float]:
             if json.loads(line)["kind"] == "train"]
 
 
-@pytest.mark.parametrize("method", ["em", "dense", "reinforce", "noisy-topk", "em-warm-balance"])
+EM_EXTRA = {"em-warm-balance": {"warm_start": 2, "balance_rate": 0.3, "prior_weight": 1.0, "augment": True},
+            "em-warm-capacity": {"warm_start": 2, "capacity": 1.2, "prior_weight": 1.0}}
+
+
+@pytest.mark.parametrize("method", ["em", "dense", "reinforce", "noisy-topk", "em-warm-balance", "em-warm-capacity"])
 def test_every_method_resumes_exactly(method, tmp_path):
-    extra = {"warm_start": 2, "balance_rate": 0.3, "prior_weight": 1.0, "augment": True} \
-        if method == "em-warm-balance" else {}
-    mcfg = cfg("em" if method == "em-warm-balance" else method)
+    extra = EM_EXTRA.get(method, {})
+    mcfg = cfg("em" if method.startswith("em") else method)
     data = tiny_cifar()
     N = 5  # 3 batches an epoch (16, 16, 8): crosses an epoch boundary
     whole = Trainer(mcfg, tcfg(steps=N, **extra), data, tmp_path / "whole", progress=False)
@@ -122,6 +125,25 @@ def test_image_e_step_never_lowers_an_images_score_and_keeps_a_star_on_ties():
     # One candidate: only a* itself, which is kept.
     same = em.e_step_of(model, w, a_star, samples=1, prior_weight=1.0)
     assert torch.equal(same.best, a_star) and not same.changed.any()
+
+
+@pytest.mark.parametrize("capacity", [0.0, 1.2])
+def test_capacity_keeps_every_layers_modules_within_the_cap(tmp_path, capacity):
+    # The paper's joint score from a uniform start drives a* towards whatever the controller
+    # prefers; the cap keeps each layer's modules at most 1.2 x an even share of the 40
+    # images (16), and the kept counts follow the memory.
+    torch.manual_seed(0)
+    t = Trainer(cfg(modules=3), tcfg(epochs=6, prior_weight=1.0, capacity=capacity, lr=1e-2), tiny_cifar(),
+                tmp_path / "run", progress=False)
+    t.fit()
+    memory = t.method.state()["memory"]
+    counts = em.group_counts(memory, 2, 3)  # (layers, M)
+    assert any(r["e_step_improved"] for r in t.metrics if r["kind"] == "train")  # the E-step moved images
+    if capacity:
+        assert counts.max() <= 1.2 * N_TRAIN / 3, counts
+        assert torch.equal(t.method.load, counts)
+    else:  # the test's premise: without the cap some module goes above it
+        assert counts.max() > 1.2 * N_TRAIN / 3, counts
 
 
 def test_position_e_step_is_refused_for_images():

@@ -478,5 +478,35 @@ def test_word_decide_capacity_keeps_every_module_within_its_share():
     # uncapped, both move
     table = torch.tensor([[0], [0], [1], [1]])
     assert em.word_decide(table, gain, square, seen, torch.ones(4, dtype=torch.bool)).sum() == 2
-    with pytest.raises(ValueError, match="needs --e-step word"):
-        TrainConfig(capacity=1.2)
+    with pytest.raises(ValueError, match="needs --e-step word or window"):
+        TrainConfig(e_step="position", capacity=1.2)
+    with pytest.raises(ValueError, match="a value >= 1"):
+        TrainConfig(capacity=0.5)
+
+
+def test_capped_pick_moves_examples_best_gain_first_within_the_cap():
+    # Two layers of 2 modules; a memory of 8 examples, 4 / 4 on each module in each layer
+    # (cap 1.25 x 4 = 5). The batch: 3 examples on module 1 in layer 0 whose best candidate
+    # moves them to module 0 there; only one more fits, so the largest gain (example 1) moves,
+    # example 2 takes its second candidate (no rise in layer 0), example 0 keeps a*.
+    P, B, K = 2, 3, 1
+    stored = torch.tensor([[1, 1, 1], [0, 0, 0]]).view(P, B, K)
+    to_zero = torch.tensor([[0, 0, 0], [0, 0, 0]]).view(P, B, K)  # layer 0 -> module 0
+    other = torch.tensor([[1, 1, 1], [1, 1, 1]]).view(P, B, K)  # layer 1 -> module 1
+    cands = torch.stack([stored, to_zero, other])  # (S, P, B, K)
+    scores = torch.tensor([[0.0, 0.0, 0.0], [1.0, 3.0, 2.0], [-1.0, -1.0, 0.5]])
+    load = torch.tensor([[4.0, 4.0], [4.0, 4.0]], dtype=torch.double)
+    pick = em.capped_pick(scores, cands, load, 1.25)
+    assert pick.tolist() == [0, 1, 2]
+    assert load.tolist() == [[5.0, 3.0], [3.0, 5.0]]  # 1 moved in layer 0, 1 in layer 1
+    # Uncapped (a cap no load reaches), every example takes its best candidate.
+    load = torch.tensor([[4.0, 4.0], [4.0, 4.0]], dtype=torch.double)
+    assert em.capped_pick(scores, cands, load, 10.0).tolist() == [1, 1, 1]
+    # Leaving a module, or staying in an over-full one, is always allowed.
+    load = torch.tensor([[1.0, 7.0], [6.0, 2.0]], dtype=torch.double)  # cap 4: layer 1's module 0 over it
+    assert em.capped_pick(scores, cands, load, 1.0).tolist() == [1, 1, 1]
+    assert load.tolist() == [[4.0, 4.0], [6.0, 2.0]]
+    # group_counts: one group counts every position; else one row per position.
+    a = torch.tensor([[[0], [1]], [[1], [1]]])  # (N=2, P=2, K=1)
+    assert em.group_counts(a, 1, 2).tolist() == [[1.0, 3.0]]
+    assert em.group_counts(a, 2, 2).tolist() == [[1.0, 1.0], [0.0, 2.0]]

@@ -269,8 +269,30 @@ def test_cifar10_table_from_finished_runs(tmp_path):
     assert {"method", "modules", "k", "seed", "train_acc", "test_acc", "usage_exp_entropy", "minutes"} <= rows[0].keys()
     md = (tmp_path / "res" / "cifar10_table.md").read_text()
     assert "| dense (1,1), 8-8 filters, 2 ep | 2 | 51.0 ± 1.4 |" in md
-    assert "em (5,1), 8-8 filters, 2 ep: train accuracy -11.0 points over dense" in res.output
+    assert "em likelihood (5,1), 8-8 filters, 2 ep: train accuracy -11.0 points over dense" in res.output
     assert (tmp_path / "res" / "cifar10_table.png").stat().st_size > 1000
+    # A recorded run whose directory is gone stays in the table; an EM run of another width
+    # is not compared with the 8-8 dense network.
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs" / "em-M5K1-s1")
+    run = tmp_path / "runs" / "wide-em-M8K1-s1"
+    run.mkdir()
+    mc = {"channels": [64, 64], "modules": 8, "k": 1, "method": "em", "task": "cifar10"}
+    checkpoint.save(run / "ckpt.pt", {"model_config": mc, "model": {}, "classes": ["a"], "train_config": {
+        "seed": 1, "epochs": 2, "augment": False, "prior_weight": 1.0, "capacity": 1.2, "warm_start": 391}})
+    recs = [{"kind": "valid", "epoch": 1, "test_acc": 0.6, "train_acc_subset": 0.6},
+            {"kind": "test", "step": 10, "train_acc": 0.7, "test_acc": 0.6, "minutes": 1.0, "usage_exp_entropy": 7.0,
+             "modules_in_use": 8, "controller_exp_entropy": 1.1}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = CliRunner().invoke(cli, ["reproduce", "cifar10", "--out", str(tmp_path / "runs"), "--results",
+                                   str(tmp_path / "res"), "--table-only"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "res" / "cifar10_table.json").read_text())
+    assert [r["run"] for r in rows] == ["dense-M1K1-s1", "dense-M1K1-s2", "em-M5K1-s1", "wide-em-M8K1-s1"]
+    md = (tmp_path / "res" / "cifar10_table.md").read_text()
+    assert "| em capacity 1.2+warm+joint (8,1), 64-64 filters, 2 ep | 1 | 70.0 |" in md
+    assert "(8,1)" not in res.output and "em likelihood (5,1)" in res.output
 
 
 def test_small_table_keeps_recorded_runs_whose_directories_are_gone(tmp_path):

@@ -167,6 +167,63 @@ def e_step_of(model, w: Batch, a_star: torch.Tensor, samples: int, generator: to
         return EStep(best, changed, scores, cands)
 
 
+def group_counts(a: torch.Tensor, groups: int, modules: int) -> torch.Tensor:
+    """How many entries of selections a (..., P, K) name each module, per group: (G, M)
+    float64. One group (PTB's one modular layer): over every position; else group g is
+    position g (an image network's layer g, which has its own modules)."""
+    a = a.long()
+    if groups == 1:
+        return torch.bincount(a.flatten(), minlength=modules).double().view(1, modules)
+    P = a.shape[-2]
+    if P != groups:
+        raise ValueError(f"{P} positions cannot be {groups} groups")
+    rows = a.transpose(-2, 0).reshape(P, -1)  # (P, everything else)
+    return torch.stack([torch.bincount(r, minlength=modules) for r in rows]).double()
+
+
+def capped_pick(scores: torch.Tensor, cands: torch.Tensor, load: torch.Tensor, factor: float) -> torch.Tensor:
+    """The E-step's choice of candidate per example under a capacity cap (BASE layers'
+    balanced assignment, Lewis et al. 2021, made greedy as for the word table).
+
+    scores (S, B) and cands (S, P, B, K): ``e_step_of``'s, candidate 0 the stored a*; load
+    (G, M) float64: each group's module counts over the whole a* memory, updated in place.
+    Examples are taken best gain first; each takes its best-scoring candidate that moves no
+    module above ``factor`` times an even share of its group's load (leaving a module, or
+    staying in one, is always allowed), else keeps a*. Returns the pick (B,) long."""
+    S, P, B, K = cands.shape
+    G, M = load.shape
+    cap = (factor * load.sum(1, keepdim=True) / M).numpy()  # (G, 1): the total is fixed
+    counts = torch.stack([_example_counts(cands[s], G, M) for s in range(S)]).numpy()  # (S, B, G, M)
+    sc = scores.double().cpu().numpy()
+    gain = sc.max(0) - sc[0]
+    pick = torch.zeros(B, dtype=torch.long)
+    held = load.numpy()  # a view: updated in place
+    for b in gain.argsort()[::-1]:
+        if gain[b] <= 0:
+            break
+        old = counts[0, b]
+        for s in sc[:, b].argsort(kind="stable")[::-1]:
+            if s == 0 or sc[s, b] <= sc[0, b]:
+                break
+            new = counts[s, b]
+            rise = new > old
+            if ((held - old + new <= cap) | ~rise).all():
+                held += new - old
+                pick[b] = int(s)
+                break
+    return pick
+
+
+def _example_counts(a: torch.Tensor, groups: int, modules: int) -> torch.Tensor:
+    """Per example, its selection's module counts per group: a (P, B, K) -> (B, G, M) float64."""
+    P, B, K = a.shape
+    hot = torch.zeros(P, B, modules, dtype=torch.float64).scatter_add_(
+        2, a.long().cpu(), torch.ones(P, B, K, dtype=torch.float64))  # (P, B, M)
+    if groups == 1:
+        return hot.sum(0).unsqueeze(1)
+    return hot.permute(1, 0, 2).contiguous()
+
+
 def bias_term(a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The balancing bias of selections a (P, ..., K): the sum of bias over each one's
     distinct modules; bias (M,), or (P, M) one row per position. -> (P, ...)."""
@@ -455,7 +512,7 @@ class EM(Method):
                              "for images")
         if (tcfg.a_star_init == "hash" or tcfg.e_step == "word") and (not recurrent or train_tokens is None):
             raise ValueError("the hash start keys a* on input words; images have none (use random)")
-        self.memory = self.table = self.gain = self.square = self.seen = None
+        self.memory = self.table = self.gain = self.square = self.seen = self.load = None
         if tcfg.e_step == "word":  # a* = table[x]: one entry per word, no memory per position
             if M == K:
                 raise ValueError(f"the word E-step changes a word's modules; with M = K = {M} there is no other")
@@ -524,14 +581,29 @@ class EM(Method):
                                     bias=bias, keys=keys)
             else:
                 e = e_step_of(self.model, w, a_star, tc.samples, prior_weight=pw, dtype=dtype, bias=bias, keys=keys)
+                if tc.capacity:
+                    pick = capped_pick(e.scores, e.candidates, self.memory_load().clone(), tc.capacity)
+                    best = e.candidates[pick.to(dev), :, torch.arange(a_star.shape[1], device=dev)]  # (B, P, K)
+                    e = e._replace(best=best.permute(1, 0, 2).contiguous(), changed=pick > 0)
             a_star = e.best
             # Every rank keeps the whole memory: the ranks exchange their rows' new a*.
             ids, new = self.world.cat_rows(w.ids, a_star.permute(1, 0, 2).to(torch.int16).cpu())  # (n, P, K)
+            if self.load is not None:  # the cap's counts follow the memory (every rank's rows)
+                G, M = self.load.shape
+                self.load += group_counts(new, G, M) - group_counts(self.memory[ids, :P], G, M)
             self.memory[ids, :P] = new
             if tc.balance_rate:
                 self.rebalance(new.permute(1, 0, 2))
             info = {"e_changed": int(e.changed.sum()), "e_total": e.changed.numel()}
         return m_step_of(self.model, w, a_star)._replace(info=info)
+
+    def memory_load(self) -> torch.Tensor:
+        """Each group's module counts over the a* memory (G, M) float64 (``group_counts``),
+        counted once and then kept up to date with every E-step's changes."""
+        if self.load is None:
+            groups = 1 if self.bias.dim() == 1 else self.bias.shape[0]
+            self.load = group_counts(self.memory, groups, self.mcfg.modules)
+        return self.load
 
     def rebalance(self, a_star: torch.Tensor) -> None:
         """Move the bias against each module's load in the new a* (P, B, K): over all
@@ -604,6 +676,7 @@ class EM(Method):
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.memory, self.bias, self.upcycled = state["memory"], state["bias"], bool(state["upcycled"])
+        self.load = None  # counted again from the restored memory
         if self.table is not None:
             self.table, self.gain, self.square, self.seen = (state[k] for k in ("table", "gain", "square", "seen"))
             self.stats_epoch = int(state["stats_epoch"])
