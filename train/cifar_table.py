@@ -45,13 +45,16 @@ ROWS = {
     "em-cap-warm-joint-M5K1": (5, 1, EM_CAP_WARM),
     # The same with the likelihood-only score.
     "em-cap-warm-M5K1": (5, 1, [*EM_CAP_WARM[:2], *EM_CAP_WARM[4:]]),
+    # The same with a* started from the controller's own choice (within the cap).
+    "em-ctrl-cap-warm-joint-M5K1": (5, 1, [*EM_CAP_WARM, "--a-star-init", "controller"]),
     "reinforce-M5K1": (5, 1, ["--method", "reinforce"]),
     "noisy-topk-M5K2": (5, 2, ["--method", "noisy-topk"]),
 }
 # The same at the default (wide) size: M=8 modules of 64, 64, 128, 128 filters.
 WIDE = {
     "wide-dense-M1K1": (1, 1, ["--method", "dense"]),
-    "wide-em-cap-warm-joint-M8K1": (8, 1, EM_CAP_WARM),
+    # S=4 candidates: at this width an E-step candidate costs a third of a training step.
+    "wide-em-cap-warm-joint-M8K1": (8, 1, [*EM_CAP_WARM, "--samples", "4"]),
 }
 SIZE_ROWS = {"demo": ROWS, "default": WIDE}
 
@@ -67,7 +70,9 @@ def run_row(run: Path) -> dict | None:
         "run": run.name, "method": m["method"], "modules": m["modules"], "k": m["k"], "seed": t["seed"],
         "channels": list(m["channels"]), "epochs": t["epochs"], "steps": rec["step"], "augment": t["augment"],
         "prior_weight": t["prior_weight"] if m["method"] == "em" else None,
-        "variant": variant(t, m["method"]).removeprefix("window+"),  # images have the one E-step
+        # images have the one E-step; S when not the default's
+        "variant": variant(t, m["method"]).removeprefix("window+")
+        + (f"+S={t['samples']}" if m["method"] == "em" and t.get("samples", 10) != 10 else ""),
         "train_acc": rec["train_acc"], "test_acc": rec["test_acc"],
         "usage_exp_entropy": rec.get("usage_exp_entropy"), "modules_in_use": rec.get("modules_in_use"),
         "controller_exp_entropy": rec.get("controller_exp_entropy"), "minutes": rec["minutes"],

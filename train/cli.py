@@ -185,7 +185,10 @@ _run_options = _options(
               help="EM: how the a* memory starts. random: uniform draws (the paper). hash: each "
                    "position's a* is the modules hash routing's frequency-balanced table gives its "
                    "input word (Roller et al. 2021), a balanced start the controller can learn from "
-                   "the word alone; the E-step then moves it only where a candidate scores better.")
+                   "the word alone; the E-step then moves it only where a candidate scores better. "
+                   "controller: at an example's first E-step (after any --warm-start) its a* becomes the "
+                   "controller's own most probable modules, within --capacity when set: a start the "
+                   "controller can represent by construction.")
 @_method_options
 @click.option("--embedding", type=click.IntRange(min=1), default=_M.embedding, show_default=True,
               help="E, word embedding width.")
@@ -256,6 +259,12 @@ SIZES = ("default", "demo")
               help="How the distinct selected modules' feature maps combine (the official code sums). "
                    "noisy-topk always weights by its gates.")
 @_method_options
+@click.option("--a-star-init", type=click.Choice([i for i in A_STAR_INITS if i != "hash"]), default=_T.a_star_init,
+              show_default=True,
+              help="EM: how the a* memory starts. random: uniform draws (the paper). controller: at an image's "
+                   "first E-step (after any --warm-start) its a* becomes the controller's own most probable "
+                   "module per layer, within --capacity when set: a start the controller can represent by "
+                   "construction.")
 @click.option("--augment/--no-augment", default=_T.augment, show_default=True,
               help="Random crops (4-pixel padding) and horizontal flips of the training images. The E-step "
                    "scores the image the M-step trains on (augmented, when on).")

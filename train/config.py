@@ -14,7 +14,7 @@ E_STEPS = ("window", "position", "word")
 # EM's word E-step: the default threshold t of its frequent-word subsampling (TrainConfig.word_subsample).
 WORD_SUBSAMPLE = 1e-3
 # How EM's a* memory starts: uniform at random, or the hash table's modules of each input word.
-A_STAR_INITS = ("random", "hash")
+A_STAR_INITS = ("random", "hash", "controller")
 COMBINE_RULES = ("sum", "mean", "gate")
 DEVICES = ("auto", "cpu", "cuda")
 E_STEP_DTYPES = ("float32", "bfloat16")
@@ -253,6 +253,9 @@ class TrainConfig:
             raise ValueError("balance_rate, warm_start and prior_anneal must not be negative")
         if self.a_star_init not in A_STAR_INITS:
             raise ValueError(f"a_star_init {self.a_star_init!r} unknown; choose one of {', '.join(A_STAR_INITS)}")
+        if self.a_star_init == "controller" and self.e_step == "word":
+            raise ValueError("--a-star-init controller starts the a* memory; the word E-step keeps a table "
+                             "instead (start it with random or hash)")
         if self.e_step_dtype not in E_STEP_DTYPES:
             raise ValueError(f"e_step_dtype {self.e_step_dtype!r} unknown; choose one of {', '.join(E_STEP_DTYPES)}")
         if self.device not in DEVICES:

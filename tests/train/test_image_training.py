@@ -58,10 +58,13 @@ def _train_losses(run: Path) -> list[float]:
 
 
 EM_EXTRA = {"em-warm-balance": {"warm_start": 2, "balance_rate": 0.3, "prior_weight": 1.0, "augment": True},
-            "em-warm-capacity": {"warm_start": 2, "capacity": 1.2, "prior_weight": 1.0}}
+            "em-warm-capacity": {"warm_start": 2, "capacity": 1.2, "prior_weight": 1.0},
+            "em-controller-start": {"warm_start": 2, "capacity": 1.2, "prior_weight": 1.0,
+                                    "a_star_init": "controller"}}
 
 
-@pytest.mark.parametrize("method", ["em", "dense", "reinforce", "noisy-topk", "em-warm-balance", "em-warm-capacity"])
+@pytest.mark.parametrize("method", ["em", "dense", "reinforce", "noisy-topk", "em-warm-balance", "em-warm-capacity",
+                                    "em-controller-start"])
 def test_every_method_resumes_exactly(method, tmp_path):
     extra = EM_EXTRA.get(method, {})
     mcfg = cfg("em" if method.startswith("em") else method)
@@ -144,6 +147,35 @@ def test_capacity_keeps_every_layers_modules_within_the_cap(tmp_path, capacity):
         assert torch.equal(t.method.load, counts)
     else:  # the test's premise: without the cap some module goes above it
         assert counts.max() > 1.2 * N_TRAIN / 3, counts
+
+
+def test_controller_start_takes_the_most_probable_module_with_room():
+    # One layer of 3 modules; a memory of exactly these 4 examples (load 2 / 1 / 1), all
+    # surest of module 0. Cap 1.5 x an even share (4 / 3) = 2: the two surest (3, then 0)
+    # get module 0; example 1 its next choice with room (2), example 2 its (1).
+    lp = torch.log_softmax(torch.tensor([[5.0, 1.0, 0.0], [4.0, 0.0, 1.0], [3.0, 2.0, 0.0], [6.0, 0.0, 0.0]]), -1)
+    lp = lp.view(1, 4, 1, 3)  # (P, B, K, M)
+    old = torch.tensor([0, 1, 2, 0]).view(1, 4, 1)
+    load = torch.tensor([[2.0, 1.0, 1.0]], dtype=torch.double)
+    start = em.controller_start(lp, old, load, 1.5)
+    assert start.flatten().tolist() == [0, 2, 1, 0]
+    assert torch.equal(em.group_counts(start.permute(1, 0, 2), 1, 3), load)  # the load follows
+    # Without a cap: the controller's argmax for every example.
+    assert em.controller_start(lp, old, None, 1.0).flatten().tolist() == [0, 0, 0, 0]
+
+
+def test_controller_start_sets_each_images_a_star_once_to_the_controllers_choice(tmp_path):
+    torch.manual_seed(0)
+    t = Trainer(cfg(modules=3), tcfg(steps=3, a_star_init="controller", samples=1), tiny_cifar(), tmp_path / "run",
+                progress=False)
+    t.fit()  # S=1: the E-step never moves a*, so the memory holds the start
+    state = t.method.state()
+    seen = torch.zeros(N_TRAIN, dtype=torch.bool)
+    for step in range(3):
+        seen[t.task.batch(step % 3, 0, step, None).ids] = True
+    assert torch.equal(state["fresh"], ~seen)  # 3 batches of an epoch: every image once
+    with pytest.raises(ValueError, match="word E-step keeps a table"):
+        TrainConfig(e_step="word", a_star_init="controller")
 
 
 def test_position_e_step_is_refused_for_images():

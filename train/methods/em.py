@@ -32,6 +32,10 @@ Variants, each a TrainConfig option; none adds a term to the M-step's loss:
   every module starts with an equal share of the text and a selection the controller can
   learn from the input word alone. EM's E-step then only replaces it where a candidate
   scores better, as from any other start.
+- ``a_star_init="controller"``: each example's a* is set, at its first E-step (after any
+  warm start), to the controller's own most probable modules, taken within the capacity cap
+  when there is one (``controller_start``): a start the controller can represent by
+  construction, its images' counterpart of the hash start.
 
 M-step: one gradient step on -mean log p(y|x,a*) - mean log p(a*|x): the first trains the
 modules (only the selected ones get gradient) and the rest of the network, the second
@@ -212,6 +216,40 @@ def capped_pick(scores: torch.Tensor, cands: torch.Tensor, load: torch.Tensor, f
                 pick[b] = int(s)
                 break
     return pick
+
+
+def controller_start(log_probs: torch.Tensor, old: torch.Tensor, load: torch.Tensor | None,
+                     factor: float) -> torch.Tensor:
+    """Each example's a* from its controller's log-probabilities: per position and slot the
+    most probable module, or, with a capacity cap, the most probable one that keeps its
+    module within ``factor`` x an even share of the group's load (BASE layers' greedy
+    balanced assignment; the surest examples first).
+
+    log_probs (P, B, K, M) along the greedy path; old (P, B, K) the examples' current a*
+    (counted in load); load (G, M) float64 updated in place, or None (no cap). -> (P, B, K)."""
+    if load is None:
+        return log_probs.argmax(-1)
+    P, B, K, M = log_probs.shape
+    G = load.shape[0]
+    cap = (factor * load.sum(1) / M).numpy()  # (G,)
+    lp = log_probs.double().cpu().numpy()
+    held = load.numpy()  # a view: updated in place
+    out = old.long().cpu().clone()
+    o = out.numpy()
+    for b in lp.max(-1).sum((0, 2)).argsort()[::-1]:  # the surest examples first
+        for p in range(P):
+            g = p if G > 1 else 0
+            for k in range(K):
+                held[g, o[p, b, k]] -= 1
+                taken = set(o[p, b, :k].tolist())
+                for m in lp[p, b, k].argsort()[::-1]:
+                    if m not in taken and held[g, m] + 1 <= cap[g]:
+                        break
+                else:  # every module is full: keep the old one
+                    m = o[p, b, k]
+                o[p, b, k] = m
+                held[g, m] += 1
+    return out.to(log_probs.device)
 
 
 def _example_counts(a: torch.Tensor, groups: int, modules: int) -> torch.Tensor:
@@ -530,6 +568,8 @@ class EM(Method):
                 self.memory = torch.randint(0, M, (examples, positions, K), dtype=torch.int16)
             if self.memory.shape != (examples, positions, K):
                 raise ValueError(f"a* memory {tuple(self.memory.shape)} != {(examples, positions, K)}")
+        # a_star_init="controller": the examples whose a* the controller has not yet set.
+        self.fresh = torch.ones(examples, dtype=torch.bool) if tcfg.a_star_init == "controller" else None
         # One bias row per modular layer that has its own modules (PTB: one layer, (M,)).
         groups = len(model.module_lists())
         self.bias = torch.zeros(M) if groups == 1 else torch.zeros(groups, M)
@@ -576,6 +616,8 @@ class EM(Method):
                 if m is None:
                     m = m_step_of(self.model, w, self.table.to(dev)[w.x])
                 return m._replace(info={"e_changed": changed, "e_total": int(torch.unique(w.x).numel())})
+            if self.fresh is not None:
+                a_star = self.start_from_controller(w, a_star)
             if tc.e_step == "position":
                 e = position_e_step(self.model, w.x, w.y, w.h, a_star, tc.samples, prior_weight=pw, dtype=dtype,
                                     bias=bias, keys=keys)
@@ -588,6 +630,8 @@ class EM(Method):
             a_star = e.best
             # Every rank keeps the whole memory: the ranks exchange their rows' new a*.
             ids, new = self.world.cat_rows(w.ids, a_star.permute(1, 0, 2).to(torch.int16).cpu())  # (n, P, K)
+            if self.fresh is not None:  # every rank's rows have had their start
+                self.fresh[ids] = False
             if self.load is not None:  # the cap's counts follow the memory (every rank's rows)
                 G, M = self.load.shape
                 self.load += group_counts(new, G, M) - group_counts(self.memory[ids, :P], G, M)
@@ -596,6 +640,27 @@ class EM(Method):
                 self.rebalance(new.permute(1, 0, 2))
             info = {"e_changed": int(e.changed.sum()), "e_total": e.changed.numel()}
         return m_step_of(self.model, w, a_star)._replace(info=info)
+
+    @torch.no_grad()
+    def start_from_controller(self, w: Batch, a_star: torch.Tensor) -> torch.Tensor:
+        """Set the a* of the batch's fresh examples to the controller's choice
+        (``controller_start``) in the memory and return the batch's a* (P, B, K)."""
+        fresh = self.fresh[w.ids]
+        if not fresh.any():
+            return a_star
+        with scoring(self.model):
+            out = self.model.run_examples(w.x, w.h, lm.greedy_policy())
+        P = a_star.shape[0]
+        cols = fresh.nonzero(as_tuple=True)[0].to(a_star.device)
+        load = self.memory_load() if self.tcfg.capacity else None
+        start = controller_start(out.log_probs[:, cols], a_star[:, cols], load, self.tcfg.capacity)
+        a_star = a_star.clone()
+        a_star[:, cols] = start
+        # Every rank sets its own rows; the memory is exchanged with the E-step's result.
+        ids = w.ids[fresh.cpu()]
+        self.memory[ids, :P] = start.permute(1, 0, 2).to(torch.int16).cpu()
+        self.fresh[ids] = False
+        return a_star
 
     def memory_load(self) -> torch.Tensor:
         """Each group's module counts over the a* memory (G, M) float64 (``group_counts``),
@@ -669,6 +734,8 @@ class EM(Method):
 
     def state(self) -> dict[str, Any]:
         s = {"memory": self.memory, "bias": self.bias, "upcycled": self.upcycled}
+        if self.fresh is not None:
+            s["fresh"] = self.fresh
         if self.table is not None:
             s.update(table=self.table, gain=self.gain, square=self.square, seen=self.seen,
                      stats_epoch=self.stats_epoch)
@@ -677,6 +744,8 @@ class EM(Method):
     def load_state(self, state: dict[str, Any]) -> None:
         self.memory, self.bias, self.upcycled = state["memory"], state["bias"], bool(state["upcycled"])
         self.load = None  # counted again from the restored memory
+        if self.fresh is not None:
+            self.fresh = state["fresh"]
         if self.table is not None:
             self.table, self.gain, self.square, self.seen = (state[k] for k in ("table", "gain", "square", "seen"))
             self.stats_epoch = int(state["stats_epoch"])
