@@ -258,6 +258,8 @@ def test_cifar10_table_from_finished_runs(tmp_path):
                                           "train_config": {"seed": seed, "epochs": 2, "augment": False,
                                                            "prior_weight": 0.0}})
         recs = [{"kind": "valid", "epoch": e, "test_acc": acc - 0.1 / e, "train_acc_subset": acc} for e in (1, 2)]
+        # the training log: epoch 0's batches, then the last epoch's (the fit figure's)
+        recs += [{"kind": "train", "epoch": e, "acc": acc + 0.1 * e + d} for e in (0, 1) for d in (0.0, 0.02)]
         recs.append({"kind": "test", "step": 10, "train_acc": acc, "test_acc": acc - 0.01, "minutes": 1.0,
                      "usage_exp_entropy": float(M), "modules_in_use": M, "controller_exp_entropy": 1.0})
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -268,7 +270,8 @@ def test_cifar10_table_from_finished_runs(tmp_path):
     assert {r["method"] for r in rows} == {"dense", "em"} and len(rows) == 3
     assert {"method", "modules", "k", "seed", "train_acc", "test_acc", "usage_exp_entropy", "minutes"} <= rows[0].keys()
     md = (tmp_path / "res" / "cifar10_table.md").read_text()
-    assert "| dense (1,1), 8-8 filters, 2 ep | 2 | 51.0 ± 1.4 |" in md
+    assert "| dense (1,1), 8-8 filters, 2 ep | 2 | 51.0 ± 1.4 | 62.0 ± 1.4 |" in md  # fit: mean of 0.1 + acc + (0, .02)
+    assert rows[2]["train_acc_fit"] == pytest.approx(0.51)
     assert "em likelihood (5,1), 8-8 filters, 2 ep: train accuracy -11.0 points over dense" in res.output
     assert (tmp_path / "res" / "cifar10_table.png").stat().st_size > 1000
     # A recorded run whose directory is gone stays in the table; an EM run of another width
@@ -291,7 +294,7 @@ def test_cifar10_table_from_finished_runs(tmp_path):
     rows = json.loads((tmp_path / "res" / "cifar10_table.json").read_text())
     assert [r["run"] for r in rows] == ["dense-M1K1-s1", "dense-M1K1-s2", "em-M5K1-s1", "wide-em-M8K1-s1"]
     md = (tmp_path / "res" / "cifar10_table.md").read_text()
-    assert "| em capacity 1.2+warm+joint (8,1), 64-64 filters, 2 ep | 1 | 70.0 |" in md
+    assert "| em capacity 1.2+warm+joint (8,1), 64-64 filters, 2 ep | 1 | 70.0 | - |" in md  # no training log
     assert "(8,1)" not in res.output and "em likelihood (5,1)" in res.output
 
 
