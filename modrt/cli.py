@@ -64,11 +64,11 @@ class LazyGroup(click.Group):
         "export": ("modrt.export.cli:export", "Export a checkpoint to a bundle of per-module ONNX graphs."),
         "export-triton": ("modrt.triton.cli:export_triton",
                           "A Triton model repository that routes (BLS), and KServe manifests, from a bundle."),
-        "eval": ("modrt.evaluate:eval_command", "Perplexity of a bundle on a PTB split, without torch."),
-        "inspect": ("modrt.train.introspect:inspect_command", "Plot module use and which words each module serves."),
-        "reproduce": ("modrt.train.reproduce:reproduce", "Train every configuration of the paper's PTB table."),
+        "eval": ("modrt.evaluate:eval_command", "Perplexity (PTB) or accuracy (CIFAR-10) of a bundle, without torch."),
+        "inspect": ("modrt.train.introspect:inspect_command", "Plot module use: the words or classes each serves."),
+        "reproduce": ("modrt.train.reproduce:reproduce", "Train and tabulate a paper table (ptb, ptb-small, cifar10)."),
         "serve": ("modrt.serve.cli:serve", "Serve a bundle over HTTP (KServe v2 protocol, dynamic batching)."),
-        "bundle": ("modrt.bundle_cli:bundle_group", "Verify a bundle (checksums, parity again), or diff two."),
+        "bundle": ("modrt.bundle_cli:bundle_group", "Verify a bundle (checksums, parity), replace a graph, diff two."),
         "quantize": ("modrt.quantize:command", "An int8 copy of a bundle (modules, head, dense), parity-checked."),
     },
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
@@ -79,9 +79,11 @@ def cli() -> None:
 
     \b
     modrt train ptb              learn modules with EM on Penn Treebank
+    modrt train cifar10          ... or on CIFAR-10 images (modular conv layers)
     modrt export CKPT OUT/       per-module ONNX graphs + controller + manifest
-    modrt eval OUT/              perplexity from the bundle alone (no torch)
+    modrt eval OUT/              perplexity or accuracy from the bundle alone (no torch)
     modrt bench OUT/             routed vs dense latency, one run
+    modrt serve OUT/ --port 9000 KServe v2 HTTP server (tritonclient talks to it)
     """
 
 

@@ -215,14 +215,19 @@ def test_warm_start_copies_the_dense_cell(tiny_model_config):
     method = build(model, mcfg, TrainConfig(bptt=T, batch_size=B, warm_start=2), B, T)
     x, y = torch.randint(0, V, (T, B)), torch.randint(0, V, (T, B))
     h = model.init_hidden(B)
-    dense = method.losses(Window(x, y, h, 0, 0, 1))
+    first = Window(x, y, h, 0, 0, 0)
+    dense = method.losses(first)
     assert (dense.out.a == 0).all() and dense.aux == {}  # the dense phase: module 0, no controller loss
-    method.losses(Window(x, y, h, 0, 0, 2))  # step 2: upcycled, then EM
+    method.after_step(first, dense)
+    assert not method.state()["upcycled"]  # one dense step left
+    last = Window(x, y, h, 0, 0, 1)
+    method.after_step(last, method.losses(last))  # the dense phase's last step: copied after it
     c = model.layer.cells
     for m in range(1, M):
         diff = (c[m].weight_hh - c[0].weight_hh).abs()
         assert 0 < diff.max() < 0.1  # a copy plus small noise
     assert method.state()["upcycled"]
+    assert method.losses(Window(x, y, h, 0, 0, 2)).aux  # then EM, with its controller loss
 
 
 def test_prior_anneal(tiny_model_config):

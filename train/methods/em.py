@@ -720,6 +720,13 @@ class EM(Method):
         return int(change.sum())
 
     @torch.no_grad()
+    def after_step(self, w: Batch, losses: Losses) -> None:
+        # The dense phase's last optimiser step done: copy its modules now, so that an
+        # evaluation or checkpoint at this boundary (the warm start's last epoch) sees
+        # every module as the trained dense block rather than as its random start.
+        if not self.upcycled and w.step + 1 >= self.tcfg.warm_start:
+            self.upcycle()
+
     def upcycle(self) -> None:
         """Copy the dense phase's modules 0..K-1 into every module of each layer, plus small noise."""
         K = self.mcfg.k
