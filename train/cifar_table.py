@@ -47,6 +47,10 @@ ROWS = {
     "em-cap-warm-M5K1": (5, 1, [*EM_CAP_WARM[:2], *EM_CAP_WARM[4:]]),
     # The same with a* started from the controller's own choice (within the cap).
     "em-ctrl-cap-warm-joint-M5K1": (5, 1, [*EM_CAP_WARM, "--a-star-init", "controller"]),
+    # The same with controllers that read a 4x4 grid of their layer's input, not its global
+    # average (layer 0's controller otherwise sees three numbers, the mean colour).
+    "em-ctrl-cap-warm-joint-pool4-M5K1": (5, 1, [*EM_CAP_WARM, "--a-star-init", "controller",
+                                                  "--controller-pool", "4"]),
     "reinforce-M5K1": (5, 1, ["--method", "reinforce"]),
     "noisy-topk-M5K2": (5, 2, ["--method", "noisy-topk"]),
 }
@@ -75,8 +79,8 @@ def run_row(run: Path) -> dict | None:
         "channels": list(m["channels"]), "epochs": t["epochs"], "steps": rec["step"], "augment": t["augment"],
         "prior_weight": t["prior_weight"] if m["method"] == "em" else None,
         # images have the one E-step; S when not the default's
-        "variant": variant(t, m["method"]).removeprefix("window+")
-        + (f"+S={t['samples']}" if m["method"] == "em" and t.get("samples", 10) != 10 else ""),
+        "variant": image_variant(m, t),
+        "controller_pool": m.get("controller_pool", 1),
         "train_acc": rec["train_acc"], "test_acc": rec["test_acc"],
         "train_acc_fit": statistics.mean(last) if last else None,
         "usage_exp_entropy": rec.get("usage_exp_entropy"), "modules_in_use": rec.get("modules_in_use"),
@@ -84,6 +88,18 @@ def run_row(run: Path) -> dict | None:
         "curve": [{"epoch": r["epoch"], "test_acc": r["test_acc"], "train_acc_subset": r["train_acc_subset"]}
                   for r in recs if r.get("kind") == "valid"],
     }
+
+
+def image_variant(model_config: dict, train_config: dict) -> str:
+    """``variant`` for an image run: images have the one E-step (no "window"); S when not the
+    default's; the controllers' pooling grid when not global."""
+    method = model_config["method"]
+    parts = [p for p in variant(train_config, method).split("+") if p and p != "window"]
+    if method == "em" and train_config.get("samples", 10) != 10:
+        parts.append(f"S={train_config['samples']}")
+    if (pool := model_config.get("controller_pool", 1)) != 1:
+        parts.append(f"controller pool {pool}x{pool}")
+    return "+".join(parts)
 
 
 def label(r: dict) -> str:

@@ -258,6 +258,10 @@ SIZES = ("default", "demo")
 @click.option("--combine", type=click.Choice(["sum", "mean"]), default=_I.combine, show_default=True,
               help="How the distinct selected modules' feature maps combine (the official code sums). "
                    "noisy-topk always weights by its gates.")
+@click.option("--controller-pool", type=click.IntRange(min=1), default=_I.controller_pool, show_default=True,
+              help="Each controller reads its layer's input average-pooled to an N x N grid (C*N*N numbers): "
+                   "1 is the global average pool (the official code; layer 0's controller then sees only the "
+                   "mean colour); N must divide every layer's input side (1, 2 or 4 with 4 layers).")
 @_method_options
 @click.option("--a-star-init", type=click.Choice([i for i in A_STAR_INITS if i != "hash"]), default=_T.a_star_init,
               show_default=True,
@@ -446,7 +450,8 @@ def _image_configs(opts: dict) -> tuple[ImageModelConfig, TrainConfig]:
         combine = "gate"
     t = _train_fields(opts)
     try:
-        return (ImageModelConfig(channels=channels, modules=modules, k=k, combine=combine, method=opts["method"]),
+        return (ImageModelConfig(channels=channels, modules=modules, k=k, combine=combine, method=opts["method"],
+                                 controller_pool=opts["controller_pool"]),
                 TrainConfig(**t))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc

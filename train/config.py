@@ -110,6 +110,10 @@ class ImageModelConfig:
     mean: tuple[float, float, float] = CIFAR10_MEAN  # per-channel normalisation (part of the bundle)
     std: tuple[float, float, float] = CIFAR10_STD
     task: str = "cifar10"
+    # The controllers' input: the layer's input average-pooled to a controller_pool x
+    # controller_pool grid, flattened (C * pool^2 numbers). 1 is the global average pool (the
+    # official code's); a grid lets layer 0's controller see more than the mean colour.
+    controller_pool: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
@@ -131,6 +135,10 @@ class ImageModelConfig:
             raise ValueError("combine 'gate' is noisy top-k's rule, and noisy top-k combines only by 'gate'")
         if self.k > self.modules:
             raise ValueError(f"k ({self.k}) cannot exceed modules ({self.modules})")
+        last = self.image // 2 ** (len(self.channels) - 1)  # the last modular layer's input side
+        if self.controller_pool < 1 or last % self.controller_pool:
+            raise ValueError(f"controller_pool {self.controller_pool} must divide every modular layer's input "
+                             f"side (the last one's is {last} pixels)")
         if self.method == "dense" and self.modules != self.k:
             raise ValueError(f"dense baseline uses every module: modules ({self.modules}) must equal k ({self.k})")
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels or min(self.std) <= 0:

@@ -2,7 +2,7 @@
 
     image (B, 3, 32, 32), normalised per channel
     for each modular layer l:
-        scores_l = controller_l(global average pool of x)     (B, K, M) log-softmax per slot
+        scores_l = controller_l(average pool of x)            (B, K, M) log-softmax per slot
         a_l      = policy(l, scores_l)                         (B, K) stored a*, a draw, argmax
         x        = combine_{m in a_l} block_m(x)               block: 3x3 conv -> BN -> ReLU
         x        = max_pool_2x2(x)
@@ -50,27 +50,31 @@ class ModularConv(nn.Module):
     with learned noise while training; its k largest are kept and weight the outputs."""
 
     def __init__(self, cin: int, cout: int, modules: int, k: int, combine: str, routed: bool = True,
-                 selection: str = "slots"):
+                 selection: str = "slots", pool: int = 1):
         super().__init__()
-        self.modules_, self.k, self.combine, self.selection = modules, k, combine, selection
+        self.modules_, self.k, self.combine, self.selection, self.pool = modules, k, combine, selection, pool
         self.blocks = nn.ModuleList(conv_block(cin, cout) for _ in range(modules))
         self.controller = self.noise = None
+        features = cin * pool * pool
         if routed and selection == "topk":
             # Shazeer et al.: W_g and W_noise start at zero (balanced gates, unit-ish noise).
-            self.controller, self.noise = nn.Linear(cin, modules), nn.Linear(cin, modules)
+            self.controller, self.noise = nn.Linear(features, modules), nn.Linear(features, modules)
             for lin in (self.controller, self.noise):
                 nn.init.zeros_(lin.weight)
                 nn.init.zeros_(lin.bias)
         elif routed:
-            self.controller = nn.Linear(cin, modules * k)
+            self.controller = nn.Linear(features, modules * k)
 
-    @staticmethod
-    def pooled(x: torch.Tensor) -> torch.Tensor:
-        """The controller's input: the global average pool of the block's input. -> (B, C)."""
-        return x.mean(dim=(2, 3))
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The controller's input: the block's input average-pooled to a pool x pool grid
+        (pool 1: the global average pool), flattened. (B, C, H, W) -> (B, C * pool^2)."""
+        if self.pool == 1:
+            return x.mean(dim=(2, 3))
+        s = x.shape[-1] // self.pool  # the config checks that pool divides the side
+        return F.avg_pool2d(x, s).flatten(1)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Controller log-probabilities from the globally pooled input. (B, C, H, W) -> (B, K, M),
+        """Controller log-probabilities from the pooled input (``pooled``). (B, C, H, W) -> (B, K, M),
         or (B, 1, M) for noisy top-k's one gate distribution."""
         slots = 1 if self.selection == "topk" else self.k
         logits = self.controller(self.pooled(x))
@@ -106,7 +110,7 @@ class ModularConvNet(nn.Module):
         cin, layers = cfg.in_channels, []
         for c in cfg.channels:
             layers.append(ModularConv(cin, c, cfg.modules, cfg.k, cfg.combine, routed=cfg.routed,
-                                      selection=cfg.selection))
+                                      selection=cfg.selection, pool=cfg.controller_pool))
             cin = c
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(cin, cfg.classes)

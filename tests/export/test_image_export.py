@@ -36,8 +36,9 @@ def tiny_cifar(seed: int = 0) -> cifar10.CIFAR10:
 
 CONFIGS = {
     "em-sum": {"method": "em", "modules": 3, "k": 1},
-    "em-mean-k2": {"method": "em", "modules": 4, "k": 2, "combine": "mean"},
-    "noisy-topk": {"method": "noisy-topk", "modules": 3, "k": 2, "combine": "gate"},
+    # controllers reading a grid of their input (pooling inside the controller graphs)
+    "em-mean-k2": {"method": "em", "modules": 4, "k": 2, "combine": "mean", "controller_pool": 2},
+    "noisy-topk": {"method": "noisy-topk", "modules": 3, "k": 2, "combine": "gate", "controller_pool": 4},
     "dense": {"method": "dense", "modules": 1, "k": 1},
 }
 

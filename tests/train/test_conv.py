@@ -114,3 +114,26 @@ def test_pixels_are_normalised_by_the_config():
 def test_config_refuses_what_cannot_be_built(kw, match):
     with pytest.raises(ValueError, match=match):
         ImageModelConfig(**kw)
+
+
+def test_controller_pool_reads_a_grid_of_the_input():
+    torch.manual_seed(3)
+    net = ModularConvNet(ImageModelConfig.demo(controller_pool=2)).eval()
+    layer = net.layers[0]
+    assert layer.controller.in_features == 3 * 2 * 2
+    x = torch.randn(4, 3, 32, 32)
+    quads = [x[:, :, i:i + 16, j:j + 16].mean(dim=(2, 3)) for i in (0, 16) for j in (0, 16)]
+    want = torch.stack(quads, -1).flatten(1)  # (B, C, 4) channel-major, as avg_pool2d's flatten
+    torch.testing.assert_close(layer.pooled(x), want, rtol=1e-5, atol=1e-6)
+    # unlike the global pool, the grid tells where a pattern sits
+    moved = torch.roll(x, shifts=(16, 0), dims=(2, 3))
+    assert not torch.allclose(layer.scores(x), layer.scores(moved), atol=1e-4)
+    with torch.no_grad():
+        out = net(x, lm.greedy_policy())
+    assert out.log_probs.shape == (4, 4, 1, 5)
+
+
+@pytest.mark.parametrize("pool", [0, 3, 8])
+def test_controller_pool_must_divide_every_layers_input(pool):
+    with pytest.raises(ValueError, match="controller_pool"):
+        ImageModelConfig.demo(controller_pool=pool)

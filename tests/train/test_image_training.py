@@ -217,12 +217,15 @@ def test_cli_trains_resumes_and_refuses_bad_input(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(cli, ["train", "cifar10", "--resume", str(run / "ckpt.pt"), "--channels", "8,8"])
     assert res.exit_code == 1 and "it was trained with (4, 4)" in res.output
+    res = CliRunner().invoke(cli, ["train", "cifar10", "--resume", str(run / "ckpt.pt"), "--controller-pool", "2"])
+    assert res.exit_code == 1 and "controller" in res.output and "it was trained with 1" in res.output, res.output
     ptb = CliRunner().invoke(cli, ["train", "ptb", "--resume", str(run / "ckpt.pt")])
     assert ptb.exit_code == 1 and "a cifar10 checkpoint" in ptb.output
     for bad, msg in [(["--channels", "8,x"], "comma-separated filter counts"),
                      (["--channels", "8,8,8,8,8,8"], "halve a 32-pixel image"),
                      (["--method", "hash"], "'hash' is not one of"),
                      (["--method", "dense", "--samples", "4"], "--samples is an EM option"),
-                     (["--method", "noisy-topk", "--combine", "mean"], "does not apply to noisy-topk")]:
+                     (["--method", "noisy-topk", "--combine", "mean"], "does not apply to noisy-topk"),
+                     (["--controller-pool", "3"], "must divide every modular layer's input side")]:
         res = CliRunner().invoke(cli, ["train", "cifar10", *bad, "--out", str(tmp_path / "x")])
         assert res.exit_code == 2 and msg in res.output, (bad, res.output)

@@ -281,9 +281,10 @@ def test_cifar10_table_from_finished_runs(tmp_path):
     shutil.rmtree(tmp_path / "runs" / "em-M5K1-s1")
     run = tmp_path / "runs" / "wide-em-M8K1-s1"
     run.mkdir()
-    mc = {"channels": [64, 64], "modules": 8, "k": 1, "method": "em", "task": "cifar10"}
+    mc = {"channels": [64, 64], "modules": 8, "k": 1, "method": "em", "task": "cifar10", "controller_pool": 4}
     checkpoint.save(run / "ckpt.pt", {"model_config": mc, "model": {}, "classes": ["a"], "train_config": {
-        "seed": 1, "epochs": 2, "augment": False, "prior_weight": 1.0, "capacity": 1.2, "warm_start": 391}})
+        "seed": 1, "epochs": 2, "augment": False, "prior_weight": 1.0, "capacity": 1.2, "warm_start": 391,
+        "samples": 4}})
     recs = [{"kind": "valid", "epoch": 1, "test_acc": 0.6, "train_acc_subset": 0.6},
             {"kind": "test", "step": 10, "train_acc": 0.7, "test_acc": 0.6, "minutes": 1.0, "usage_exp_entropy": 7.0,
              "modules_in_use": 8, "controller_exp_entropy": 1.1}]
@@ -294,7 +295,9 @@ def test_cifar10_table_from_finished_runs(tmp_path):
     rows = json.loads((tmp_path / "res" / "cifar10_table.json").read_text())
     assert [r["run"] for r in rows] == ["dense-M1K1-s1", "dense-M1K1-s2", "em-M5K1-s1", "wide-em-M8K1-s1"]
     md = (tmp_path / "res" / "cifar10_table.md").read_text()
-    assert "| em capacity 1.2+warm+joint (8,1), 64-64 filters, 2 ep | 1 | 70.0 | - |" in md  # no training log
+    assert ("| em capacity 1.2+warm+joint+S=4+controller pool 4x4 (8,1), 64-64 filters, 2 ep | 1 | 70.0 | - |"
+            in md)  # no training log
+    assert rows[-1]["controller_pool"] == 4 and rows[0]["controller_pool"] == 1
     assert "(8,1)" not in res.output and "em likelihood (5,1)" in res.output
 
 
