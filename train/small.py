@@ -161,6 +161,75 @@ def _msd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f}"
 
 
+# The issue's columns (M, K); each is held against dense (K, K), the same active width.
+COLUMNS = [(15, 1), (5, 1), (15, 3), (5, 3)]
+
+
+def _stat(rs: list[dict], key: str) -> tuple[float, float | None]:
+    """Mean and sd of ``key`` over a configuration's runs (sd None for one run)."""
+    xs = [r[key] for r in rs if r.get(key) is not None]
+    if not xs:
+        return math.nan, None
+    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _below(a: list[dict], b: list[dict]) -> str:
+    """Whether ``a``'s mean test perplexity is below ``b``'s by more than their two sds
+    combined (the issue's margin): 'yes', 'no', or 'yes (1 seed)' / 'no (1 seed)' when
+    either side has one run and the margin cannot be judged."""
+    (ma, sa), (mb, sb) = _stat(a, "test_ppl"), _stat(b, "test_ppl")
+    if sa is None or sb is None:
+        return f"{'yes' if ma < mb else 'no'} (1 seed)"
+    return "yes" if mb - ma > sa + sb else "no"
+
+
+def _cell(name: str, rs: list[dict]) -> str:
+    m, sd = _stat(rs, "test_ppl")
+    return f"{name}: {m:.1f}" + (f" ± {sd:.1f}" if sd is not None else "") + f" ({len(rs)})"
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """Per column, the issue's targets judged from the finished runs: the best EM
+    configuration by mean test perplexity, against dense of equal active width, REINFORCE
+    and noisy top-k at the same (M, K); and whether any EM configuration meets the
+    perplexity margin, no collapse (usage exp entropy >= M/2) and a decided controller (exp
+    entropy <= 2) at once."""
+    groups = group(rows)
+
+    def of(method: str, M: int, K: int) -> dict[str, list[dict]]:
+        return {n: rs for n, rs in groups.items()
+                if rs[0]["method"] == method and rs[0]["modules"] == M and rs[0]["k"] == K}
+
+    def best(gs: dict[str, list[dict]]) -> tuple[str, list[dict]] | None:
+        return min(gs.items(), key=lambda kv: _stat(kv[1], "test_ppl")[0]) if gs else None
+
+    lines = ["", "## The issue's targets per column (computed from the runs above)", "",
+             "Best EM = the EM configuration with the lowest mean test perplexity in the column (seeds in "
+             "brackets). *Below* = lower by more than the two standard deviations combined; with one seed "
+             "only the sign is known. *All three* = an EM configuration that is below dense, keeps usage "
+             "exp entropy >= M/2 and has controller exp entropy <= 2.", "",
+             "| column | dense (K,K) | best EM | below dense | below REINFORCE | below noisy top-k "
+             "| hash | EM meeting all three |", "|---|---|---|---|---|---|---|---|"]
+    for M, K in COLUMNS:
+        ems = of("em", M, K)
+        ref = best(of("dense", K, K))
+        top = best(ems)
+        if ref is None or top is None:
+            continue
+        name, rs = top
+        vs = {}
+        for method in ("reinforce", "noisy-topk"):
+            b = best(of(method, M, K))
+            vs[method] = "–" if b is None else f"{_below(rs, b[1])} ({_stat(b[1], 'test_ppl')[0]:.1f})"
+        h = best(of("hash", M, K))
+        good = [n for n, g in ems.items() if _below(g, ref[1]) == "yes"
+                and _stat(g, "usage_exp_entropy")[0] >= M / 2 and _stat(g, "controller_exp_entropy")[0] <= 2]
+        lines.append(f"| ({M},{K}) | {_cell('dense', ref[1])} | {_cell(name, rs)} | {_below(rs, ref[1])} | "
+                     f"{vs['reinforce']} | {vs['noisy-topk']} | {'–' if h is None else _cell('hash', h[1])} | "
+                     f"{'; '.join(good) if good else 'none'} |")
+    return lines
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["# Penn Treebank at the small size (E = H = 32, no dropout): mean ± sd over seeds", "",
              "Written by `modrt reproduce ptb-small` from the finished runs. Test perplexity under greedy "
@@ -173,6 +242,7 @@ def markdown(rows: list[dict]) -> str:
                      f"{_msd([r['test_ppl'] for r in rs])} | {_msd([r['modules_in_use'] for r in rs])} | "
                      f"{_msd([r['usage_exp_entropy'] for r in rs])} | {_msd([r['controller_exp_entropy'] for r in rs])}"
                      f" | {_msd([r['minutes'] for r in rs])} |")
+    lines += targets(rows)
     return "\n".join(lines) + "\n"
 
 

@@ -329,3 +329,34 @@ def test_small_table_keeps_recorded_runs_whose_directories_are_gone(tmp_path):
     assert json.loads((results / "ptb_table_small.json").read_text()) == rows
     md = (results / "ptb_table_small.md").read_text()
     assert "| 2 |" in md  # one configuration, two seeds: mean ± sd
+
+
+def test_the_targets_section_judges_each_column_from_the_runs():
+    """The small table's targets: per column the best EM by mean test perplexity, judged
+    against dense (K,K) by the two sds combined, REINFORCE and noisy top-k by sign with one
+    seed, and the EM configurations that meet margin, no collapse and decision at once."""
+    from modrt.train import small
+
+    def runs(method, M, K, ppls, variant="", usage=None, ctrl=1.0):
+        return [{"run": f"{method}{variant}-M{M}K{K}-s{i}", "method": method, "variant": variant, "modules": M,
+                 "k": K, "seed": i, "epochs": 6, "test_ppl": p, "usage_exp_entropy": usage or M,
+                 "controller_exp_entropy": ctrl, "valid_ppl": p + 10, "modules_in_use": M, "minutes": 1.0}
+                for i, p in enumerate(ppls, 1)]
+
+    rows = (runs("dense", 1, 1, [240.0, 236.0, 238.0])                       # 238 ± 2
+            + runs("em", 15, 1, [230.0, 231.0, 229.0], "a", usage=14.0, ctrl=2.5)   # 230 ± 1: below, undecided
+            + runs("em", 15, 1, [233.0, 234.0, 232.0], "b", usage=12.0, ctrl=1.1)   # 233 ± 1: below, decided
+            + runs("em", 15, 1, [235.0, 236.0, 234.0], "c", usage=3.0, ctrl=1.0)    # 235 ± 1: within 3, collapsed
+            + runs("reinforce", 15, 1, [225.0])                                     # one seed, lower
+            + runs("em", 5, 1, [236.0, 237.0, 235.0], "a", usage=5.0, ctrl=1.0))    # 236 ± 1: within 3
+    lines = [l for l in small.targets(rows) if l.startswith("| (")]
+    assert len(lines) == 2  # no dense (3,3): the K=3 columns are left out
+    c15, c5 = ([c.strip() for c in l.strip("|").split("|")] for l in lines)
+    assert c15[0] == "(15,1)" and c15[1] == "dense: 238.0 ± 2.0 (3)"
+    assert c15[2].startswith("em a (15,1), 6 ep: 230.0 ± 1.0 (3)")
+    assert c15[3] == "yes"                       # 8 > 2 + 1
+    assert c15[4] == "no (1 seed) (225.0)"       # REINFORCE lower, one seed
+    assert c15[5] == "–"                         # no noisy top-k run
+    assert c15[7] == "em b (15,1), 6 ep"         # a is undecided, c is within the margin and collapsed
+    assert c5[3] == "no" and c5[7] == "none"     # 2 < 2 + 1
+    assert "## The issue's targets per column" in small.markdown(rows)
