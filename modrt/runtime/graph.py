@@ -37,7 +37,7 @@ from modrt._exceptions import BundleError, InputError
 from modrt.bundle import LayerSpec, Manifest
 from modrt.runtime import errors
 from modrt.runtime.layer import Layer
-from modrt.runtime.sessions import SessionConfig, session_options
+from modrt.runtime.sessions import SessionConfig, fast_run, session_options
 
 if TYPE_CHECKING:
     import onnx
@@ -193,15 +193,6 @@ def session(model: onnx.ModelProto, config: SessionConfig, providers: Providers,
     with errors.loading(f"{what}, its composed graph"):
         return ort.InferenceSession(raw, options, providers=provider_names(providers),
                                     provider_options=[{} if isinstance(p, str) else p[1] for p in providers])
-
-
-def fast_run(session: Any):
-    """``session.run`` without its Python-side checks (~1 µs of a ~20 µs call on a small
-    layer): the feeds come from modrt's own validated arrays. Falls back to the public
-    method if this onnxruntime lays its wrapper out differently."""
-    inner = getattr(session, "_sess", None)
-    run = getattr(inner, "run", None)
-    return run if callable(run) else session.run
 
 
 def _all_initializers(graph):

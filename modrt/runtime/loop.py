@@ -25,7 +25,7 @@ from modrt.bundle import LayerSpec, Manifest
 from modrt.runtime import errors
 from modrt.runtime import graph as g
 from modrt.runtime.layer import Layer
-from modrt.runtime.sessions import SessionConfig
+from modrt.runtime.sessions import SessionConfig, fast_run
 
 X_TM = "loop/x_tm"  # the outer input: the layer's per-step input over time, (T, B, E)
 
@@ -95,7 +95,7 @@ class LoopLayer(Layer):
         self._x = next(n for n in self.inputs if n != spec.state)
         self.session = g.session(compose_loop(directory, manifest, spec), config, providers,
                                  f"layer {spec.name} (graph-loop strategy)")
-        self._run = g.fast_run(self.session)
+        self._run = fast_run(self.session)
         self._names = ["hs", "sel", "h_last"]
 
     def window(self, x_tm: np.ndarray, h0: np.ndarray, hs: np.ndarray | None = None

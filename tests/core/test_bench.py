@@ -92,7 +92,7 @@ def test_bound_rotates_over_modules(ff_bundle):
     calls = []
     for g in model.manifest.layers[0].module_graphs:
         graph = model.sessions[g]
-        graph._run = (lambda name: lambda outs, feeds: calls.append(name) or [np.zeros((2, 8), np.float32)])(g)
+        graph._run = (lambda name: lambda outs, feeds, opts: calls.append(name) or [np.zeros((2, 8), np.float32)])(g)
     bound = peers.make_bound(model)
     for _ in range(5):
         bound(np.zeros((2, 8), np.float32))

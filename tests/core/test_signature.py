@@ -59,7 +59,7 @@ def test_logits_are_computed_only_when_asked_for(lm_bundle, monkeypatch):
     full = model.run_checked(feeds)
     calls = []
     head = model.pipeline.post[-1]
-    monkeypatch.setattr(head, "_run", lambda names, f, _run=head._run: calls.append(f) or _run(names, f))
+    monkeypatch.setattr(head, "_run", lambda names, f, opts, _run=head._run: calls.append(f) or _run(names, f, opts))
     monkeypatch.setattr(pipeline, "HEAD_CHUNK_BYTES", 3 * 40 * 4 * 7)  # 7 time steps of logits a call
     lazy = model.run_checked(feeds, {"next_token"})
     assert "logits" not in lazy
