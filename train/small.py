@@ -286,10 +286,15 @@ def merged(out: Path, path: Path, row_of) -> list[dict]:
     """The rows (``row_of(run)``) of the finished runs under ``out`` and those the table at
     ``path`` already recorded (a run measured on another machine, or in an earlier checkout
     whose run directories are gone, stays in it; a finished run under ``out`` replaces its
-    recorded row), sorted by run name; written back to ``path``."""
+    recorded row), sorted by run name; written back to ``path``. A run is its directory's
+    name and its epochs: the same row trained to another length (``--epochs``, under
+    another ``--out``) is another run and keeps the recorded one."""
+    def key(r: dict) -> tuple[str, int]:
+        return r["run"], r["epochs"]
+
     found = [r for run in sorted(p for p in out.iterdir() if p.is_dir()) if (r := row_of(run))] if out.is_dir() else []
-    names = {r["run"] for r in found}
-    rows = sorted([r for r in recorded(path) if r["run"] not in names] + found, key=lambda r: r["run"])
+    keys = {key(r) for r in found}
+    rows = sorted([r for r in recorded(path) if key(r) not in keys] + found, key=key)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=1) + "\n")
     return rows

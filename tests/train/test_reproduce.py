@@ -360,3 +360,28 @@ def test_the_targets_section_judges_each_column_from_the_runs():
     assert c15[7] == "em b (15,1), 6 ep"         # a is undecided, c is within the margin and collapsed
     assert c5[3] == "no" and c5[7] == "none"     # 2 < 2 + 1
     assert "## The issue's targets per column" in small.markdown(rows)
+
+
+def test_a_run_trained_to_another_length_keeps_the_recorded_one(tmp_path):
+    """The same row and seed trained for 10 epochs (another --out) is another run: it joins
+    the table beside the recorded 5-epoch run instead of replacing it."""
+    import torch
+
+    from modrt.train import small
+
+    out, results = tmp_path / "runs", tmp_path / "results"
+    run = out / "dense-M1K1-s1"
+    run.mkdir(parents=True)
+    recs = [{"kind": "test", "step": 10, "epoch": 10, "valid_ppl": 250.0, "test_ppl": 240.0, "minutes": 2.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    torch.save({"model_config": {"method": "dense", "modules": 1, "k": 1, "embedding": 32, "hidden": 32},
+                "train_config": {"seed": 1, "epochs": 10}}, run / "ckpt.pt")
+    five = {"run": "dense-M1K1-s1", "method": "dense", "variant": "", "modules": 1, "k": 1, "seed": 1,
+            "embedding": 32, "hidden": 32, "epochs": 5, "steps": 5, "valid_ppl": 310.0, "test_ppl": 290.0,
+            "usage_exp_entropy": 1.0, "modules_in_use": 1, "controller_exp_entropy": 1.0, "minutes": 1.0}
+    results.mkdir()
+    (results / "ptb_table_small.json").write_text(json.dumps([five]))
+    rows = small.write(out, results)
+    assert [(r["epochs"], r["test_ppl"]) for r in rows] == [(5, 290.0), (10, 240.0)]
+    md = (results / "ptb_table_small.md").read_text()
+    assert "dense (1,1), 5 ep | 1 |" in md and "dense (1,1), 10 ep | 1 |" in md
