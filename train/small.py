@@ -368,8 +368,8 @@ def ptb_small(out: Path, results: Path, only: tuple[str, ...], seeds: list[int],
     Measured cost on one core of a 2-core CPU: a dense step ~0.5-0.9 s at this size
     (the 10,000-word softmax dominates, not Python), so dense (1,1) takes ~7 min an
     epoch; EM with the window E-step (S=10) ~2.8 s a step, the position E-step (S=4)
-    ~1.6 s, the word E-step (S=4) ~0.4-0.5 s (a 6-epoch run ~13-16 min): the full table (25 rows
-    x 3 seeds x 6 epochs) is about 2 core-days.
+    ~1.6 s, the word E-step (S=4) ~0.4-0.5 s (a 6-epoch run ~13-16 min): the full table (32 rows
+    x 3 seeds x 6 epochs) is about 2.5 core-days; REINFORCE and noisy top-k runs ~11-16 min.
     """
     if not table_only:
         train_missing("ptb", out, {n: (M, K, [*args, *SIZE]) for n, (M, K, args) in ROWS.items()}, only, seeds,
