@@ -131,8 +131,8 @@ def fast_run(session: Any):
     compiled run checks again. The feeds come from modrt's own validated arrays. Returns
     ``run(output_names, feeds, run_options)``; falls back to the public method if this
     onnxruntime lays its wrapper out differently. A GPU provider's failure at run time is
-    then raised (as a ``RuntimeFailure``) instead of the public method's silent retry on
-    the CPU."""
+    then raised (a ``ModrtError`` naming the graph) instead of the public method's silent
+    retry on the CPU."""
     inner = getattr(session, "_sess", None)
     run = getattr(inner, "run", None)
     return run if callable(run) else session.run
