@@ -145,13 +145,14 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    names = list(dict.fromkeys(f"{label(r)}, {'-'.join(str(c) for c in r['channels'])}" for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2 + 0.16 * len(names)), sharey=True)
     colors = {}
-    palette = plt.get_cmap("tab10")
+    palette = plt.get_cmap("tab20")  # one colour per configuration (tab10 repeats after ten)
     for r in rows:
         name = f"{label(r)}, {'-'.join(str(c) for c in r['channels'])}"
         first = name not in colors
-        color = colors.setdefault(name, palette(len(colors) % 10))
+        color = colors.setdefault(name, palette(len(colors) % 20))
         ep = [c["epoch"] for c in r["curve"]]
         for ax, key in zip(axes, ("train_acc_subset", "test_acc"), strict=True):
             ax.plot(ep, [100 * c[key] for c in r["curve"]], "o-", color=color, ms=3, alpha=0.8,
@@ -161,10 +162,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=8)
     axes[0].set_xticks(sorted({c["epoch"] for r in rows for c in r["curve"]}))
     fig.suptitle("CIFAR-10, modular conv layers (one line per run)")
-    fig.tight_layout()
+    # the legend under both panels, where it hides no curve
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.11 * len(names) / 6, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
