@@ -119,12 +119,12 @@ def finished(run: Path) -> tuple[list[dict], dict, dict] | None:
     if not metrics.is_file():
         return None
     recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    test = [r for r in recs if r.get("kind") == "test"]
-    if not test:
-        return None
+    test = [i for i, r in enumerate(recs) if r.get("kind") == "test"]
+    if not test or any(r.get("kind") in ("train", "valid") for r in recs[test[-1] + 1:]):
+        return None  # not finished, or continued (--resume --epochs N) past its last test
     import torch
 
-    return recs, test[-1], torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
+    return recs, recs[test[-1]], torch.load(run / "ckpt.pt", map_location="cpu", weights_only=True)
 
 
 def run_row(run: Path) -> dict | None:

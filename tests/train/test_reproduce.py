@@ -385,3 +385,25 @@ def test_a_run_trained_to_another_length_keeps_the_recorded_one(tmp_path):
     assert [(r["epochs"], r["test_ppl"]) for r in rows] == [(5, 290.0), (10, 240.0)]
     md = (results / "ptb_table_small.md").read_text()
     assert "dense (1,1), 5 ep | 1 |" in md and "dense (1,1), 10 ep | 1 |" in md
+
+
+def test_a_run_continued_past_its_test_is_not_finished(tmp_path):
+    """A run resumed with more epochs keeps its old test record in metrics.jsonl; until it
+    writes a new one it is not finished (the tables must not give it the old figures)."""
+    import torch
+
+    from modrt.train import small
+
+    run = tmp_path / "dense-M1K1-s1"
+    run.mkdir()
+    recs = [{"kind": "valid", "step": 5, "epoch": 1, "ppl": 300.0},
+            {"kind": "test", "step": 5, "epoch": 1, "valid_ppl": 300.0, "test_ppl": 280.0, "minutes": 1.0}]
+    torch.save({"model_config": {}, "train_config": {"epochs": 2}}, run / "ckpt.pt")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert small.finished(run)[1]["test_ppl"] == 280.0
+    more = [{"kind": "train", "step": 6, "epoch": 1, "loss": 5.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs + more))
+    assert small.finished(run) is None
+    done = [{"kind": "test", "step": 10, "epoch": 2, "valid_ppl": 290.0, "test_ppl": 270.0, "minutes": 2.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs + more + done))
+    assert small.finished(run)[1]["test_ppl"] == 270.0
