@@ -145,12 +145,15 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(dict.fromkeys(f"{label(r)}, {'-'.join(str(c) for c in r['channels'])}" for r in rows))
+    def curve_name(r: dict) -> str:
+        return f"{label(r)}, {'-'.join(str(c) for c in r['channels'])}"
+
+    names = list(dict.fromkeys(curve_name(r) for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2 + 0.16 * len(names)), sharey=True)
     colors = {}
     palette = plt.get_cmap("tab20")  # one colour per configuration (tab10 repeats after ten)
     for r in rows:
-        name = f"{label(r)}, {'-'.join(str(c) for c in r['channels'])}"
+        name = curve_name(r)
         first = name not in colors
         color = colors.setdefault(name, palette(len(colors) % 20))
         ep = [c["epoch"] for c in r["curve"]]

@@ -114,7 +114,8 @@ def variant(train_config: dict, method: str) -> str:
 
 def finished(run: Path) -> tuple[list[dict], dict, dict] | None:
     """A finished run's metrics records, its final (test) record and its checkpoint; None
-    while it has no test record. Shared by the PTB and CIFAR-10 tables."""
+    while it has no test record, or has trained again since its last one (continued with
+    ``--resume --epochs N``). Shared by the PTB and CIFAR-10 tables."""
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         return None
