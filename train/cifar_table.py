@@ -144,6 +144,7 @@ def plot(rows: list[dict], path: Path) -> None:
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     def curve_name(r: dict) -> str:
         return f"{label(r)}, {'-'.join(str(c) for c in r['channels'])}"
@@ -163,9 +164,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, title in zip(axes, ("train accuracy (10,000-image subset)", "test accuracy"), strict=True):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, not one tick each
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[0].set_xticks(sorted({c["epoch"] for r in rows for c in r["curve"]}))
     fig.suptitle("CIFAR-10, modular conv layers (one line per run)")
     # the legend under both panels, where it hides no curve
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
