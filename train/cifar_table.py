@@ -23,7 +23,7 @@ from pathlib import Path
 import click
 
 from modrt._exceptions import ModrtError
-from modrt.train.small import _msd, _seeds, finished, merged, train_missing, variant
+from modrt.train.small import _msd, _seeds, finished, merged, show_plan, train_missing, variant
 
 # One epoch of CIFAR-10's 50,000 training images in batches of 128: the warm start's dense phase.
 EPOCH_STEPS = 391
@@ -217,14 +217,21 @@ def summary(rows: list[dict]) -> str:
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="CPU threads per run; run the command once per core, side by side, to use more.")
 @click.option("--table-only", is_flag=True, help="Rewrite the table from the finished runs; train nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="List each row x seed's state (done, training elsewhere, partial, not started); train nothing.")
 def cifar10(out: Path, results: Path, only: tuple[str, ...], seeds: list[int], epochs: int, size: str,
-            data: Path | None, threads: int, table_only: bool) -> None:
+            data: Path | None, threads: int, table_only: bool, dry_run: bool = False) -> None:
     """Train the CIFAR-10 table: every row once per seed, then mean ± sd and the curves.
 
     \b
     Measured on one core of a 2-core CPU at --size demo: EM (S=10) ~2 steps/s
     (3.3 min an epoch of 391 batches of 128), dense ~15 steps/s.
     """
+    if dry_run:
+        show_plan(out, {**ROWS, **WIDE}, only or tuple(SIZE_ROWS[size]), seeds, epochs, EPOCH_STEPS,
+                  results / "cifar10_table.json",
+                  lambda rec: f"test acc {100 * rec['test_acc']:.1f}%, {rec['minutes']:.1f} min")
+        return
     if not table_only:
         data_args = ["--data", str(data)] if data else []
         rows = {n: (M, K, [*args, "--size", sz, *data_args]) for sz, table in SIZE_ROWS.items()

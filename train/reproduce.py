@@ -213,7 +213,7 @@ def _small(ctx: click.Context, out: Path, results: Path, only: tuple[str, ...], 
     if only:
         raise click.UsageError("--only with --size small: use `modrt reproduce ptb-small --only ROW` "
                                f"(rows: {', '.join(small.ROWS)})")
-    for name in ("data", "device", "steps", "dry_run", "seed"):
+    for name in ("data", "device", "steps", "seed"):
         if src(name) is not click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f"--{name.replace('_', '-')} does not go with --size small")
     defaults = {p.name: p.default for p in small.ptb_small.params}
@@ -222,7 +222,7 @@ def _small(ctx: click.Context, out: Path, results: Path, only: tuple[str, ...], 
                results=results, only=(), seeds=small._seeds(ctx, None, seeds or defaults["seeds"]),
                epochs=epochs if src("epochs") is not click.core.ParameterSource.DEFAULT else defaults["epochs"],
                threads=threads if src("threads") is not click.core.ParameterSource.DEFAULT else defaults["threads"],
-               table_only=table_only)
+               table_only=table_only, dry_run=ctx.params["dry_run"])
 
 
 def _register_small() -> None:

@@ -340,6 +340,39 @@ def train_missing(task: str, out: Path, rows: dict, only: tuple[str, ...], seeds
             after_each()
 
 
+def show_plan(out: Path, rows: dict, only: tuple[str, ...], seeds: list[int], epochs: int, epoch_steps: int,
+              table: Path, describe) -> None:
+    """``--dry-run``: what ``train_missing`` would do with each row x seed, one line each:
+    done (``describe(test record)``), being trained by another process, partial (resumed
+    from its checkpoint, with its step and the time left at its last logged rate) or not
+    started; a run not here that the table at ``table`` recorded (``describe(its row)``)
+    says so. Trains nothing, takes no lock."""
+    from modrt.train.locks import held
+    from modrt.train.ptb_table import progress
+
+    total_steps = epochs * epoch_steps
+    kept = {r["run"]: r for r in recorded(table) if r["epochs"] == epochs}
+    width = max(len(f"{n}-s{s}") for n in (only or rows) for s in seeds)
+    for name in only or rows:
+        for seed in seeds:
+            run = out / f"{name}-s{seed}"
+            done = finished(run)
+            if done is not None:
+                click.echo(f"{run.name:<{width}}  done: {describe(done[1])}")
+                continue
+            state = ("training (another process)" if held(out, run.name) else
+                     "partial (will resume)" if (run / "ckpt.pt").exists() else "not started")
+            at = progress(run) if run.is_dir() else None
+            if at is not None:
+                step, rate = at
+                state += f", step {step}/{total_steps}"
+                if rate and step < total_steps:
+                    state += f", ~{(total_steps - step) / rate / 60:.0f} min left at {rate:.2f} steps/s"
+            if state == "not started" and run.name in kept:
+                state += f"; {table} records it: {describe(kept[run.name])}"
+            click.echo(f"{run.name:<{width}}  {state}")
+
+
 def _seeds(ctx, param, value: str) -> list[int]:
     try:
         seeds = [int(s) for s in value.split(",") if s.strip()]
@@ -361,8 +394,10 @@ def _seeds(ctx, param, value: str) -> list[int]:
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="CPU threads per run; run the command once per core, side by side, to use more.")
 @click.option("--table-only", is_flag=True, help="Rewrite the table from the finished runs; train nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="List each row x seed's state (done, training elsewhere, partial, not started); train nothing.")
 def ptb_small(out: Path, results: Path, only: tuple[str, ...], seeds: list[int], epochs: int, threads: int,
-              table_only: bool) -> None:
+              table_only: bool, dry_run: bool = False) -> None:
     """Train the small-size table (E = H = 32): every row once per seed, then mean ± sd.
 
     \b
@@ -372,6 +407,12 @@ def ptb_small(out: Path, results: Path, only: tuple[str, ...], seeds: list[int],
     ~1.6 s, the word E-step (S=4) ~0.4-0.5 s (a 6-epoch run ~13-16 min): the full table (32 rows
     x 3 seeds x 6 epochs) is about 2.5 core-days; REINFORCE and noisy top-k runs ~11-16 min.
     """
+    if dry_run:
+        from modrt.train.ptb_table import WINDOWS_PER_EPOCH
+
+        show_plan(out, ROWS, only, seeds, epochs, WINDOWS_PER_EPOCH, results / "ptb_table_small.json",
+                  lambda rec: f"test ppl {rec['test_ppl']:.1f}, {rec['minutes']:.1f} min")
+        return
     if not table_only:
         train_missing("ptb", out, {n: (M, K, [*args, *SIZE]) for n, (M, K, args) in ROWS.items()}, only, seeds,
                       epochs, threads, lambda: write(out, results), run_row)

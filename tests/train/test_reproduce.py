@@ -407,3 +407,78 @@ def test_a_run_continued_past_its_test_is_not_finished(tmp_path):
     done = [{"kind": "test", "step": 10, "epoch": 2, "valid_ppl": 290.0, "test_ppl": 270.0, "minutes": 2.0}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs + more + done))
     assert small.finished(run)[1]["test_ppl"] == 270.0
+
+
+def test_dry_run_lists_each_row_and_seed_and_trains_nothing(tmp_path):
+    """``reproduce ptb-small --dry-run`` (and ``ptb --size small --dry-run``) says, per row x
+    seed, what a run would do: done (its test figure), trained by another process (its
+    lock is held), partial (resumed from its checkpoint, with its step and time left) or
+    not started, and names a run the table recorded whose directory is gone. It starts
+    no training and leaves every file as it was."""
+    import torch
+    from click.testing import CliRunner
+
+    from modrt.train import small
+    from modrt.train.locks import claim
+
+    out, results = tmp_path / "runs", tmp_path / "results"
+    done = out / "dense-M1K1-s1"
+    done.mkdir(parents=True)
+    recs = [{"kind": "valid", "step": 5, "epoch": 1, "ppl": 300.0},
+            {"kind": "test", "step": 5, "epoch": 1, "valid_ppl": 300.0, "test_ppl": 280.25, "minutes": 1.5}]
+    (done / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    torch.save({"model_config": {}, "train_config": {}}, done / "ckpt.pt")
+    partial = out / "dense-M1K1-s2"
+    partial.mkdir()
+    (partial / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 400, "epoch": 0, "loss": 6.0,
+                                                       "steps_per_s": 2.0}) + "\n")
+    torch.save({}, partial / "ckpt.pt")
+    row = {"run": "dense-M3K3-s1", "method": "dense", "epochs": 6, "test_ppl": 251.3, "minutes": 12.25}
+    results.mkdir()
+    (results / "ptb_table_small.json").write_text(json.dumps([row, {**row, "run": "dense-M3K3-s2", "epochs": 2}]))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    lock = claim(out, "dense-M1K1-s3")  # another process trains seed 3
+    try:
+        res = CliRunner().invoke(small.ptb_small, ["--out", str(out), "--results", str(results), "--dry-run",
+                                                   "--only", "dense-M1K1", "--only", "dense-M3K3", "--seeds", "1,2,3"])
+    finally:
+        lock.close()
+    assert res.exit_code == 0, res.output
+    lines = dict(line.split(None, 1) for line in res.output.strip().splitlines())
+    assert lines["dense-M1K1-s1"] == "done: test ppl 280.2, 1.5 min"
+    # 6 epochs of 415 windows; 2090 steps left at 2 steps/s: ~17 minutes
+    assert lines["dense-M1K1-s2"] == "partial (will resume), step 400/2490, ~17 min left at 2.00 steps/s"
+    assert lines["dense-M1K1-s3"] == "training (another process)"
+    table = results / "ptb_table_small.json"
+    assert lines["dense-M3K3-s1"] == f"not started; {table} records it: test ppl 251.3, 12.2 min"
+    assert lines["dense-M3K3-s2"] == "not started"  # recorded at 2 epochs, not the 6 asked for
+    assert len(lines) == 6
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".locks" not in p.parts} == before
+    via_ptb = CliRunner().invoke(rp.reproduce, ["ptb", "--size", "small", "--dry-run", "--seeds", "1",
+                                                "--out", str(out), "--results", str(results)])
+    assert via_ptb.exit_code == 0, via_ptb.output
+    assert "dense-M1K1-s1" in via_ptb.output and "done: test ppl 280.2" in via_ptb.output
+    assert len(via_ptb.output.strip().splitlines()) == len(small.ROWS)
+
+
+def test_cifar10_dry_run_names_the_size_rows(tmp_path):
+    """``reproduce cifar10 --dry-run`` lists the rows of the size asked for (demo by
+    default, wide-* with --size default), each seed, and a recorded run's accuracy."""
+    from click.testing import CliRunner
+
+    from modrt.train import cifar_table
+
+    results = tmp_path / "results"
+    results.mkdir()
+    row = {"run": "wide-dense-M1K1-s1", "method": "dense", "epochs": 3, "test_acc": 0.7166, "minutes": 15.0}
+    (results / "cifar10_table.json").write_text(json.dumps([row]))
+    args = ["--out", str(tmp_path / "runs"), "--results", str(results), "--dry-run"]
+    res = CliRunner().invoke(cifar_table.cifar10, [*args, "--size", "default", "--epochs", "3"])
+    assert res.exit_code == 0, res.output
+    lines = dict(line.split(None, 1) for line in res.output.strip().splitlines())
+    assert set(lines) == {f"{n}-s{s}" for n in cifar_table.WIDE for s in (1, 2)}
+    assert lines["wide-dense-M1K1-s1"].endswith("records it: test acc 71.7%, 15.0 min")
+    assert lines["wide-dense-M1K1-s2"] == "not started"
+    demo = CliRunner().invoke(cifar_table.cifar10, args)
+    assert len(demo.output.strip().splitlines()) == 2 * len(cifar_table.ROWS)
+    assert not (tmp_path / "runs").exists()
