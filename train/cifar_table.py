@@ -226,6 +226,9 @@ def cifar10(out: Path, results: Path, only: tuple[str, ...], seeds: list[int], e
     \b
     Measured on one core of a 2-core CPU at --size demo: EM (S=10) ~2 steps/s
     (3.3 min an epoch of 391 batches of 128), dense ~15 steps/s.
+
+    A run the table records at these epochs (trained in an earlier checkout, or under
+    another --out) is not trained again; delete its row from cifar10_table.json to retrain it.
     """
     if dry_run:
         show_plan(out, {**ROWS, **WIDE}, only or tuple(SIZE_ROWS[size]), seeds, epochs, EPOCH_STEPS,
@@ -237,7 +240,7 @@ def cifar10(out: Path, results: Path, only: tuple[str, ...], seeds: list[int], e
         rows = {n: (M, K, [*args, "--size", sz, *data_args]) for sz, table in SIZE_ROWS.items()
                 for n, (M, K, args) in table.items()}
         train_missing("cifar10", out, rows, only or tuple(SIZE_ROWS[size]), seeds, epochs, threads,
-                      lambda: write(out, results), run_row)
+                      lambda: write(out, results), run_row, results / "cifar10_table.json")
     rows = write(out, results)
     click.echo(f"{len(rows)} finished runs; table: {results / 'cifar10_table.md'}")
     if rows:

@@ -311,18 +311,21 @@ def write(out: Path, results: Path) -> list[dict]:
 
 
 def train_missing(task: str, out: Path, rows: dict, only: tuple[str, ...], seeds: list[int], epochs: int,
-                  threads: int, after_each, finished) -> None:
+                  threads: int, after_each, finished, table: Path) -> None:
     """Train every row x seed of ``rows`` (name -> (M, K, ``modrt train TASK`` arguments))
     that has not finished (``finished(run)`` is None) in ``OUT/<name>-s<seed>``: resumed
     from its checkpoint when one is there; a run another process holds (``locks.claim``)
-    is left to it. ``after_each()`` after every run (rewrites the table)."""
+    is left to it, and so is one the table at ``table`` records at these epochs without a
+    directory here (trained in an earlier checkout or under another ``--out``: the table
+    keeps it, ``merged``). ``after_each()`` after every run (rewrites the table)."""
     from modrt.train.locks import claim
 
+    kept = {r["run"] for r in recorded(table) if r.get("epochs") == epochs}
     for name in only or rows:
         M, K, args = rows[name]
         for seed in seeds:
             run = out / f"{name}-s{seed}"
-            if finished(run) is not None:
+            if finished(run) is not None or (run.name in kept and not run.exists()):
                 continue
             lock = claim(out, run.name)
             if lock is None:
@@ -345,8 +348,9 @@ def show_plan(out: Path, rows: dict, only: tuple[str, ...], seeds: list[int], ep
     """``--dry-run``: what ``train_missing`` would do with each row x seed, one line each:
     done (``describe(test record)``), being trained by another process, partial (resumed
     from its checkpoint, with its step and the time left at its last logged rate) or not
-    started; a run not here that the table at ``table`` recorded (``describe(its row)``)
-    says so. Trains nothing, takes no lock."""
+    started; a run with no directory here that the table at ``table`` records at these
+    epochs is done (``describe(its row)``), as ``train_missing`` leaves it. Trains
+    nothing, takes no lock."""
     from modrt.train.locks import held
     from modrt.train.ptb_table import progress
 
@@ -360,6 +364,9 @@ def show_plan(out: Path, rows: dict, only: tuple[str, ...], seeds: list[int], ep
             if done is not None:
                 click.echo(f"{run.name:<{width}}  done: {describe(done[1])}")
                 continue
+            if run.name in kept and not run.exists():
+                click.echo(f"{run.name:<{width}}  done: {describe(kept[run.name])} (recorded in {table})")
+                continue
             state = ("training (another process)" if held(out, run.name) else
                      "partial (will resume)" if (run / "ckpt.pt").exists() else "not started")
             at = progress(run) if run.is_dir() else None
@@ -368,8 +375,6 @@ def show_plan(out: Path, rows: dict, only: tuple[str, ...], seeds: list[int], ep
                 state += f", step {step}/{total_steps}"
                 if rate and step < total_steps:
                     state += f", ~{(total_steps - step) / rate / 60:.0f} min left at {rate:.2f} steps/s"
-            if state == "not started" and run.name in kept:
-                state += f"; {table} records it: {describe(kept[run.name])}"
             click.echo(f"{run.name:<{width}}  {state}")
 
 
@@ -406,6 +411,9 @@ def ptb_small(out: Path, results: Path, only: tuple[str, ...], seeds: list[int],
     epoch; EM with the window E-step (S=10) ~2.8 s a step, the position E-step (S=4)
     ~1.6 s, the word E-step (S=4) ~0.4-0.5 s (a 6-epoch run ~13-16 min): the full table (32 rows
     x 3 seeds x 6 epochs) is about 2.5 core-days; REINFORCE and noisy top-k runs ~11-16 min.
+
+    A run the table records at these epochs (trained in an earlier checkout, or under
+    another --out) is not trained again; delete its row from ptb_table_small.json to retrain it.
     """
     if dry_run:
         from modrt.train.ptb_table import WINDOWS_PER_EPOCH
@@ -415,7 +423,7 @@ def ptb_small(out: Path, results: Path, only: tuple[str, ...], seeds: list[int],
         return
     if not table_only:
         train_missing("ptb", out, {n: (M, K, [*args, *SIZE]) for n, (M, K, args) in ROWS.items()}, only, seeds,
-                      epochs, threads, lambda: write(out, results), run_row)
+                      epochs, threads, lambda: write(out, results), run_row, results / "ptb_table_small.json")
     rows = write(out, results)
     click.echo(f"{len(rows)} finished runs; table: {results / 'ptb_table_small.md'}")
     if rows and not math.isfinite(min(r["test_ppl"] for r in rows)):

@@ -450,7 +450,7 @@ def test_dry_run_lists_each_row_and_seed_and_trains_nothing(tmp_path):
     assert lines["dense-M1K1-s2"] == "partial (will resume), step 400/2490, ~17 min left at 2.00 steps/s"
     assert lines["dense-M1K1-s3"] == "training (another process)"
     table = results / "ptb_table_small.json"
-    assert lines["dense-M3K3-s1"] == f"not started; {table} records it: test ppl 251.3, 12.2 min"
+    assert lines["dense-M3K3-s1"] == f"done: test ppl 251.3, 12.2 min (recorded in {table})"
     assert lines["dense-M3K3-s2"] == "not started"  # recorded at 2 epochs, not the 6 asked for
     assert len(lines) == 6
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and ".locks" not in p.parts} == before
@@ -477,8 +477,30 @@ def test_cifar10_dry_run_names_the_size_rows(tmp_path):
     assert res.exit_code == 0, res.output
     lines = dict(line.split(None, 1) for line in res.output.strip().splitlines())
     assert set(lines) == {f"{n}-s{s}" for n in cifar_table.WIDE for s in (1, 2)}
-    assert lines["wide-dense-M1K1-s1"].endswith("records it: test acc 71.7%, 15.0 min")
+    assert lines["wide-dense-M1K1-s1"].startswith("done: test acc 71.7%, 15.0 min (recorded in")
     assert lines["wide-dense-M1K1-s2"] == "not started"
     demo = CliRunner().invoke(cifar_table.cifar10, args)
     assert len(demo.output.strip().splitlines()) == 2 * len(cifar_table.ROWS)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_the_table_records_is_not_trained_again(tmp_path, monkeypatch):
+    """A run the table records at the epochs asked for, with no directory under --out (seed
+    1 trained in an earlier checkout), is left as recorded; the same run recorded at other
+    epochs, or with a directory here (resumed), is trained."""
+    from modrt.train import small
+
+    out, table = tmp_path / "runs", tmp_path / "t.json"
+    table.write_text(json.dumps([{"run": "a-s1", "epochs": 6}, {"run": "a-s2", "epochs": 3},
+                                 {"run": "a-s3", "epochs": 6}]))
+    (out / "a-s3").mkdir(parents=True)  # a directory here: its own state decides
+    calls = []
+
+    def fake_run(cmd):
+        calls.append(cmd[cmd.index("--out") + 1] if "--out" in cmd else cmd[cmd.index("--resume") + 1])
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(small.subprocess, "run", fake_run)
+    small.train_missing("ptb", out, {"a": (1, 1, ["--method", "dense"])}, (), [1, 2, 3], 6, 1, lambda: None,
+                        lambda run: None, table)
+    assert calls == [str(out / "a-s2"), str(out / "a-s3")]
