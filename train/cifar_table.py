@@ -59,6 +59,9 @@ WIDE = {
     "wide-dense-M1K1": (1, 1, ["--method", "dense"]),
     # S=4 candidates: at this width an E-step candidate costs a third of a training step.
     "wide-em-cap-warm-joint-M8K1": (8, 1, [*EM_CAP_WARM, "--samples", "4"]),
+    # The demo size's best row (controller-started a*, controllers reading a 4x4 grid) here.
+    "wide-em-ctrl-cap-warm-joint-pool4-M8K1": (8, 1, [*EM_CAP_WARM, "--samples", "4", "--a-star-init", "controller",
+                                                       "--controller-pool", "4"]),
 }
 SIZE_ROWS = {"demo": ROWS, "default": WIDE}
 
