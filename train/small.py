@@ -76,6 +76,10 @@ ROWS = {
     # log p(module | x) ratio, so the table moves towards what the controller can predict.
     "em-word-hash-cap-warm-joint-M15K1": (15, 1, [*WORD, *JOINT]),
     "em-word-hash-cap-warm-joint-M5K1": (5, 1, [*WORD, *JOINT]),
+    # The same with the prior's weight raised 0 -> 1 over the first epoch (415 steps) after
+    # the warm start: does the joint score cost less when the table is not pulled towards an
+    # untrained controller early?
+    "em-word-hash-cap-warm-joint-anneal-M5K1": (5, 1, [*WORD, *JOINT, "--prior-anneal", "415"]),
     # The ablation of the word E-step's subsampling: every position scored.
     "em-word-hash-cap-warm-all-M5K1": (5, 1, [*WORD, "--word-subsample", "0"]),
     # The ablation of the reused forward: the E-step first, the M-step on the moved table.
@@ -409,7 +413,7 @@ def ptb_small(out: Path, results: Path, only: tuple[str, ...], seeds: list[int],
     Measured cost on one core of a 2-core CPU: a dense step ~0.5-0.9 s at this size
     (the 10,000-word softmax dominates, not Python), so dense (1,1) takes ~7 min an
     epoch; EM with the window E-step (S=10) ~2.8 s a step, the position E-step (S=4)
-    ~1.6 s, the word E-step (S=4) ~0.4-0.5 s (a 6-epoch run ~13-16 min): the full table (32 rows
+    ~1.6 s, the word E-step (S=4) ~0.4-0.5 s (a 6-epoch run ~13-16 min): the full table (33 rows
     x 3 seeds x 6 epochs) is about 2.5 core-days; REINFORCE and noisy top-k runs ~11-16 min.
 
     A run the table records at these epochs (trained in an earlier checkout, or under
