@@ -301,22 +301,28 @@ def test_cifar10_table_from_finished_runs(tmp_path):
     assert "(8,1)" not in res.output and "em likelihood (5,1)" in res.output
 
 
+def _finished_run(run, test_ppl: float, minutes: float, ckpt: dict) -> None:
+    """A PTB run directory as a finished run leaves it: a test record and a checkpoint."""
+    import torch
+
+    run.mkdir(parents=True)
+    recs = [{"kind": "valid", "step": 5, "epoch": 1, "ppl": 300.0},
+            {"kind": "test", "step": 5, "epoch": 1, "valid_ppl": 300.0, "test_ppl": test_ppl, "minutes": minutes}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    torch.save(ckpt, run / "ckpt.pt")
+
+
 def test_small_table_keeps_recorded_runs_whose_directories_are_gone(tmp_path):
     """``modrt reproduce ptb-small`` rewrites results/ptb_table_small.json from the runs it
     finds *and* the rows the table already held: seed 2 trained in a new checkout does not
     erase seed 1; a run found again replaces its recorded row."""
-    import torch
 
     from modrt.train import small
 
     out, results = tmp_path / "runs", tmp_path / "results"
-    run = out / "dense-M1K1-s2"
-    run.mkdir(parents=True)
-    recs = [{"kind": "valid", "step": 5, "epoch": 1, "ppl": 300.0},
-            {"kind": "test", "step": 5, "epoch": 1, "valid_ppl": 300.0, "test_ppl": 280.0, "minutes": 1.0}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    torch.save({"model_config": {"method": "dense", "modules": 1, "k": 1, "embedding": 32, "hidden": 32},
-                "train_config": {"seed": 2, "epochs": 1}}, run / "ckpt.pt")
+    _finished_run(out / "dense-M1K1-s2", 280.0, 1.0,
+                  {"model_config": {"method": "dense", "modules": 1, "k": 1, "embedding": 32, "hidden": 32},
+                   "train_config": {"seed": 2, "epochs": 1}})
     old = {"run": "dense-M1K1-s1", "method": "dense", "variant": "", "modules": 1, "k": 1, "seed": 1,
            "embedding": 32, "hidden": 32, "epochs": 1, "steps": 5, "valid_ppl": 310.0, "test_ppl": 290.0,
            "usage_exp_entropy": 1.0, "modules_in_use": 1, "controller_exp_entropy": 1.0, "minutes": 1.0,
@@ -422,12 +428,7 @@ def test_dry_run_lists_each_row_and_seed_and_trains_nothing(tmp_path):
     from modrt.train.locks import claim
 
     out, results = tmp_path / "runs", tmp_path / "results"
-    done = out / "dense-M1K1-s1"
-    done.mkdir(parents=True)
-    recs = [{"kind": "valid", "step": 5, "epoch": 1, "ppl": 300.0},
-            {"kind": "test", "step": 5, "epoch": 1, "valid_ppl": 300.0, "test_ppl": 280.25, "minutes": 1.5}]
-    (done / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    torch.save({"model_config": {}, "train_config": {}}, done / "ckpt.pt")
+    _finished_run(out / "dense-M1K1-s1", 280.25, 1.5, {"model_config": {}, "train_config": {}})
     partial = out / "dense-M1K1-s2"
     partial.mkdir()
     (partial / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 400, "epoch": 0, "loss": 6.0,
