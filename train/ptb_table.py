@@ -123,6 +123,26 @@ def progress(run: Path) -> tuple[int, float | None] | None:
     return None if last is None else (int(last["step"]), last.get("steps_per_s"))
 
 
+def run_state(out: Path, name: str, total_steps: int) -> str:
+    """``--dry-run``'s line for the unfinished run ``OUT/NAME``: trained by another process
+    (its lock held), partial (resumed from its checkpoint), started with no checkpoint yet,
+    or not started; with its last logged step of ``total_steps`` and the time left at its
+    rate."""
+    from modrt.train.locks import held
+
+    run = out / name
+    at = progress(run)
+    state = ("training (another process)" if held(out, name) else
+             "partial (will resume)" if (run / "ckpt.pt").exists() else
+             "started, no checkpoint yet" if at else "not started")
+    if at is not None:
+        step, rate = at
+        state += f", step {step}/{total_steps}"
+        if rate and step < total_steps:
+            state += f", ~{(total_steps - step) / rate / 60:.0f} min left at {rate:.2f} steps/s"
+    return state
+
+
 def row(cfg: Config, rec: dict, epochs: int, seed: int, run: Path | None = None) -> dict:
     """One finished configuration's entry of ptb_table.json. EM entries also carry the
     E-step score's ``prior_weight`` (0: log p(y|x,a); 1: the paper's joint); given its run

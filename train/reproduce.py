@@ -33,7 +33,7 @@ from pathlib import Path
 import click
 
 from modrt._exceptions import ModrtError
-from modrt.train.locks import claim, held
+from modrt.train.locks import claim, held  # noqa: F401 - held: reproduce's name for the lock probe
 from modrt.train.ptb_table import (  # noqa: F401 - reproduce's names for the table's, as before the split
     COLUMNS,
     EPOCHS,
@@ -54,6 +54,7 @@ from modrt.train.ptb_table import (  # noqa: F401 - reproduce's names for the ta
     recorded,
     row,
     row_key,
+    run_state,
     table_rows,
     write_table,
 )
@@ -127,17 +128,8 @@ def ptb(ctx: click.Context, out: Path, results: Path, only: tuple[str, ...], epo
         total = steps or epochs * WINDOWS_PER_EPOCH
         for c in TABLE:
             rec = state[c.name]
-            at = None if rec else progress(out / c.name)
             where = "" if on_disk[c.name] else f" ({results / 'ptb_table.json'})"
-            s = (f"done: test {rec['test_ppl']}{where}" if rec else
-                 "training (another process)" if held(out, c.name) else
-                 "partial (will resume)" if (out / c.name / "ckpt.pt").exists() else
-                 "started, no checkpoint yet" if at else "not started")
-            if at is not None:
-                step, rate = at
-                s += f", step {step}/{total}"
-                if rate:
-                    s += f", ~{(total - step) / rate / 60:.0f} min left at {rate:.2f} steps/s"
+            s = f"done: test {rec['test_ppl']}{where}" if rec else run_state(out, c.name, total)
             click.echo(f"{c.name:<22} paper {c.paper:>8.3f}   {s}")
         return
     write_table(results, table_rows(out, kept, epochs, seed), epochs, seed, out)

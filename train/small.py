@@ -314,6 +314,14 @@ def write(out: Path, results: Path) -> list[dict]:
     return rows
 
 
+def recorded_elsewhere(table: Path, epochs: int):
+    """``run -> its row`` in the table at ``table`` when the table records that run at
+    ``epochs`` and it has no directory here (trained in an earlier checkout or under another
+    ``--out``), else None: the runs ``train_missing`` leaves as recorded."""
+    kept = {r["run"]: r for r in recorded(table) if r.get("epochs") == epochs}
+    return lambda run: None if run.exists() else kept.get(run.name)
+
+
 def train_missing(task: str, out: Path, rows: dict, only: tuple[str, ...], seeds: list[int], epochs: int,
                   threads: int, after_each, finished, table: Path) -> None:
     """Train every row x seed of ``rows`` (name -> (M, K, ``modrt train TASK`` arguments))
@@ -324,12 +332,12 @@ def train_missing(task: str, out: Path, rows: dict, only: tuple[str, ...], seeds
     keeps it, ``merged``). ``after_each()`` after every run (rewrites the table)."""
     from modrt.train.locks import claim
 
-    kept = {r["run"] for r in recorded(table) if r.get("epochs") == epochs}
+    kept = recorded_elsewhere(table, epochs)
     for name in only or rows:
         M, K, args = rows[name]
         for seed in seeds:
             run = out / f"{name}-s{seed}"
-            if finished(run) is not None or (run.name in kept and not run.exists()):
+            if finished(run) is not None or kept(run) is not None:
                 continue
             lock = claim(out, run.name)
             if lock is None:
@@ -355,30 +363,17 @@ def show_plan(out: Path, rows: dict, only: tuple[str, ...], seeds: list[int], ep
     started; a run with no directory here that the table at ``table`` records at these
     epochs is done (``describe(its row)``), as ``train_missing`` leaves it. Trains
     nothing, takes no lock."""
-    from modrt.train.locks import held
-    from modrt.train.ptb_table import progress
+    from modrt.train.ptb_table import run_state
 
-    total_steps = epochs * epoch_steps
-    kept = {r["run"]: r for r in recorded(table) if r["epochs"] == epochs}
+    kept = recorded_elsewhere(table, epochs)
     width = max(len(f"{n}-s{s}") for n in (only or rows) for s in seeds)
     for name in only or rows:
         for seed in seeds:
             run = out / f"{name}-s{seed}"
-            done = finished(run)
-            if done is not None:
-                click.echo(f"{run.name:<{width}}  done: {describe(done[1])}")
-                continue
-            if run.name in kept and not run.exists():
-                click.echo(f"{run.name:<{width}}  done: {describe(kept[run.name])} (recorded in {table})")
-                continue
-            state = ("training (another process)" if held(out, run.name) else
-                     "partial (will resume)" if (run / "ckpt.pt").exists() else "not started")
-            at = progress(run) if run.is_dir() else None
-            if at is not None:
-                step, rate = at
-                state += f", step {step}/{total_steps}"
-                if rate and step < total_steps:
-                    state += f", ~{(total_steps - step) / rate / 60:.0f} min left at {rate:.2f} steps/s"
+            done, row = finished(run), kept(run)
+            state = (f"done: {describe(done[1])}" if done is not None else
+                     f"done: {describe(row)} (recorded in {table})" if row is not None else
+                     run_state(out, run.name, epochs * epoch_steps))
             click.echo(f"{run.name:<{width}}  {state}")
 
 
