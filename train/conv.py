@@ -44,6 +44,18 @@ def conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
 
+def max_pool(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max pool (stride 2, odd edges dropped), as ``F.max_pool2d(x, 2)``. Without
+    autograd it is the elementwise max of the four strided views: the same numbers, ~2x
+    faster on CPU than max_pool2d, which also writes an int64 index per output (measured on
+    (512, 64, 32, 32), one thread; the E-step and evaluation run here)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return F.max_pool2d(x, 2)
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    return torch.maximum(torch.maximum(x[..., 0:h:2, 0:w:2], x[..., 0:h:2, 1:w:2]),
+                         torch.maximum(x[..., 1:h:2, 0:w:2], x[..., 1:h:2, 1:w:2]))
+
+
 class ModularConv(nn.Module):
     """M conv blocks and a controller choosing K of them per image. ``selection="topk"``
     (noisy top-k): the controller is a gating network, one distribution over the M modules
@@ -85,20 +97,33 @@ class ModularConv(nn.Module):
         p = self.pooled(x)
         return noisy_top_k(self.controller(p), self.noise(p) if self.training else None, self.k)
 
-    def forward(self, x: torch.Tensor, a: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """The selected blocks on their rows, combined. x (B, C, H, W), a (B, K) -> (B, C', H, W);
-        ``weights`` (B, M): module m's output for row b scaled by weights[b, m] (gate)."""
+    def forward(self, x: torch.Tensor, a: torch.Tensor, weights: torch.Tensor | None = None,
+                pool: bool = False) -> torch.Tensor:
+        """The selected blocks on their rows, combined. x (B, C, H, W), a (B, K) -> (B, C', H, W),
+        or (B, C', H/2, W/2) with ``pool`` (the 2x2 max pool after the layer); ``weights``
+        (B, M): module m's output for row b scaled by weights[b, m] (gate).
+
+        Where every row uses one module (K = 1, or its slots agree) the pool, a per-row op,
+        runs on each module's output before the combine: the same numbers, a quarter of the
+        feature map to put back in batch order. A module that serves every row takes the
+        batch as it is (no gather), and then there is nothing to combine (dense: always)."""
         B, M = x.shape[0], self.modules_
         d = routing.dispatch(a, M)
+        early = pool and d.rows.shape[0] == B
         parts = []
         for m in range(M):
             lo, hi = d.offsets[m], d.offsets[m + 1]
             if hi > lo:
                 rows = d.rows[lo:hi]
-                y = self.blocks[m](x[rows])
-                parts.append(y if weights is None else y * weights[rows, m].view(-1, 1, 1, 1))
-        y = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return routing.combine(y, d, B, self.combine)
+                y = self.blocks[m](x if hi - lo == B else x[rows])  # a group of B rows is 0..B-1
+                if weights is not None:
+                    y = y * weights[rows, m].view(-1, 1, 1, 1)
+                parts.append(max_pool(y) if early else y)
+        if len(parts) == 1 and d.rows.shape[0] == B:  # one module on every row, in row order
+            y = parts[0]
+        else:
+            y = routing.combine(torch.cat(parts) if len(parts) > 1 else parts[0], d, B, self.combine)
+        return max_pool(y) if pool and not early else y
 
 
 class ModularConvNet(nn.Module):
@@ -145,7 +170,7 @@ class ModularConvNet(nn.Module):
                 lps.append(lp)
                 lpa.append(routing.log_prob(lp, a))
             a_all.append(a)
-            x = F.max_pool2d(layer(x, a, w), 2)
+            x = layer(x, a, w, pool=True)
         logits = self.head(x.mean(dim=(2, 3)))
         return ImageOutput(logits, torch.stack(a_all), torch.stack(lpa), torch.stack(lps) if lps else None,
                            torch.stack(imp) if topk else None, torch.stack(load) if topk else None)
@@ -174,4 +199,4 @@ class ModularConvNet(nn.Module):
         return [layer.blocks for layer in self.layers]
 
 
-__all__ = ["ImageOutput", "ModularConv", "ModularConvNet", "conv_block"]
+__all__ = ["ImageOutput", "ModularConv", "ModularConvNet", "conv_block", "max_pool"]

@@ -110,12 +110,16 @@ def dispatch(a: torch.Tensor, modules: int) -> Dispatch:
 def combine(y: torch.Tensor, d: Dispatch, batch: int, rule: str) -> torch.Tensor:
     """Scatter module outputs back to batch order and combine. (R, ...) -> (B, ...), e.g.
     (R, D) -> (B, D), or feature maps (R, C, H, W) -> (B, C, H, W)."""
+    if rule not in ("sum", "gate", "mean"):
+        raise ValueError(f"combine rule {rule!r} unknown; choose sum or mean")
+    if y.shape[0] == batch:  # one output per row (K = 1, or its slots agree): a permutation
+        inverse = torch.empty_like(d.rows)
+        inverse[d.rows] = torch.arange(batch, device=d.rows.device)
+        return y.index_select(0, inverse)  # a gather, where zeros + index_add is two passes
     out = y.new_zeros(batch, *y.shape[1:]).index_add_(0, d.rows, y)
     if rule in ("sum", "gate"):  # gate: the outputs came already scaled by their weights
         return out
-    if rule == "mean":
-        return out / d.distinct.view(-1, *([1] * (y.dim() - 1))).to(out.dtype)
-    raise ValueError(f"combine rule {rule!r} unknown; choose sum or mean")
+    return out / d.distinct.view(-1, *([1] * (y.dim() - 1))).to(out.dtype)
 
 
 def entropies(log_probs: torch.Tensor, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:

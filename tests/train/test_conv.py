@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from modrt.train import model as lm
+from modrt.train import routing
 from modrt.train.config import ImageModelConfig
-from modrt.train.conv import ModularConv, ModularConvNet, conv_block
+from modrt.train.conv import ModularConv, ModularConvNet, conv_block, max_pool
 
 
 def _randomise_norms(net: nn.Module, seed: int = 0) -> None:
@@ -59,6 +60,48 @@ def test_routed_layer_computes_the_selected_blocks_row_by_row(combine):
                 if combine == "mean":
                     want = want / len(mods)
                 torch.testing.assert_close(y[b:b + 1], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8, 8), (2, 3, 7, 9), (1, 1, 2, 2)])
+def test_max_pool_without_autograd_is_max_pool2d(shape):
+    x = torch.randn(*shape)
+    x[0, 0, 0, :2] = 1.0  # a tie
+    with torch.no_grad():
+        got = max_pool(x)
+    assert torch.equal(got, F.max_pool2d(x, 2))
+    assert torch.equal(max_pool(x.requires_grad_()), F.max_pool2d(x, 2))
+
+
+def _plain_layer(layer: ModularConv, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The layer as it reads: every selected block on its rows, combined, then pooled."""
+    d = routing.dispatch(a, layer.modules_)
+    parts = [layer.blocks[m](x[d.rows[d.offsets[m]:d.offsets[m + 1]]])
+             for m in range(layer.modules_) if d.offsets[m + 1] > d.offsets[m]]
+    out = x.new_zeros(x.shape[0], *parts[0].shape[1:]).index_add_(0, d.rows, torch.cat(parts))
+    if layer.combine == "mean":
+        out = out / d.distinct.view(-1, 1, 1, 1)
+    return F.max_pool2d(out, 2)
+
+
+@pytest.mark.parametrize("a", [[[2], [0], [2], [1], [0]],  # K = 1: pooled before the combine
+                               [[1], [1], [1], [1], [1]],  # one module on every row: no combine
+                               [[0, 2], [1, 1], [3, 0], [2, 2], [0, 3]]])  # K = 2: combined, then pooled
+def test_pooled_layer_gives_the_plain_layers_numbers_and_gradients(a):
+    torch.manual_seed(4)
+    a = torch.tensor(a)
+    layer = ModularConv(3, 5, modules=4, k=a.shape[1], combine="mean")
+    x = torch.randn(5, 3, 8, 8)
+    grads = []
+    for f in (lambda: layer(x, a, pool=True), lambda: _plain_layer(layer, x, a)):
+        layer.zero_grad()
+        y = f()
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        grads.append((y.detach(), [p.grad.clone() for p in layer.parameters() if p.grad is not None]))
+        with torch.no_grad():
+            assert torch.equal(f(), y.detach())  # the E-step's path (no autograd) too
+    (y1, g1), (y2, g2) = grads
+    assert y1.shape == (5, 5, 4, 4) and torch.equal(y1, y2)
+    assert len(g1) == len(g2) and all(torch.equal(u, v) for u, v in zip(g1, g2, strict=True))
 
 
 def test_policies_and_log_probabilities():
