@@ -184,8 +184,36 @@ class ModularConvNet(nn.Module):
     def run_examples(self, x: torch.Tensor, h: None = None, policy: Policy | None = None,
                      repeat: int = 1) -> ImageOutput:
         """``forward`` over ``repeat`` copies of the batch (copy s owns rows s*B .. s*B+B-1);
-        ``h`` is the recurrent model's state and must be None here."""
-        return self(x.repeat(repeat, 1, 1, 1) if repeat > 1 else x, policy)
+        ``h`` is the recurrent model's state and must be None here. In eval mode (the
+        E-step's scoring) the copies share their work: ``_shared``."""
+        if repeat == 1:
+            return self(x, policy)
+        if self.training or self.cfg.selection != "slots" or not self.cfg.routed:
+            return self(x.repeat(repeat, 1, 1, 1), policy)
+        return self._shared(x, policy, repeat)
+
+    def _shared(self, x: torch.Tensor, policy: Policy, repeat: int) -> ImageOutput:
+        """``forward`` over ``repeat`` copies of the batch, each distinct (image, modules so
+        far) computed once. In eval mode a row's feature maps depend on its image and the
+        path it took alone (batch norm uses its running statistics), and the E-step's
+        candidates mostly share their paths: the stored a* and draws from the controller,
+        which decides more as training goes on. Per layer the controller runs on the
+        distinct rows; the policy then picks for every row (its keyed draws need them all),
+        and the rows that now share (image, path) share the layer's output."""
+        B = x.shape[0]
+        inv = torch.arange(B, device=x.device).repeat(repeat)  # row -> its feature map in xs
+        xs = x
+        a_all, lpa, lps = [], [], []
+        for li, layer in enumerate(self.layers):
+            lp = layer.scores(xs)[inv]  # (N, K, M)
+            a = policy(li, lp)
+            a_all.append(a)
+            lps.append(lp)
+            lpa.append(routing.log_prob(lp, a))
+            paths, inv = torch.unique(torch.cat([inv[:, None], a], 1), dim=0, return_inverse=True)
+            xs = layer(xs[paths[:, 0]], paths[:, 1:], pool=True)
+        logits = self.head(xs.mean(dim=(2, 3)))[inv]
+        return ImageOutput(logits, torch.stack(a_all), torch.stack(lpa), torch.stack(lps))
 
     def example_log_likelihood(self, out: ImageOutput, y: torch.Tensor, repeat: int = 1,
                                dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -104,6 +104,31 @@ def test_pooled_layer_gives_the_plain_layers_numbers_and_gradients(a):
     assert len(g1) == len(g2) and all(torch.equal(u, v) for u, v in zip(g1, g2, strict=True))
 
 
+def test_e_step_copies_share_their_work_and_give_the_repeated_batchs_numbers():
+    """run_examples(repeat=S) in eval mode computes each distinct (image, path) once; it
+    gives what the S copies of the batch give row by row, with the same draws."""
+    torch.manual_seed(5)
+    net = ModularConvNet(ImageModelConfig(channels=(4, 6, 8), modules=3, k=2, controller_pool=2)).eval()
+    _randomise_norms(net)
+    x, S = torch.randn(5, 3, 32, 32), 4
+    keep = torch.randint(0, 3, (3, 5, 2))  # the stored a*: copy 0 follows it
+    keys = torch.arange(S * 5) * 7919
+
+    def policy():
+        return lm.sample_policy(keep=keep, keys=keys)
+
+    with torch.no_grad():
+        got = net.run_examples(x, policy=policy(), repeat=S)
+        want = net(x.repeat(S, 1, 1, 1), policy())
+    assert torch.equal(got.a, want.a) and torch.equal(got.a[:, :5], keep)
+    for g, w in ((got.logits, want.logits), (got.log_pa, want.log_pa), (got.log_probs, want.log_probs)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    net.train()  # batch norm on batch statistics: rows are not independent, nothing shared
+    with torch.no_grad():
+        torch.testing.assert_close(net.run_examples(x, policy=policy(), repeat=S).logits,
+                                   net(x.repeat(S, 1, 1, 1), policy()).logits)
+
+
 def test_policies_and_log_probabilities():
     torch.manual_seed(2)
     net = ModularConvNet(ImageModelConfig.demo()).eval()
