@@ -227,8 +227,9 @@ def cifar10(out: Path, results: Path, only: tuple[str, ...], seeds: list[int], e
     """Train the CIFAR-10 table: every row once per seed, then mean ± sd and the curves.
 
     \b
-    Measured on one core of a 2-core CPU at --size demo: EM (S=10) ~2 steps/s
-    (3.3 min an epoch of 391 batches of 128), dense ~15 steps/s.
+    Measured on one core of a 2-core CPU, two other trainings sharing it: --size demo
+    EM (S=10) ~5 steps/s (1.3 min an epoch of 391 batches of 128), dense ~28 steps/s;
+    --size default EM (S=4) ~1.65 steps/s (4 min an epoch), dense ~4.2 (1.5 min).
 
     A run the table records at these epochs (trained in an earlier checkout, or under
     another --out) is not trained again; delete its row from cifar10_table.json to retrain it.
