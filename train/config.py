@@ -210,7 +210,8 @@ class TrainConfig:
     # order, an E-step forward and head more per step).
     word_reuse: bool = True
     # EM: train a dense cell (modules 0..K-1 on every row) for this many steps, then copy it
-    # into every module with small noise (sparse upcycling, Komatsuzaki et al. 2023).
+    # into every module with noise of 1% of each tensor's RMS (sparse upcycling, Komatsuzaki
+    # et al. 2023).
     warm_start: int = 0
     # EM: the prior weight rises linearly from 0 to prior_weight over this many steps.
     prior_anneal: int = 0

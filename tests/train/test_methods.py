@@ -224,8 +224,10 @@ def test_warm_start_copies_the_dense_cell(tiny_model_config):
     method.after_step(last, method.losses(last))  # the dense phase's last step: copied after it
     c = model.layer.cells
     for m in range(1, M):
-        diff = (c[m].weight_hh - c[0].weight_hh).abs()
-        assert 0 < diff.max() < 0.1  # a copy plus small noise
+        for name in ("weight_hh", "bias_ih"):
+            src, diff = getattr(c[0], name), getattr(c[m], name) - getattr(c[0], name)
+            rel = float(diff.pow(2).mean().sqrt() / src.pow(2).mean().sqrt())
+            assert 0.005 < rel < 0.02, (name, rel)  # a copy plus noise of 1% of the tensor's RMS
     assert method.state()["upcycled"]
     assert method.losses(Window(x, y, h, 0, 0, 2)).aux  # then EM, with its controller loss
 
