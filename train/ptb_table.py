@@ -123,11 +123,20 @@ def progress(run: Path) -> tuple[int, float | None] | None:
     return None if last is None else (int(last["step"]), last.get("steps_per_s"))
 
 
+def epoch_figures(rec: dict) -> str:
+    """A run's after-epoch record in a few words: PTB's validation perplexity, or an image
+    run's train (10,000-image subset) and test accuracy."""
+    if "test_acc" in rec:
+        return (f"epoch {rec['epoch']}: train {100 * rec['train_acc_subset']:.1f}% (10k subset), "
+                f"test {100 * rec['test_acc']:.1f}%")
+    return f"epoch {rec['epoch']}: valid ppl {rec['ppl']:.1f}"
+
+
 def run_state(out: Path, name: str, total_steps: int) -> str:
     """``--dry-run``'s line for the unfinished run ``OUT/NAME``: trained by another process
     (its lock held), partial (resumed from its checkpoint), started with no checkpoint yet,
-    or not started; with its last logged step of ``total_steps`` and the time left at its
-    rate."""
+    or not started; with its last logged step of ``total_steps``, the time left at its
+    rate and its last epoch's figures (``epoch_figures``)."""
     from modrt.train.locks import held
 
     run = out / name
@@ -140,6 +149,9 @@ def run_state(out: Path, name: str, total_steps: int) -> str:
         state += f", step {step}/{total_steps}"
         if rate and step < total_steps:
             state += f", ~{(total_steps - step) / rate / 60:.0f} min left at {rate:.2f} steps/s"
+    last = _last(run, "valid")
+    if last is not None:
+        state += f"; {epoch_figures(last)}"
     return state
 
 

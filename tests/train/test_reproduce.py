@@ -431,8 +431,9 @@ def test_dry_run_lists_each_row_and_seed_and_trains_nothing(tmp_path):
     _finished_run(out / "dense-M1K1-s1", 280.25, 1.5, {"model_config": {}, "train_config": {}})
     partial = out / "dense-M1K1-s2"
     partial.mkdir()
-    (partial / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 400, "epoch": 0, "loss": 6.0,
-                                                       "steps_per_s": 2.0}) + "\n")
+    (partial / "metrics.jsonl").write_text(
+        json.dumps({"kind": "valid", "step": 415, "epoch": 1, "loss": 6.3, "ppl": 544.61}) + "\n"
+        + json.dumps({"kind": "train", "step": 400, "epoch": 0, "loss": 6.0, "steps_per_s": 2.0}) + "\n")
     torch.save({}, partial / "ckpt.pt")
     row = {"run": "dense-M3K3-s1", "method": "dense", "epochs": 6, "test_ppl": 251.3, "minutes": 12.25}
     results.mkdir()
@@ -448,7 +449,8 @@ def test_dry_run_lists_each_row_and_seed_and_trains_nothing(tmp_path):
     lines = dict(line.split(None, 1) for line in res.output.strip().splitlines())
     assert lines["dense-M1K1-s1"] == "done: test ppl 280.2, 1.5 min"
     # 6 epochs of 415 windows; 2090 steps left at 2 steps/s: ~17 minutes
-    assert lines["dense-M1K1-s2"] == "partial (will resume), step 400/2490, ~17 min left at 2.00 steps/s"
+    assert lines["dense-M1K1-s2"] == ("partial (will resume), step 400/2490, ~17 min left at 2.00 steps/s; "
+                                      "epoch 1: valid ppl 544.6")
     assert lines["dense-M1K1-s3"] == "training (another process)"
     table = results / "ptb_table_small.json"
     assert lines["dense-M3K3-s1"] == f"done: test ppl 251.3, 12.2 min (recorded in {table})"
@@ -473,16 +475,25 @@ def test_cifar10_dry_run_names_the_size_rows(tmp_path):
     results.mkdir()
     row = {"run": "wide-dense-M1K1-s1", "method": "dense", "epochs": 3, "test_acc": 0.7166, "minutes": 15.0}
     (results / "cifar10_table.json").write_text(json.dumps([row]))
+    partial = tmp_path / "runs" / "wide-dense-M1K1-s2"  # a long run's figures after its last epoch
+    partial.mkdir(parents=True)
+    (partial / "metrics.jsonl").write_text(
+        json.dumps({"kind": "train", "step": 800, "epoch": 2, "steps_per_s": 4.0}) + "\n"
+        + json.dumps({"kind": "valid", "step": 782, "epoch": 2, "test_acc": 0.6915, "train_acc_subset": 0.721}) + "\n")
+    (partial / "ckpt.pt").write_bytes(b"")
     args = ["--out", str(tmp_path / "runs"), "--results", str(results), "--dry-run"]
     res = CliRunner().invoke(cifar_table.cifar10, [*args, "--size", "default", "--epochs", "3"])
     assert res.exit_code == 0, res.output
     lines = dict(line.split(None, 1) for line in res.output.strip().splitlines())
     assert set(lines) == {f"{n}-s{s}" for n in cifar_table.WIDE for s in (1, 2)}
     assert lines["wide-dense-M1K1-s1"].startswith("done: test acc 71.7%, 15.0 min (recorded in")
-    assert lines["wide-dense-M1K1-s2"] == "not started"
+    # 3 epochs of 391 batches; 373 steps left at 4 steps/s: ~2 minutes
+    assert lines["wide-dense-M1K1-s2"] == ("partial (will resume), step 800/1173, ~2 min left at 4.00 steps/s; "
+                                           "epoch 2: train 72.1% (10k subset), test 69.2%")
+    assert lines["wide-em-cap-warm-joint-M8K1-s1"] == "not started"
     demo = CliRunner().invoke(cifar_table.cifar10, args)
     assert len(demo.output.strip().splitlines()) == 2 * len(cifar_table.ROWS)
-    assert not (tmp_path / "runs").exists()
+    assert {p.name for p in (tmp_path / "runs").iterdir()} == {"wide-dense-M1K1-s2"}  # nothing started
 
 
 def test_a_run_the_table_records_is_not_trained_again(tmp_path, monkeypatch):
