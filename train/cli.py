@@ -114,7 +114,7 @@ _method_options = _options(
                       "E-step runs its own forward first and the M-step trains the moved table (slower)."),
     click.option("--warm-start", type=click.IntRange(min=0), default=_T.warm_start, show_default=True,
                  help="EM: train modules 0..K-1 densely for this many steps, then copy them into every module "
-                      "with noise of 1% of each weight tensor's RMS (sparse upcycling) and start EM. 0: off."),
+                      "with noise of 1% of each tensor's RMS (sparse upcycling) and start EM. 0: off."),
     click.option("--prior-anneal", type=click.IntRange(min=0), default=_T.prior_anneal, show_default=True,
                  help="EM: raise the prior weight linearly from 0 to --prior-weight over this many steps "
                       "(after any warm start). 0: off."),
