@@ -63,7 +63,21 @@ WIDE = {
     "wide-em-ctrl-cap-warm-joint-pool4-M8K1": (8, 1, [*EM_CAP_WARM, "--samples", "4", "--a-star-init", "controller",
                                                        "--controller-pool", "4"]),
 }
-SIZE_ROWS = {"demo": ROWS, "default": WIDE}
+# Between the two: M=8 modules of 16, 16, 32, 32 filters (--size mid). One bench run each
+# (batch 1 / 64, one thread): dense/routed 5.9x / 7.2x, where the wide size gives 6.7x / 6.5x,
+# but routed/bound 1.24 at batch 1 (wide 1.14): a sixteenth of the arithmetic per module, so
+# the routing's fixed cost weighs more. Its dense network cannot fit the training set the way
+# the wide one does (98% train accuracy by epoch 19), where the modules' capacity can show.
+MID_CHANNELS = ["--channels", "16,16,32,32"]
+MID = {
+    "mid-dense-M1K1": (1, 1, ["--method", "dense", *MID_CHANNELS]),
+    "mid-em-ctrl-cap-warm-joint-pool4-M8K1": (8, 1, [*WIDE["wide-em-ctrl-cap-warm-joint-pool4-M8K1"][2],
+                                                      *MID_CHANNELS]),
+}
+SIZE_ROWS = {"demo": ROWS, "mid": MID, "default": WIDE}
+# The modrt train cifar10 --size each table's rows train with (mid: the default's M and K).
+TRAIN_SIZE = {"demo": "demo", "mid": "default", "default": "default"}
+ALL_ROWS = {**ROWS, **MID, **WIDE}
 
 
 def run_row(run: Path) -> dict | None:
@@ -209,13 +223,13 @@ def summary(rows: list[dict]) -> str:
               show_default=True, help="Parent directory of the runs.")
 @click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
               show_default=True, help="Where cifar10_table.{json,md,png} are written.")
-@click.option("--only", multiple=True, type=click.Choice([*ROWS, *WIDE]),
-              help="Train only these rows (repeatable; of either size).")
+@click.option("--only", multiple=True, type=click.Choice(list(ALL_ROWS)),
+              help="Train only these rows (repeatable; of any size).")
 @click.option("--seeds", default="1,2", show_default=True, callback=_seeds, help="Comma-separated seeds.")
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Epochs per run.")
-@click.option("--size", type=click.Choice(["demo", "default"]), default="demo", show_default=True,
-              help="Which rows to train: the demo network's (modrt train cifar10 --size demo) or the default "
-                   "wide one's (the rows named wide-*).")
+@click.option("--size", type=click.Choice(list(SIZE_ROWS)), default="demo", show_default=True,
+              help="Which rows to train: the demo network's (modrt train cifar10 --size demo), the default "
+                   "wide one's (the rows named wide-*), or mid (mid-*: M=8 modules of 16-16-32-32 filters).")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="CIFAR-10 (modrt train cifar10 --data).")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="CPU threads per run; run the command once per core, side by side, to use more.")
@@ -235,13 +249,13 @@ def cifar10(out: Path, results: Path, only: tuple[str, ...], seeds: list[int], e
     another --out) is not trained again; delete its row from cifar10_table.json to retrain it.
     """
     if dry_run:
-        show_plan(out, {**ROWS, **WIDE}, only or tuple(SIZE_ROWS[size]), seeds, epochs, EPOCH_STEPS,
+        show_plan(out, ALL_ROWS, only or tuple(SIZE_ROWS[size]), seeds, epochs, EPOCH_STEPS,
                   results / "cifar10_table.json",
                   lambda rec: f"test acc {100 * rec['test_acc']:.1f}%, {rec['minutes']:.1f} min")
         return
     if not table_only:
         data_args = ["--data", str(data)] if data else []
-        rows = {n: (M, K, [*args, "--size", sz, *data_args]) for sz, table in SIZE_ROWS.items()
+        rows = {n: (M, K, [*args, "--size", TRAIN_SIZE[sz], *data_args]) for sz, table in SIZE_ROWS.items()
                 for n, (M, K, args) in table.items()}
         train_missing("cifar10", out, rows, only or tuple(SIZE_ROWS[size]), seeds, epochs, threads,
                       lambda: write(out, results), run_row, results / "cifar10_table.json")
