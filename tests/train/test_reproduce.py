@@ -493,6 +493,9 @@ def test_cifar10_dry_run_names_the_size_rows(tmp_path):
     assert lines["wide-em-cap-warm-joint-M8K1-s1"] == "not started"
     demo = CliRunner().invoke(cifar_table.cifar10, args)
     assert len(demo.output.strip().splitlines()) == 2 * len(cifar_table.ROWS)
+    mid = CliRunner().invoke(cifar_table.cifar10, [*args, "--size", "mid"])
+    assert {line.split()[0] for line in mid.output.strip().splitlines()} == {
+        f"{n}-s{s}" for n in cifar_table.MID for s in (1, 2)}
     assert {p.name for p in (tmp_path / "runs").iterdir()} == {"wide-dense-M1K1-s2"}  # nothing started
 
 
@@ -516,3 +519,23 @@ def test_a_run_the_table_records_is_not_trained_again(tmp_path, monkeypatch):
     small.train_missing("ptb", out, {"a": (1, 1, ["--method", "dense"])}, (), [1, 2, 3], 6, 1, lambda: None,
                         lambda run: None, table)
     assert calls == [str(out / "a-s2"), str(out / "a-s3")]
+
+
+def test_cifar10_mid_rows_train_the_default_network_at_their_width(tmp_path, monkeypatch):
+    """``--size mid`` rows run ``modrt train cifar10 --size default`` (M=8, K=1) with their
+    own filters; the table is written after each run."""
+    from click.testing import CliRunner
+
+    from modrt.train import cifar_table, small
+
+    calls = []
+    monkeypatch.setattr(small.subprocess, "run", lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    res = CliRunner().invoke(cifar_table.cifar10, ["--size", "mid", "--seeds", "1", "--epochs", "2",
+                                                   "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert [c[c.index("--out") + 1] for c in calls] == [str(tmp_path / "runs" / f"{n}-s1") for n in cifar_table.MID]
+    for c in calls:
+        assert c[c.index("--size") + 1] == "default" and c[c.index("--channels") + 1] == "16,16,32,32"
+        assert c[c.index("--epochs") + 1] == "2"
+    em = calls[1]
+    assert em[em.index("--method") + 1] == "em" and em[em.index("--modules") + 1] == "8"
