@@ -12,7 +12,9 @@ of ``ROWS`` is trained once per seed with ``modrt train cifar10`` in ``OUT/<row>
 
 Sizes: ``--size demo`` (default here) is the official demo's network (4 layers x 5 modules
 of 8 filters), which one CPU core trains in minutes an epoch; ``--size default`` the wide
-inference network (M=8 of 64-128 filters), about 10x the arithmetic.
+inference network (M=8 of 64-128 filters), about 10x the arithmetic; ``--size mid`` M=8 of
+16-16-32-32 filters, between the two (routing still pays at inference there, and its dense
+network cannot fit the training set as the wide one does).
 """
 
 from __future__ import annotations
