@@ -70,15 +70,11 @@ WIDE = {
 # but routed/bound 1.24 at batch 1 (wide 1.14): a sixteenth of the arithmetic per module, so
 # the routing's fixed cost weighs more. Its dense network cannot fit the training set the way
 # the wide one does (98% train accuracy by epoch 19), where the modules' capacity can show.
-MID_CHANNELS = ["--channels", "16,16,32,32"]
 MID = {
-    "mid-dense-M1K1": (1, 1, ["--method", "dense", *MID_CHANNELS]),
-    "mid-em-ctrl-cap-warm-joint-pool4-M8K1": (8, 1, [*WIDE["wide-em-ctrl-cap-warm-joint-pool4-M8K1"][2],
-                                                      *MID_CHANNELS]),
+    "mid-dense-M1K1": (1, 1, ["--method", "dense"]),
+    "mid-em-ctrl-cap-warm-joint-pool4-M8K1": (8, 1, WIDE["wide-em-ctrl-cap-warm-joint-pool4-M8K1"][2]),
 }
-SIZE_ROWS = {"demo": ROWS, "mid": MID, "default": WIDE}
-# The modrt train cifar10 --size each table's rows train with (mid: the default's M and K).
-TRAIN_SIZE = {"demo": "demo", "mid": "default", "default": "default"}
+SIZE_ROWS = {"demo": ROWS, "mid": MID, "default": WIDE}  # name: modrt train cifar10 --size
 ALL_ROWS = {**ROWS, **MID, **WIDE}
 
 
@@ -231,7 +227,7 @@ def summary(rows: list[dict]) -> str:
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Epochs per run.")
 @click.option("--size", type=click.Choice(list(SIZE_ROWS)), default="demo", show_default=True,
               help="Which rows to train: the demo network's (modrt train cifar10 --size demo), the default "
-                   "wide one's (the rows named wide-*), or mid (mid-*: M=8 modules of 16-16-32-32 filters).")
+                   "wide one's (the rows named wide-*), or the mid one's (mid-*).")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="CIFAR-10 (modrt train cifar10 --data).")
 @click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
               help="CPU threads per run; run the command once per core, side by side, to use more.")
@@ -257,7 +253,7 @@ def cifar10(out: Path, results: Path, only: tuple[str, ...], seeds: list[int], e
         return
     if not table_only:
         data_args = ["--data", str(data)] if data else []
-        rows = {n: (M, K, [*args, "--size", TRAIN_SIZE[sz], *data_args]) for sz, table in SIZE_ROWS.items()
+        rows = {n: (M, K, [*args, "--size", sz, *data_args]) for sz, table in SIZE_ROWS.items()
                 for n, (M, K, args) in table.items()}
         train_missing("cifar10", out, rows, only or tuple(SIZE_ROWS[size]), seeds, epochs, threads,
                       lambda: write(out, results), run_row, results / "cifar10_table.json")

@@ -235,8 +235,9 @@ def ptb(ctx: click.Context, **opts) -> None:
     _train(ctx, opts, "ptb", _configs, lambda: ptb_data.load(opts["data"]))
 
 
-# The image network's sizes (``--size``): the official demo's, and the default wide one.
-SIZES = ("default", "demo")
+# The image network's sizes (``--size``): the default wide one, the official demo's, and one
+# between them.
+SIZES = ("default", "demo", "mid")
 
 
 @train.command("cifar10")
@@ -246,7 +247,8 @@ SIZES = ("default", "demo")
                    "(M = K). reinforce / noisy-topk: the paper's baselines.")
 @click.option("--size", type=click.Choice(SIZES), default="default", show_default=True,
               help="default: 4 modular conv layers of M=8 modules of 64, 64, 128, 128 filters, K=1 (an image "
-                   "pays for 1/8 of each layer). demo: the official demo's 4 layers x 5 modules of 8 filters.")
+                   "pays for 1/8 of each layer). demo: the official demo's 4 layers x 5 modules of 8 filters. "
+                   "mid: the default's M and K at 16, 16, 32, 32 filters.")
 @click.option("--channels", type=str, default=None,
               help="Filters of each module per modular layer, comma-separated (e.g. 32,64,128): one layer "
                    "each, a 2x2 max pool after each.  [default: by --size]")
@@ -439,7 +441,7 @@ def _channels(text: str) -> tuple[int, ...]:
 
 
 def _image_configs(opts: dict) -> tuple[ImageModelConfig, TrainConfig]:
-    size = ImageModelConfig.demo() if opts["size"] == "demo" else ImageModelConfig()
+    size = {"demo": ImageModelConfig.demo, "mid": ImageModelConfig.mid}.get(opts["size"], ImageModelConfig)()
     k = opts["k"] or (2 if opts["method"] == "noisy-topk" else size.k)
     modules = opts["modules"] or (k if opts["method"] == "dense" else size.modules)
     channels = _channels(opts["channels"]) if opts["channels"] else size.channels

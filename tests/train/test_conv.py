@@ -171,6 +171,15 @@ def test_pixels_are_normalised_by_the_config():
     assert F.max_pool2d(x, 2).shape == (2, 3, 16, 16)
 
 
+def test_sizes():
+    """--size default, demo and mid (train cifar10 and reproduce cifar10 share them)."""
+    wide, demo, mid = ImageModelConfig(), ImageModelConfig.demo(), ImageModelConfig.mid()
+    assert (wide.channels, wide.modules, wide.k) == ((64, 64, 128, 128), 8, 1)
+    assert (demo.channels, demo.modules, demo.k) == ((8, 8, 8, 8), 5, 1)
+    assert (mid.channels, mid.modules, mid.k) == ((16, 16, 32, 32), 8, 1)
+    assert ImageModelConfig.mid(method="dense", modules=1).channels == (16, 16, 32, 32)
+
+
 @pytest.mark.parametrize("kw, match", [({"channels": (8,) * 6}, "halve a 32-pixel image"),
                                        ({"channels": (8, 0)}, "positive filter counts"),
                                        ({"k": 9}, "cannot exceed"),

@@ -522,8 +522,8 @@ def test_a_run_the_table_records_is_not_trained_again(tmp_path, monkeypatch):
 
 
 def test_cifar10_mid_rows_train_the_default_network_at_their_width(tmp_path, monkeypatch):
-    """``--size mid`` rows run ``modrt train cifar10 --size default`` (M=8, K=1) with their
-    own filters; the table is written after each run."""
+    """``--size mid`` rows run ``modrt train cifar10 --size mid`` (the default's M=8, K=1
+    at 16-16-32-32 filters)."""
     from click.testing import CliRunner
 
     from modrt.train import cifar_table, small
@@ -535,7 +535,7 @@ def test_cifar10_mid_rows_train_the_default_network_at_their_width(tmp_path, mon
     assert res.exit_code == 0, res.output
     assert [c[c.index("--out") + 1] for c in calls] == [str(tmp_path / "runs" / f"{n}-s1") for n in cifar_table.MID]
     for c in calls:
-        assert c[c.index("--size") + 1] == "default" and c[c.index("--channels") + 1] == "16,16,32,32"
+        assert c[c.index("--size") + 1] == "mid"
         assert c[c.index("--epochs") + 1] == "2"
     em = calls[1]
     assert em[em.index("--method") + 1] == "em" and em[em.index("--modules") + 1] == "8"
