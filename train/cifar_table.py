@@ -65,11 +65,9 @@ WIDE = {
     "wide-em-ctrl-cap-warm-joint-pool4-M8K1": (8, 1, [*EM_CAP_WARM, "--samples", "4", "--a-star-init", "controller",
                                                        "--controller-pool", "4"]),
 }
-# Between the two: M=8 modules of 16, 16, 32, 32 filters (--size mid). One bench run each
-# (batch 1 / 64, one thread): dense/routed 5.9x / 7.2x, where the wide size gives 6.7x / 6.5x,
-# but routed/bound 1.24 at batch 1 (wide 1.14): a sixteenth of the arithmetic per module, so
-# the routing's fixed cost weighs more. Its dense network cannot fit the training set the way
-# the wide one does (98% train accuracy by epoch 19), where the modules' capacity can show.
+# Between the two (--size mid, ImageModelConfig.mid: the default's M=8 at 16-16-32-32
+# filters): routing still pays at inference and the dense network is capacity-limited
+# (results/cifar10_bench.md, "Module width"; results/README.md).
 MID = {
     "mid-dense-M1K1": (1, 1, ["--method", "dense"]),
     "mid-em-ctrl-cap-warm-joint-pool4-M8K1": (8, 1, WIDE["wide-em-ctrl-cap-warm-joint-pool4-M8K1"][2]),

@@ -109,7 +109,8 @@ class ModularConv(nn.Module):
         batch as it is (no gather), and then there is nothing to combine (dense: always)."""
         B, M = x.shape[0], self.modules_
         d = routing.dispatch(a, M)
-        early = pool and d.rows.shape[0] == B
+        single = d.rows.shape[0] == B  # every row uses one module
+        early = pool and single
         parts = []
         for m in range(M):
             lo, hi = d.offsets[m], d.offsets[m + 1]
@@ -119,7 +120,7 @@ class ModularConv(nn.Module):
                 if weights is not None:
                     y = y * weights[rows, m].view(-1, 1, 1, 1)
                 parts.append(max_pool(y) if early else y)
-        if len(parts) == 1 and d.rows.shape[0] == B:  # one module on every row, in row order
+        if len(parts) == 1 and single:  # one module on every row, in row order
             y = parts[0]
         else:
             y = routing.combine(torch.cat(parts) if len(parts) > 1 else parts[0], d, B, self.combine)
